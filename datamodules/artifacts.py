@@ -1,0 +1,67 @@
+"""Atomic artefact writing: a killed run never leaves a half-written file or folder behind.
+
+Everything is written under a temporary name next to its final path and renamed into place
+(``os.replace`` is atomic on one filesystem). Readers therefore see either the old artefact or the
+complete new one.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import shutil
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+
+@contextlib.contextmanager
+def atomic_dir(final: str | Path) -> Iterator[Path]:
+    """Build a folder under a temporary name; on success it replaces ``final`` whole.
+
+    Args:
+        final: The folder to (re)create.
+
+    Yields:
+        The temporary folder to write into. If the block raises (or the process dies), ``final``
+        is untouched and the temporary folder is removed (or, after a kill, left under a
+        ``.tmp-`` name that no reader looks at and the next run cleans).
+    """
+    final = Path(final)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    for stale in final.parent.glob(f".tmp-{final.name}-*"):
+        shutil.rmtree(stale, ignore_errors=True)
+    tmp = final.parent / f".tmp-{final.name}-{uuid.uuid4().hex[:8]}"
+    tmp.mkdir()
+    try:
+        yield tmp
+        trash = None
+        if final.exists():
+            trash = final.parent / f".tmp-{final.name}-old-{uuid.uuid4().hex[:8]}"
+            os.replace(final, trash)
+        os.replace(tmp, final)
+        if trash is not None:
+            shutil.rmtree(trash, ignore_errors=True)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def write_json_atomic(path: str | Path, obj: Any) -> None:
+    """Write JSON via a temporary file and a rename."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".tmp-{path.name}-{uuid.uuid4().hex[:8]}")
+    try:
+        tmp.write_text(json.dumps(obj, indent=2, sort_keys=False, default=str) + "\n")
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def fingerprint(obj: Any) -> str:
+    """A short stable hash of a JSON-able config, to tell whether an artefact matches it."""
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]

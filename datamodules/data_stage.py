@@ -1,0 +1,104 @@
+"""``stage=data``: read the dataset, apply the protocol, build texts and the sample index, and
+write them with a summary to ``<paths.artifacts>/<data.name>/data/``.
+
+Artefacts (written atomically as one folder):
+``checkins.parquet``, ``locations.parquet`` (with descriptions), ``profiles.parquet``,
+``sample_index.parquet`` (which samples exist; text is rendered once codes exist),
+``quarantine.csv`` (malformed input rows with file, line and reason) and ``summary.json``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+import polars as pl
+from omegaconf import DictConfig, OmegaConf
+
+from datamodules.artifacts import atomic_dir, fingerprint, write_json_atomic
+from datamodules.dataset import MobilityData, load_dataset, sample_config
+from datamodules.samples import build_sample_index, count_samples
+from datamodules.schema import SPLITS
+
+log = logging.getLogger(__name__)
+
+DATA_FILES = ("checkins.parquet", "locations.parquet", "profiles.parquet", "sample_index.parquet", "summary.json")
+
+
+def data_dir(cfg: DictConfig) -> Path:
+    """``<paths.artifacts>/<data.name>/data``."""
+    return Path(cfg.paths.artifacts) / str(cfg.data.name) / "data"
+
+
+def data_fingerprint(cfg: DictConfig) -> str:
+    """Hash of everything that determines the data artefacts (the ``data`` node, resolved)."""
+    return fingerprint(OmegaConf.to_container(cfg.data, resolve=True))
+
+
+def summarize(data: MobilityData, index: pl.DataFrame) -> dict[str, Any]:
+    """Counts per split, samples per task and split, quarantine and protocol figures."""
+    c = data.checkins
+    per_split = {}
+    for split in SPLITS:
+        part = c.filter(pl.col("split") == split)
+        per_split[split] = {
+            "checkins": part.height,
+            "trajectories": part["traj_id"].n_unique(),
+            "users": part["user_id"].n_unique(),
+            "locations": part["poi_id"].n_unique(),
+        }
+    return {
+        "dataset": data.name,
+        "checkins": c.height,
+        "trajectories": c["traj_id"].n_unique(),
+        "users": c["user_id"].n_unique(),
+        "locations": c["poi_id"].n_unique(),
+        "described_locations": data.locations.filter(pl.col("description").is_not_null()).height,
+        "splits": per_split,
+        "samples": count_samples(index),
+        "quarantined_rows": data.quarantine.count(),
+        "quarantine": data.quarantine.summary(),
+        "protocol": data.protocol_stats,
+        "time_range_local": [str(c["local_time"].min()), str(c["local_time"].max())],
+    }
+
+
+def run_data_stage(cfg: DictConfig) -> dict[str, Any]:
+    """Run (or skip, when its artefacts match the config) the data stage.
+
+    Args:
+        cfg: The composed run config.
+
+    Returns:
+        The summary (also written to ``summary.json``).
+    """
+    out = data_dir(cfg)
+    fp = data_fingerprint(cfg)
+    summary_path = out / "summary.json"
+    if summary_path.is_file() and not cfg.get("force", False):
+        old = json.loads(summary_path.read_text())
+        if old.get("fingerprint") == fp and all((out / f).is_file() for f in DATA_FILES):
+            log.info("data: artefacts in %s match the config; skipping (force=true recomputes)", out)
+            return old
+    t0 = time.perf_counter()
+    data = load_dataset(cfg.data)
+    index = build_sample_index(data.checkins, data.locations.filter(pl.col("description").is_not_null())["loc_id"], sample_config(cfg.data))
+    summary = {"fingerprint": fp, **summarize(data, index)}
+    summary["seconds"] = round(time.perf_counter() - t0, 3)
+    with atomic_dir(out) as tmp:
+        data.checkins.write_parquet(tmp / "checkins.parquet")
+        data.locations.write_parquet(tmp / "locations.parquet")
+        data.profiles.write_parquet(tmp / "profiles.parquet")
+        index.write_parquet(tmp / "sample_index.parquet")
+        data.quarantine.table().write_csv(tmp / "quarantine.csv")
+        summary["quarantine_file"] = str(out / "quarantine.csv")
+        write_json_atomic(tmp / "summary.json", summary)
+    log.info(
+        "data: %s check-ins, %s trajectories, %s users, %s locations, %s quarantined rows -> %s",
+        summary["checkins"], summary["trajectories"], summary["users"], summary["locations"],
+        summary["quarantined_rows"], out,
+    )
+    return summary

@@ -1,0 +1,494 @@
+"""A seeded synthetic city: Foursquare-like check-ins with real structure to learn.
+
+The suite's zero-config default run and its tests need data that is small, instant, offline and
+still *learnable*: a next-location model trained on it should beat popularity baselines for the
+same reasons it does on NYC/TKY. The generator therefore models the regularities that make real
+check-in data predictable, and nothing else:
+
+* **Space.** POIs sit in a handful of neighbourhoods (Gaussian clusters inside ``radius_km`` of the
+  city centre). Each neighbourhood has a *type* (business district, residential area, nightlife
+  district, campus, leisure/park area) with its own category mix, so category and location
+  correlate: offices and coffee shops downtown, homes in residential areas, bars in the nightlife
+  district.
+* **Semantics.** Every POI has a Foursquare-style leaf category and its parent category, a
+  generated name ("Hudson Coffee Shop") and a Manhattan-style address derived from its position
+  (private homes have none, as on Foursquare).
+* **People.** Each user has a home (a Residence POI), a workplace (an office or a college) and a
+  small set of favourite places per activity, chosen near home or work. Users differ in their
+  habits (work start time, coffee/lunch/going-out/gym propensities, how adventurous they are).
+* **Time.** Weekdays follow home -> (transit) -> (coffee) -> work ~08-10 h -> lunch near work
+  ~12-13 h -> evening out and/or home 18-23 h; weekends start later and favour brunch, parks, shops,
+  culture, dinner and bars. Days are skipped at random and some users take a multi-day break, so
+  cutting trajectories at 24 h gaps yields several multi-visit trajectories per user.
+* **Noise.** Any leisure stop may be replaced by exploration of a new place (nearby, or anywhere),
+  which also spreads visits over most POIs. Times carry random minutes and seconds.
+
+Everything is driven by one ``numpy.random.default_rng(seed)``, so a seed fixes the city exactly.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+
+import numpy as np
+import polars as pl
+
+from datamodules.schema import to_canonical
+
+_KM_PER_DEG_LAT = 111.32
+
+# Leaf category -> (parent category, activity kind, relative frequency within its kind).
+# The *kind* is what the mobility routine asks for ("somewhere to have lunch"); the leaf is what
+# the POI is called. Parents follow Foursquare's top-level taxonomy.
+CATEGORIES: dict[str, tuple[str, str, float]] = {
+    "Home (private)": ("Residence", "home", 1.0),
+    "Residential Building (Apartment / Condo)": ("Residence", "home", 1.2),
+    "Office": ("Professional & Other Places", "work", 3.0),
+    "Building": ("Professional & Other Places", "work", 1.0),
+    "Tech Startup": ("Professional & Other Places", "work", 0.6),
+    "Medical Center": ("Professional & Other Places", "work", 0.5),
+    "College Academic Building": ("College & University", "college", 2.0),
+    "University": ("College & University", "college", 1.0),
+    "College Library": ("College & University", "college", 0.6),
+    "Coffee Shop": ("Food", "coffee", 3.0),
+    "Café": ("Food", "coffee", 1.0),
+    "Bakery": ("Food", "coffee", 0.6),
+    "Deli / Bodega": ("Food", "lunch", 2.0),
+    "Sandwich Place": ("Food", "lunch", 1.5),
+    "Fast Food Restaurant": ("Food", "lunch", 1.0),
+    "Pizza Place": ("Food", "dinner", 1.5),
+    "American Restaurant": ("Food", "dinner", 1.5),
+    "Italian Restaurant": ("Food", "dinner", 1.0),
+    "Chinese Restaurant": ("Food", "dinner", 1.0),
+    "Mexican Restaurant": ("Food", "dinner", 1.0),
+    "Sushi Restaurant": ("Food", "dinner", 0.7),
+    "Burger Joint": ("Food", "dinner", 0.8),
+    "Bar": ("Nightlife Spot", "bar", 3.0),
+    "Pub": ("Nightlife Spot", "bar", 1.0),
+    "Cocktail Bar": ("Nightlife Spot", "bar", 0.8),
+    "Nightclub": ("Nightlife Spot", "bar", 0.5),
+    "Grocery Store": ("Shop & Service", "grocery", 1.0),
+    "Clothing Store": ("Shop & Service", "shop", 1.0),
+    "Drugstore / Pharmacy": ("Shop & Service", "shop", 1.0),
+    "Electronics Store": ("Shop & Service", "shop", 0.5),
+    "Bookstore": ("Shop & Service", "shop", 0.5),
+    "Salon / Barbershop": ("Shop & Service", "shop", 0.6),
+    "Gym / Fitness Center": ("Outdoors & Recreation", "gym", 1.0),
+    "Park": ("Outdoors & Recreation", "park", 2.0),
+    "Plaza": ("Outdoors & Recreation", "park", 0.8),
+    "Movie Theater": ("Arts & Entertainment", "culture", 1.0),
+    "Museum": ("Arts & Entertainment", "culture", 0.8),
+    "Music Venue": ("Arts & Entertainment", "culture", 0.7),
+    "Theater": ("Arts & Entertainment", "culture", 0.6),
+    "Subway": ("Travel & Transport", "transit", 2.0),
+    "Train Station": ("Travel & Transport", "transit", 0.6),
+}
+
+KINDS: tuple[str, ...] = (
+    "home", "work", "college", "coffee", "lunch", "dinner", "bar",
+    "grocery", "shop", "gym", "park", "culture", "transit",
+)
+
+# Neighbourhood type -> (kind -> share of its POIs, spatial spread in units of radius_km,
+# relative size). The mixes are what ties category to location.
+_HOOD_TYPES: dict[str, tuple[dict[str, float], float, float]] = {
+    "business": (
+        {"work": 0.36, "coffee": 0.15, "lunch": 0.18, "dinner": 0.06, "bar": 0.04, "shop": 0.05,
+         "gym": 0.04, "transit": 0.08, "home": 0.02, "culture": 0.02},
+        0.07, 1.0,
+    ),
+    "residential": (
+        {"home": 0.42, "grocery": 0.09, "coffee": 0.08, "dinner": 0.10, "lunch": 0.04, "park": 0.08,
+         "gym": 0.05, "shop": 0.06, "transit": 0.05, "bar": 0.03},
+        0.11, 1.3,
+    ),
+    "nightlife": (
+        {"bar": 0.36, "dinner": 0.22, "culture": 0.12, "coffee": 0.05, "home": 0.10, "shop": 0.05,
+         "transit": 0.05, "lunch": 0.05},
+        0.08, 0.9,
+    ),
+    "campus": (
+        {"college": 0.32, "coffee": 0.12, "lunch": 0.14, "home": 0.14, "bar": 0.07, "culture": 0.05,
+         "park": 0.05, "shop": 0.05, "transit": 0.06},
+        0.08, 0.8,
+    ),
+    "leisure": (
+        {"park": 0.26, "culture": 0.20, "shop": 0.20, "dinner": 0.10, "coffee": 0.08, "home": 0.10,
+         "gym": 0.04, "transit": 0.02},
+        0.10, 0.9,
+    ),
+}
+# Order in which neighbourhood types are allotted: the first four give every city at least one
+# place to live, work, study and go out; later ones repeat the commonest types.
+_HOOD_ORDER = ("business", "residential", "nightlife", "campus", "residential", "leisure",
+               "business", "residential", "nightlife", "leisure", "business", "residential")
+
+_NAME_WORDS = (
+    "Maple", "Hudson", "Union", "Bleecker", "Chelsea", "Liberty", "Empire", "Greenwich", "Bowery",
+    "Astor", "Harbor", "Lenox", "Madison", "Park Slope", "Riverside", "Gramercy", "Canal", "Delancey",
+    "Mercer", "Orchard", "Prospect", "Sunset", "Golden", "Blue Door", "Red Brick", "Corner", "Little",
+    "Grand", "Central", "Eastside", "Westside", "Midtown", "Village", "Iron", "Copper", "Brooklyn",
+    "Lucky", "Silver", "Linden", "Juniper",
+)
+# Category -> nouns used in names where the category name itself would read oddly.
+_NAME_NOUNS: dict[str, tuple[str, ...]] = {
+    "Home (private)": ("Home",),
+    "Residential Building (Apartment / Condo)": ("Apartments", "Residences", "Towers", "Lofts"),
+    "Office": ("Partners", "Capital", "Group", "Associates", "Media", "Consulting"),
+    "Building": ("Building", "Plaza Tower", "Center"),
+    "Tech Startup": ("Labs", "Digital", "Systems"),
+    "Medical Center": ("Medical Center", "Health"),
+    "College Academic Building": ("Hall", "Academic Building"),
+    "University": ("University", "College"),
+    "College Library": ("Library",),
+    "Deli / Bodega": ("Deli", "Bodega"),
+    "Drugstore / Pharmacy": ("Pharmacy", "Drugs"),
+    "Salon / Barbershop": ("Salon", "Barbershop"),
+    "Gym / Fitness Center": ("Fitness", "Gym", "Athletic Club"),
+}
+
+
+def _ordinal(n: int) -> str:
+    """``1 -> '1st'``, ``12 -> '12th'``, ``23 -> '23rd'``."""
+    suffix = "th" if 10 <= n % 100 <= 20 else {1: "st", 2: "nd", 3: "rd"}.get(n % 10, "th")
+    return f"{n}{suffix}"
+
+
+def _spread_centres(rng: np.random.Generator, n: int, max_r: float) -> np.ndarray:
+    """Pick ``n`` neighbourhood centres (km offsets) in a disk, roughly evenly spread.
+
+    Greedy farthest-point selection over random candidates keeps neighbourhoods apart, so they
+    stay distinguishable clusters instead of merging into one blob.
+    """
+    cand = rng.uniform(-max_r, max_r, size=(40 * n, 2))
+    cand = cand[np.hypot(cand[:, 0], cand[:, 1]) <= max_r]
+    chosen = [0]
+    dmin = np.hypot(*(cand - cand[0]).T)
+    for _ in range(n - 1):
+        nxt = int(np.argmax(dmin))
+        chosen.append(nxt)
+        dmin = np.minimum(dmin, np.hypot(*(cand - cand[nxt]).T))
+    return cand[chosen]
+
+
+def _make_pois(rng: np.random.Generator, n_pois: int, radius_km: float) -> dict[str, np.ndarray]:
+    """Place POIs in typed neighbourhoods and give each a category.
+
+    Returns:
+        Arrays ``xy`` (km east/north of the centre), ``hood`` (neighbourhood index), ``kind`` and
+        ``category`` (object arrays of strings), plus ``hood_types``.
+    """
+    n_hoods = int(np.clip(n_pois // 40, 4, len(_HOOD_ORDER)))
+    hood_types = list(_HOOD_ORDER[:n_hoods])
+    centres = _spread_centres(rng, n_hoods, 0.6 * radius_km)
+    sizes = np.array([_HOOD_TYPES[t][2] for t in hood_types])
+    hood = rng.choice(n_hoods, size=n_pois, p=sizes / sizes.sum())
+    spread = np.array([_HOOD_TYPES[t][1] for t in hood_types]) * radius_km
+
+    # Gaussian scatter around the centre; redraw the few points that fall outside the city
+    # (98% of the radius leaves room for the flat-earth approximation used here).
+    xy = centres[hood] + rng.normal(size=(n_pois, 2)) * spread[hood, None]
+    outside = np.hypot(xy[:, 0], xy[:, 1]) > 0.98 * radius_km
+    while outside.any():
+        redo = hood[outside]
+        xy[outside] = centres[redo] + rng.normal(size=(redo.size, 2)) * spread[redo, None]
+        outside = np.hypot(xy[:, 0], xy[:, 1]) > 0.98 * radius_km
+
+    # Kind from the neighbourhood's mix, then a leaf category within the kind.
+    kind = np.empty(n_pois, dtype=object)
+    for h, t in enumerate(hood_types):
+        members = np.flatnonzero(hood == h)
+        mix = _HOOD_TYPES[t][0]
+        names, shares = list(mix), np.array(list(mix.values()))
+        picks = rng.choice(len(names), size=len(members), p=shares / shares.sum())
+        kind[members] = np.array(names, dtype=object)[picks]
+    # Every city needs somewhere to live and somewhere to work, however few POIs it has.
+    for needed, other, hood_type in (("home", "work", "residential"), ("work", "home", "business")):
+        if (kind == needed).any():
+            continue
+        # Never convert the only POI of the other essential kind; prefer the fitting neighbourhood.
+        cands = np.setdiff1d(np.arange(n_pois), np.flatnonzero(kind == other)[:1])
+        fitting = cands[np.isin(hood[cands], [h for h, t in enumerate(hood_types) if t == hood_type])]
+        kind[(fitting if fitting.size else cands)[0]] = needed
+    category = np.empty(n_pois, dtype=object)
+    for k in set(kind):
+        members = np.flatnonzero(kind == k)
+        leaves = [c for c, (_, kk, _) in CATEGORIES.items() if kk == k]
+        w = np.array([CATEGORIES[c][2] for c in leaves])
+        picks = rng.choice(len(leaves), size=len(members), p=w / w.sum())
+        category[members] = np.array(leaves, dtype=object)[picks]
+    return {"xy": xy, "hood": hood, "kind": kind, "category": category, "hood_types": np.array(hood_types)}
+
+
+def _names_and_addresses(
+    rng: np.random.Generator, xy: np.ndarray, category: np.ndarray
+) -> tuple[list[str], list[str | None]]:
+    """Generate POI names ("Hudson Coffee Shop") and Manhattan-style addresses.
+
+    Street numbers grow northwards and the East/West prefix follows the side of the centre, so an
+    address carries (coarse) location information just as real ones do.
+    """
+    n = len(category)
+    words = rng.integers(len(_NAME_WORDS), size=n)
+    noun_pick = rng.integers(1 << 30, size=n)
+    house = rng.integers(1, 400, size=n)
+    # ~80 m per block keeps street numbers in a plausible range for an 8 km city.
+    street = np.maximum(1, np.round(60 + xy[:, 1] / 0.08)).astype(int)
+    no_address = rng.random(n) < 0.05
+    names: list[str] = []
+    addresses: list[str | None] = []
+    for i in range(n):
+        cat = str(category[i])
+        nouns = _NAME_NOUNS.get(cat, (cat,))
+        if cat == "Subway":
+            names.append(f"{_ordinal(int(street[i]))} St Station")
+        else:
+            names.append(f"{_NAME_WORDS[words[i]]} {nouns[noun_pick[i] % len(nouns)]}")
+        # Private homes hide their address on Foursquare; a few other venues lack one too.
+        if cat == "Home (private)" or no_address[i]:
+            addresses.append(None)
+        else:
+            side = "W" if xy[i, 0] < 0 else "E"
+            addresses.append(f"{house[i]} {side} {_ordinal(int(street[i]))} St")
+    return names, addresses
+
+
+def _pick_near(
+    rng: np.random.Generator, pool: np.ndarray, dist: np.ndarray, scale_km: float, k: int
+) -> list[int]:
+    """Draw up to ``k`` distinct POIs from ``pool`` with weight ``exp(-dist / scale_km)``.
+
+    Args:
+        rng: Random source.
+        pool: Candidate POI indices.
+        dist: Distance (km) of every POI to the anchor(s) the user cares about.
+        scale_km: Distance at which preference decays by ``e``.
+        k: How many to draw.
+
+    Returns:
+        The chosen POI indices (fewer than ``k`` if the pool is small).
+    """
+    if pool.size == 0 or k <= 0:
+        return []
+    w = np.exp(-dist[pool] / scale_km) + 1e-9
+    return [int(p) for p in rng.choice(pool, size=min(k, pool.size), replace=False, p=w / w.sum())]
+
+
+def generate_city(
+    seed: int = 0,
+    n_users: int = 60,
+    n_pois: int = 300,
+    days: int = 60,
+    center: tuple[float, float] = (40.75, -73.98),
+    radius_km: float = 8.0,
+    start: str = "2012-04-02",
+    timezone_offset_min: int = -240,
+) -> pl.DataFrame:
+    """Generate the check-ins of a synthetic city (see the module docstring for what is modelled).
+
+    Args:
+        seed: Seed of ``numpy.random.default_rng``; the same seed gives the same frame.
+        n_users: Number of users.
+        n_pois: Number of POIs (at least 2: somewhere to live and somewhere to work).
+        days: Number of simulated days, starting at ``start``.
+        center: City centre as ``(lat, lon)`` in degrees.
+        radius_km: Every POI lies within this distance of ``center``.
+        start: First simulated (local) date, ``YYYY-MM-DD``.
+        timezone_offset_min: Local time minus UTC, in minutes (-240 is New York in summer).
+
+    Returns:
+        Canonical check-ins (:data:`datamodules.schema.CHECKIN_SCHEMA`), sorted by ``user_id`` and
+        ``utc_time``; ``traj_id`` and ``split`` are null.
+
+    Raises:
+        ValueError: If a size is too small or ``radius_km`` is not positive.
+    """
+    if n_users < 1 or days < 1 or n_pois < 2:
+        raise ValueError(f"need n_users >= 1, days >= 1 and n_pois >= 2; got {n_users}, {days}, {n_pois}")
+    if not radius_km > 0:
+        raise ValueError(f"radius_km must be positive, got {radius_km}")
+    rng = np.random.default_rng(seed)
+
+    # ---- the city -------------------------------------------------------------------------------
+    pois = _make_pois(rng, n_pois, radius_km)
+    xy, kind, category = pois["xy"], pois["kind"], pois["category"]
+    names, addresses = _names_and_addresses(rng, xy, category)
+    pool = {k: np.flatnonzero(kind == k) for k in KINDS}
+    # Exploration never lands in someone's residence: strangers do not check in at your home.
+    public = np.flatnonzero(kind != "home")
+    if public.size == 0:
+        public = np.arange(n_pois)
+
+    # ---- the people -----------------------------------------------------------------------------
+    users: list[dict] = []
+    home_claims = np.zeros(n_pois)
+    for _ in range(n_users):
+        # Homes: prefer unclaimed residences so most people live in different places (a few share,
+        # like flatmates or an apartment block).
+        homes = pool["home"]
+        w = 1.0 / (1.0 + 4.0 * home_claims[homes])
+        home = int(rng.choice(homes, p=w / w.sum()))
+        home_claims[home] += 1
+        d_home = np.hypot(*(xy - xy[home]).T)
+        # Workplace: a fifth study; commutes are usually, not always, short.
+        student = pool["college"].size > 0 and rng.random() < 0.2
+        work_pool = pool["college"] if student else (pool["work"] if pool["work"].size else pool["college"])
+        work = _pick_near(rng, work_pool, d_home, 6.0, 1)[0]
+        d_work = np.hypot(*(xy - xy[work]).T)
+        d_either = np.minimum(d_home, d_work)
+        fav = {
+            "coffee": _pick_near(rng, pool["coffee"], d_either, 0.8, int(rng.integers(1, 3))),
+            "lunch": _pick_near(rng, np.concatenate([pool["lunch"], pool["coffee"]]), d_work, 0.6,
+                                int(rng.integers(2, 5))),
+            "dinner": _pick_near(rng, pool["dinner"], d_either, 1.2, int(rng.integers(2, 4))),
+            "bar": _pick_near(rng, pool["bar"], d_either, 2.0, int(rng.integers(1, 4))),
+            "grocery": _pick_near(rng, pool["grocery"], d_home, 0.6, 1),
+            "shop": _pick_near(rng, pool["shop"], d_either, 1.5, int(rng.integers(1, 3))),
+            "gym": _pick_near(rng, pool["gym"], d_either, 1.0, 1),
+            "park": _pick_near(rng, pool["park"], d_home, 2.0, int(rng.integers(1, 3))),
+            "culture": _pick_near(rng, pool["culture"], d_either, 3.0, int(rng.integers(1, 3))),
+            "transit": _pick_near(rng, pool["transit"], d_home, 0.5, 1),
+        }
+        # Users with no option for an activity fall back to places they already frequent.
+        for k, v in fav.items():
+            if not v:
+                fav[k] = [work] if k in ("lunch", "coffee") else [home]
+        # Habit weights: Zipf-like, so each user has a clear favourite per activity.
+        fav_w = {k: [1.0 / (r + 1) for r in range(len(v))] for k, v in fav.items()}
+        users.append({
+            "home": home, "work": work, "fav": fav, "fav_w": fav_w,
+            "work_start": float(np.clip(rng.normal(8.9, 0.55), 7.5, 10.2)),
+            "p_active_wd": rng.uniform(0.78, 0.97), "p_active_we": rng.uniform(0.6, 0.95),
+            "p_home_am": rng.uniform(0.2, 0.7), "p_transit": rng.uniform(0.0, 0.45),
+            "p_coffee": rng.uniform(0.05, 0.8), "p_lunch": rng.uniform(0.35, 0.9),
+            "p_out": rng.uniform(0.2, 0.7), "p_gym": rng.uniform(0.1, 0.5) if rng.random() < 0.5 else 0.0,
+            "p_bar": rng.uniform(0.05, 0.5), "p_home_pm": rng.uniform(0.6, 0.95),
+            "p_explore": rng.uniform(0.05, 0.2),
+            # Some users take a break (travel, illness) of a few days: long gaps happen in real logs.
+            "break": (int(rng.integers(0, days)), int(rng.integers(3, 8))) if rng.random() < 0.3 else (-1, 0),
+        })
+
+    # ---- the days -------------------------------------------------------------------------------
+    # The day loop makes tens of thousands of scalar draws; Python's Mersenne Twister does those
+    # ~20x faster than a numpy Generator. It is seeded from ``rng``, so the seed still fixes all.
+    pyr = random.Random(int(rng.integers(2**63)))
+    start_day = np.datetime64(start, "D")
+    weekday0 = int((start_day.astype(np.int64) + 3) % 7)  # 1970-01-01 was a Thursday; Monday = 0
+    out_user: list[int] = []
+    out_poi: list[int] = []
+    out_sec: list[int] = []
+
+    def choose(u: dict, k: str, here: int) -> int:
+        """A POI for activity ``k``: usually a favourite, sometimes somewhere new."""
+        if pyr.random() < u["p_explore"]:
+            if pyr.random() < 0.5 or pool[k].size == 0:
+                return int(public[pyr.randrange(public.size)])
+            # A new place of the right kind near where the user is now (within a short walk).
+            d = np.hypot(*(xy[pool[k]] - xy[here]).T)
+            w = np.exp(-d / 1.0) + 1e-9
+            return int(pool[k][np.searchsorted(np.cumsum(w), pyr.random() * w.sum())])
+        return pyr.choices(u["fav"][k], weights=u["fav_w"][k])[0]
+
+    for ui, u in enumerate(users):
+        home, work = u["home"], u["work"]
+        b0, blen = u["break"]
+        for day in range(days):
+            if b0 <= day < b0 + blen:
+                continue
+            weekend = (weekday0 + day) % 7 >= 5
+            friday_ish = (weekday0 + day) % 7 in (3, 4)  # Thursday/Friday evenings go out more
+            if pyr.random() > (u["p_active_we"] if weekend else u["p_active_wd"]):
+                continue
+            stops: list[tuple[float, int]] = []  # (nominal local hour, poi)
+            g = pyr.gauss
+            if not weekend:
+                ws = u["work_start"] + g(0, 0.25)
+                if pyr.random() < u["p_home_am"]:
+                    stops.append((ws - pyr.uniform(0.6, 1.3), home))
+                if pyr.random() < u["p_transit"]:
+                    stops.append((ws - 0.4, u["fav"]["transit"][0]))
+                if pyr.random() < u["p_coffee"]:
+                    stops.append((ws - 0.2, choose(u, "coffee", work)))
+                if pyr.random() < 0.92:
+                    stops.append((ws, work))
+                if pyr.random() < u["p_lunch"]:
+                    stops.append((g(12.6, 0.45), choose(u, "lunch", work)))
+                if pyr.random() < 0.15:
+                    stops.append((g(15.5, 0.8), work if pyr.random() < 0.6 else choose(u, "coffee", work)))
+                t = ws + g(9.0, 0.6)  # leaving work
+                p_out = min(0.95, u["p_out"] * (1.5 if friday_ish else 1.0))
+                if pyr.random() < p_out:
+                    r = pyr.random()
+                    if r < u["p_gym"]:
+                        k = "gym"
+                    else:
+                        k = pyr.choices(("dinner", "bar", "shop", "grocery", "culture"),
+                                        weights=(4, 2.5 + 3 * friday_ish, 1.2, 1.2, 0.6))[0]
+                    t += pyr.uniform(0.3, 1.0)
+                    stops.append((t, choose(u, k, work)))
+                    if k == "dinner" and pyr.random() < u["p_bar"] * (2 if friday_ish else 1):
+                        t += pyr.uniform(1.2, 2.2)
+                        stops.append((t, choose(u, "bar", stops[-1][1])))
+                    t += pyr.uniform(0.8, 2.0)
+                else:
+                    t += pyr.uniform(0.4, 1.2)
+                if pyr.random() < u["p_home_pm"]:
+                    stops.append((t, home))
+            else:
+                t = g(10.8, 1.0)  # weekend lie-in
+                if pyr.random() < 0.4:
+                    stops.append((t, home))
+                if pyr.random() < 0.6:
+                    t += pyr.uniform(0.3, 1.2)
+                    stops.append((t, choose(u, "coffee" if pyr.random() < 0.4 else "dinner", home)))
+                for _ in range(pyr.choice((1, 1, 2, 2, 3))):
+                    k = pyr.choices(("park", "shop", "grocery", "culture", "gym", "coffee"),
+                                    weights=(3, 2.5, 1.5, 1.5, 1 + 4 * u["p_gym"], 1))[0]
+                    t = max(t, 12.5) + pyr.uniform(0.6, 2.2)
+                    stops.append((t, choose(u, k, stops[-1][1] if stops else home)))
+                if pyr.random() < 0.55:
+                    t = max(t + 0.5, g(19.4, 0.8))
+                    stops.append((t, choose(u, "dinner", stops[-1][1] if stops else home)))
+                if pyr.random() < u["p_bar"] * 1.6:
+                    t = max(t + 0.8, g(22.0, 0.9))
+                    stops.append((t, choose(u, "bar", stops[-1][1] if stops else home)))
+                if pyr.random() < 0.7:
+                    stops.append((t + pyr.uniform(0.5, 1.5), home))
+            # Check-ins of one day keep their order and are at least ~8 minutes apart; nothing runs
+            # past 02:30 so a day never overlaps the next one's morning.
+            prev = -1.0
+            for hour, poi in stops:
+                hour = min(max(hour, prev + pyr.uniform(0.13, 0.4), 5.5), 26.5)
+                if hour <= prev:
+                    break
+                prev = hour
+                out_user.append(ui)
+                out_poi.append(poi)
+                out_sec.append(day * 86400 + int(hour * 3600) + pyr.randrange(60) - 30)
+
+    # ---- assemble -------------------------------------------------------------------------------
+    user_idx = np.asarray(out_user, dtype=np.int64)
+    poi_idx = np.asarray(out_poi, dtype=np.int64)
+    local = start_day.astype("datetime64[us]") + np.asarray(out_sec, dtype=np.int64).astype("timedelta64[s]")
+    lat0, lon0 = center
+    lat = lat0 + xy[:, 1] / _KM_PER_DEG_LAT
+    lon = lon0 + xy[:, 0] / (_KM_PER_DEG_LAT * math.cos(math.radians(lat0)))
+    # Foursquare-like 24-hex venue ids: random, made unique by the POI index in the tail.
+    salt = rng.integers(0, 2**48, size=n_pois)
+    poi_ids = np.array([f"{int(s):012x}{i:012x}" for i, s in enumerate(salt)], dtype=object)
+    parents = np.array([CATEGORIES[str(c)][0] for c in category], dtype=object)
+    offset = np.timedelta64(timezone_offset_min, "m")
+    df = pl.DataFrame({
+        "user_id": pl.Series([str(i + 1) for i in range(n_users)], dtype=pl.String)[user_idx],
+        "poi_id": pl.Series(poi_ids[poi_idx].tolist(), dtype=pl.String),
+        "utc_time": pl.Series(local - offset).dt.replace_time_zone("UTC"),
+        "local_time": pl.Series(local),
+        "lat": lat[poi_idx],
+        "lon": lon[poi_idx],
+        "category": pl.Series(category[poi_idx].tolist(), dtype=pl.String),
+        "parent_category": pl.Series(parents[poi_idx].tolist(), dtype=pl.String),
+        "name": pl.Series(names, dtype=pl.String)[poi_idx],
+        "address": pl.Series(addresses, dtype=pl.String)[poi_idx],
+    })
+    return to_canonical(df.sort(["user_id", "utc_time", "poi_id"], maintain_order=True))

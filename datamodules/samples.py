@@ -1,0 +1,394 @@
+"""QT-Mob's instruction samples as pure Polars functions.
+
+Two steps, so that sample *structure* does not depend on the location codes:
+
+1. :func:`build_sample_index` decides which samples exist — which trajectory, which visits are
+   history, which positions are masked, which template — as plain columns. It needs no
+   tokenizer, so the data stage can count and store it.
+2. :func:`render_samples` turns the index into text once the codes are known (RQ-VAE tokens,
+   the released index, or one token per location), vectorised over all samples.
+
+Tasks (design.md §1): ``next`` (next-location), ``recovery_multi`` and ``recovery_single``
+(trajectory recovery), ``index2loc`` and ``loc2index`` (token semantics), ``translation``.
+Every sample is ``prompt`` (the user turn) + ``response_prefix`` + ``target`` (the assistant turn);
+the loss covers the assistant turn, and constrained decoding starts after ``response_prefix``.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+import numpy as np
+import polars as pl
+
+TASKS = ("next", "recovery_multi", "recovery_single", "index2loc", "loc2index", "translation")
+
+MASK, UNKNOWN = "[MASK]", "[UNKNOWN]"
+
+SYSTEM_PROMPT = (
+    "You are a helpful assistant that predicts human mobility in a city. Every place (POI) is written "
+    "as a POI index: a few special tokens that encode where it is and what it is."
+)
+
+# Templates use {name} placeholders; see _template_expr. Several wordings per task keep the model
+# from overfitting one phrasing; evaluation always uses template 0.
+TEMPLATES: dict[str, list[str]] = {
+    "next": [
+        "{profile}Here is the current trajectory of user {user}: {history} "
+        "Given this trajectory, which POI index will user {user} visit at {time}?",
+        "{profile}User {user} has made these visits so far today: {history} "
+        "At {time}, where will user {user} go next? Answer with a POI index.",
+        "{profile}Trajectory of user {user}: {history} Predict the POI index user {user} visits at {time}.",
+    ],
+    "recovery_multi": [
+        "{profile}Here is a trajectory of user {user} in which some visits are hidden as [MASK]: {visits} "
+        "Recover the missing POI indices and output the complete trajectory.",
+        "{profile}Some POI indices of this trajectory of user {user} are missing ([MASK]): {visits} "
+        "Fill them in and write out the whole trajectory.",
+    ],
+    "recovery_single": [
+        "{profile}Here is a trajectory of user {user}: {visits} One visit is missing ([MASK]) and others "
+        "are unknown ([UNKNOWN]). Which POI index is the missing one (not an unknown one)?",
+        "{profile}In this trajectory of user {user}, [MASK] marks the visit to recover and [UNKNOWN] marks "
+        "visits that are unknown: {visits} What is the POI index at [MASK]?",
+    ],
+    "index2loc": [
+        "What do you know about the place with POI index {code}?",
+        "Describe the location, category and surroundings of POI index {code}.",
+        "Where is POI index {code} and what kind of place is it?",
+    ],
+    "loc2index": [
+        "{description}\nWhich POI index does this place have?",
+        "{description}\nGive the POI index of the place described above.",
+    ],
+    "translation": [
+        "Here is a description of a trajectory of user {user}:\n{blocks}\n"
+        "Translate it into the sequence of POI indices.",
+        "User {user}'s visits are described as follows:\n{blocks}\nConvert them into POI indices.",
+    ],
+}
+RESPONSE_PREFIX = {
+    "next": "At time {time}, user {user} will visit POI index ",
+    "recovery_multi": "",
+    "recovery_single": "At time {time}, user {user} visited POI index ",
+    "index2loc": "",
+    "loc2index": "The POI index of this place is ",
+    "translation": "",
+}
+
+INDEX_SCHEMA = {
+    "task": pl.String(), "split": pl.String(), "traj_id": pl.String(), "user_id": pl.String(),
+    "start": pl.Int32(), "end": pl.Int32(), "target_pos": pl.Int32(), "masked": pl.List(pl.Int32()),
+    "loc_id": pl.Int64(), "template": pl.Int8(), "is_last": pl.Boolean(),
+}
+
+
+@dataclass(frozen=True)
+class SampleConfig:
+    """Settings of the task samples (``data.samples`` in the config)."""
+
+    max_history: int = 20
+    min_history: int = 2
+    recovery_max_len: int = 20
+    mask_ratio: tuple[float, float] = (0.2, 0.5)
+    add_profile: bool = True
+    random_templates: bool = True
+    seed: int = 42
+
+
+def add_positions(visits: pl.DataFrame) -> pl.DataFrame:
+    """Number visits within each trajectory in time order (``pos``) and add its length (``traj_len``).
+
+    Args:
+        visits: Check-ins with ``traj_id``, ``split``, ``utc_time``; any order.
+    """
+    return visits.sort("traj_id", "utc_time", maintain_order=True).with_columns(
+        pos=pl.int_range(pl.len(), dtype=pl.Int32).over("traj_id"),
+        traj_len=pl.len().over("traj_id").cast(pl.Int32),
+    )
+
+
+def _trajectories(visits: pl.DataFrame) -> pl.DataFrame:
+    """One row per trajectory, in a stable order (split, numeric trajectory id)."""
+    order = pl.col("split").replace_strict({"train": 0, "valid": 1, "test": 2}, default=3, return_dtype=pl.Int8)
+    num = pl.col("traj_id").str.extract(r"(\d+)$").cast(pl.Int64, strict=False)
+    return (
+        visits.group_by("traj_id")
+        .agg(pl.col("split").first(), pl.col("user_id").first(), L=pl.len().cast(pl.Int32))
+        .sort(order, num, "traj_id")
+    )
+
+
+def _templates(n: int, task: str, split: str, cfg: SampleConfig, rng: np.random.Generator) -> pl.Series:
+    k = len(TEMPLATES[task])
+    if split == "test" or not cfg.random_templates or k == 1:
+        return pl.Series("template", np.zeros(n, dtype=np.int8))
+    return pl.Series("template", rng.integers(0, k, size=n).astype(np.int8))
+
+
+def _draw_masks(trajs: pl.DataFrame, cfg: SampleConfig, rng: np.random.Generator) -> pl.DataFrame:
+    """Mask 20–50 % of positions 1..L-1 of the first ``recovery_max_len`` visits, vectorised.
+
+    The number of masks k is uniform in [max(1, int(lo·L)), max(1, int(hi·L))]; the positions are
+    the k smallest of i.i.d. uniform keys, i.e. a uniform k-subset. Position 0 is never masked, so
+    every masked trajectory keeps a visible anchor.
+    """
+    lh = np.minimum(trajs["L"].to_numpy(), cfg.recovery_max_len).astype(np.int64)
+    lo = np.maximum(1, (cfg.mask_ratio[0] * lh).astype(np.int64))
+    hi = np.maximum(lo, np.maximum(1, (cfg.mask_ratio[1] * lh).astype(np.int64)))
+    k = lo + np.floor(rng.random(lh.size) * (hi - lo + 1)).astype(np.int64)
+    n_cand = lh - 1
+    owner = np.repeat(np.arange(lh.size), n_cand)
+    pos = (np.arange(owner.size) - np.repeat(np.cumsum(n_cand) - n_cand, n_cand) + 1).astype(np.int32)
+    keys = rng.random(owner.size)
+    order = np.lexsort((keys, owner))
+    rank = np.empty(owner.size, dtype=np.int64)
+    rank[order] = np.arange(owner.size) - np.repeat(np.cumsum(n_cand) - n_cand, n_cand)
+    keep = rank < k[owner]
+    # Masked positions of each trajectory, in draw order (the order single samples are emitted).
+    picked = pl.DataFrame({"row": owner[keep], "rank": rank[keep], "pos": pos[keep]}).sort("row", "rank")
+    masks = picked.group_by("row", maintain_order=True).agg(masked=pl.col("pos"))
+    return (
+        trajs.with_row_index("row")
+        .with_columns(pl.col("row").cast(pl.Int64), end=pl.Series(lh.astype(np.int32)))
+        .join(masks.with_columns(pl.col("row").cast(pl.Int64)), on="row", how="left")
+        .drop("row")
+    )
+
+
+def build_sample_index(
+    visits: pl.DataFrame, loc_ids: pl.Series | None, cfg: SampleConfig, tasks: tuple[str, ...] = TASKS
+) -> pl.DataFrame:
+    """Decide every sample of every task and split (no text yet).
+
+    Args:
+        visits: Check-ins with ``traj_id``, ``split``, ``user_id``, ``utc_time``.
+        loc_ids: Locations with a description (for ``index2loc``/``loc2index``); None skips them.
+        cfg: Sample settings.
+        tasks: Which tasks to build.
+
+    Returns:
+        A frame with :data:`INDEX_SCHEMA`: per sample its task, split, trajectory, visit window
+        ``[start, end)``, target position, masked positions and template. Next-location: every
+        target position ≥ ``min_history`` of train/valid trajectories (the last visit only in
+        test), history = up to ``max_history`` preceding visits. Recovery: the first
+        ``recovery_max_len`` visits; ``recovery_multi`` in train/valid, ``recovery_single`` in
+        every split. Token-semantic tasks: train only, one sample per described location.
+        Translation: train/valid, one per trajectory.
+    """
+    rng = np.random.default_rng(cfg.seed)
+    trajs = _trajectories(visits)
+    frames: list[pl.DataFrame] = []
+
+    def emit(df: pl.DataFrame, task: str, split: str) -> None:
+        df = df.with_columns(task=pl.lit(task), split=pl.lit(split), template=_templates(df.height, task, split, cfg, rng))
+        frames.append(df.select([pl.col(c).cast(t) if c in df.columns else pl.lit(None, t).alias(c) for c, t in INDEX_SCHEMA.items()]))
+
+    for split in ("train", "valid", "test"):
+        tr = trajs.filter(pl.col("split") == split)
+        if tr.height == 0:
+            continue
+        if "next" in tasks:
+            if split == "test":
+                nxt = tr.filter(pl.col("L") > cfg.min_history).with_columns(target_pos=pl.col("L") - 1)
+            else:
+                nxt = (
+                    tr.filter(pl.col("L") > cfg.min_history)
+                    .with_columns(target_pos=pl.int_ranges(cfg.min_history, pl.col("L"), dtype=pl.Int32))
+                    .explode("target_pos")
+                )
+            nxt = nxt.with_columns(
+                start=pl.max_horizontal(pl.col("target_pos") - cfg.max_history, 0),
+                end=pl.col("target_pos"),
+                is_last=pl.col("target_pos") == pl.col("L") - 1,
+            )
+            emit(nxt, "next", split)
+        recovery = tr.filter(pl.col("L") >= 2)
+        if "recovery_multi" in tasks and split != "test":
+            emit(_draw_masks(recovery, cfg, rng).with_columns(start=pl.lit(0)), "recovery_multi", split)
+        if "recovery_single" in tasks:
+            single = (
+                _draw_masks(recovery, cfg, rng)
+                .with_columns(start=pl.lit(0), target_pos=pl.col("masked"))
+                .explode("target_pos")
+            )
+            emit(single, "recovery_single", split)
+        if "translation" in tasks and split != "test":
+            emit(tr.with_columns(start=pl.lit(0), end=pl.min_horizontal("L", cfg.recovery_max_len)), "translation", split)
+        if split == "train" and loc_ids is not None:
+            locs = pl.DataFrame({"loc_id": loc_ids.sort()})
+            for task in ("index2loc", "loc2index"):
+                if task in tasks:
+                    emit(locs, task, split)
+    if not frames:
+        return pl.DataFrame(schema=INDEX_SCHEMA)
+    return pl.concat(frames)
+
+
+def count_samples(index: pl.DataFrame) -> dict[str, dict[str, int]]:
+    """``{task: {split: n}}`` of a sample index."""
+    out: dict[str, dict[str, int]] = {}
+    for task, split, n in index.group_by("task", "split").len().sort("task", "split").iter_rows():
+        out.setdefault(task, {})[split] = n
+    return out
+
+
+def _template_expr(template: str, values: dict[str, pl.Expr]) -> pl.Expr:
+    """``pl.format`` of a ``{name}`` template with per-name expressions."""
+    names = re.findall(r"\{(\w+)\}", template)
+    return pl.format(re.sub(r"\{\w+\}", "{}", template), *[values[n] for n in names])
+
+
+def _choose_template(task: str, values: dict[str, pl.Expr]) -> pl.Expr:
+    options = TEMPLATES[task]
+    expr = _template_expr(options[0], values)
+    for i in range(len(options) - 1, 0, -1):
+        expr = pl.when(pl.col("template") == i).then(_template_expr(options[i], values)).otherwise(expr)
+    return expr
+
+
+def render_samples(
+    index: pl.DataFrame,
+    visits: pl.DataFrame,
+    codes: pl.DataFrame,
+    descriptions: pl.DataFrame | None = None,
+    profiles: pl.DataFrame | None = None,
+    cfg: SampleConfig = SampleConfig(),
+) -> pl.DataFrame:
+    """Render a sample index into text.
+
+    Args:
+        index: Output of :func:`build_sample_index`.
+        visits: Check-ins with ``traj_id``, ``user_id``, ``local_time``, ``loc_id``.
+        codes: ``loc_id, code`` — the token string of each location (e.g. ``<a_1><b_2><c_3><d_4>``).
+        descriptions: ``loc_id, description, short_description`` (for the token-semantic and
+            translation tasks).
+        profiles: ``user_id, profile`` (prepended to next-location and recovery prompts).
+        cfg: Sample settings (``add_profile``).
+
+    Returns:
+        ``task, split, traj_id, user_id, target_loc, is_last, template, prompt, response_prefix,
+        target`` — one row per index row, in index order. ``target_loc`` is the location the answer
+        names (null for free-text answers).
+    """
+    index = index.with_row_index("sample_id")
+    v = add_positions(visits).join(codes.select("loc_id", "code"), on="loc_id", how="left")
+    if v["code"].null_count():
+        missing = v.filter(pl.col("code").is_null())["loc_id"].unique().head(5).to_list()
+        raise ValueError(f"locations without a code, e.g. {missing}: the code table does not cover the data")
+    time_s = pl.col("local_time").dt.strftime("%Y-%m-%d %H:%M:%S")
+    v = v.with_columns(time_s=time_s)
+    sentence = lambda code: pl.format("At time {}, user {} visited POI index {}.", "time_s", "user_id", code)  # noqa: E731
+    v = v.with_columns(
+        sentence=sentence(pl.col("code")), sentence_mask=sentence(pl.lit(MASK)), sentence_unknown=sentence(pl.lit(UNKNOWN))
+    )
+    if profiles is not None and cfg.add_profile:
+        prof = profiles.select("user_id", profile=pl.format("User {} has the following profile: {}\n", "user_id", "profile"))
+    else:
+        prof = pl.DataFrame(schema={"user_id": pl.String, "profile": pl.String})
+    out: list[pl.DataFrame] = []
+    keep = ["sample_id", "task", "split", "traj_id", "user_id", "target_loc", "is_last", "template", "prompt", "response_prefix", "target"]
+
+    def finish(df: pl.DataFrame, task: str, values: dict[str, pl.Expr], target: pl.Expr, target_loc: pl.Expr) -> None:
+        prefix = _template_expr(RESPONSE_PREFIX[task], values) if RESPONSE_PREFIX[task] else pl.lit("")
+        df = df.with_columns(
+            prompt=_choose_template(task, values), response_prefix=prefix, target=target, target_loc=target_loc.cast(pl.Int64)
+        )
+        out.append(df.select(keep))
+
+    def with_profile(df: pl.DataFrame) -> pl.DataFrame:
+        return df.join(prof, on="user_id", how="left").with_columns(pl.col("profile").fill_null(""))
+
+    # Next-location: history sentences sliced from each trajectory's list, target at target_pos.
+    nxt = index.filter(pl.col("task") == "next")
+    if nxt.height:
+        lists = v.group_by("traj_id").agg(
+            l_sentence=pl.col("sentence"), l_code=pl.col("code"), l_time=pl.col("time_s"), l_loc=pl.col("loc_id")
+        )
+        nxt = with_profile(nxt.join(lists, on="traj_id", how="left").sort("sample_id"))
+        nxt = nxt.with_columns(
+            history=pl.col("l_sentence").list.slice(pl.col("start"), pl.col("end") - pl.col("start")).list.join(" "),
+            time=pl.col("l_time").list.get(pl.col("target_pos")),
+            tgt_code=pl.col("l_code").list.get(pl.col("target_pos")),
+            tgt_loc=pl.col("l_loc").list.get(pl.col("target_pos")),
+        )
+        vals = {"profile": pl.col("profile"), "user": pl.col("user_id"), "history": pl.col("history"), "time": pl.col("time")}
+        finish(nxt, "next", vals, pl.col("tgt_code"), pl.col("tgt_loc"))
+
+    # Recovery and translation: one row per (sample, visit), then joined back per sample.
+    def visit_rows(samples: pl.DataFrame, cols: list[str]) -> pl.DataFrame:
+        return (
+            samples.select("sample_id", "traj_id", "start", "end")
+            .with_columns(pos=pl.int_ranges("start", "end", dtype=pl.Int32))
+            .explode("pos")
+            .join(v.select("traj_id", "pos", *cols), on=["traj_id", "pos"], how="left")
+            .sort("sample_id", "pos")
+        )
+
+    rec = index.filter(pl.col("task").is_in(["recovery_multi", "recovery_single"]))
+    if rec.height:
+        masked = rec.select("sample_id", pos="masked").explode("pos").drop_nulls().with_columns(is_masked=pl.lit(True))
+        rows = (
+            visit_rows(rec, ["sentence", "sentence_mask", "sentence_unknown", "code", "time_s", "loc_id"])
+            .join(masked, on=["sample_id", "pos"], how="left")
+            .join(rec.select("sample_id", "task", "target_pos"), on="sample_id", how="left")
+        )
+        shown = (
+            pl.when(pl.col("pos") == pl.col("target_pos")).then(pl.col("sentence_mask"))
+            .when(pl.col("is_masked") & (pl.col("task") == "recovery_single")).then(pl.col("sentence_unknown"))
+            .when(pl.col("is_masked")).then(pl.col("sentence_mask"))
+            .otherwise(pl.col("sentence"))
+        )
+        at_target = pl.col("pos") == pl.col("target_pos")
+        agg = rows.group_by("sample_id", maintain_order=True).agg(
+            visits=shown.str.join(" "),
+            full=pl.col("sentence").str.join(" "),
+            time=pl.col("time_s").filter(at_target).first(),
+            tgt_code=pl.col("code").filter(at_target).first(),
+            tgt_loc=pl.col("loc_id").filter(at_target).first(),
+        )
+        joined = with_profile(rec.join(agg, on="sample_id", how="left").sort("sample_id"))
+        vals = {"profile": pl.col("profile"), "user": pl.col("user_id"), "visits": pl.col("visits"), "time": pl.col("time")}
+        for task, target, tloc in (
+            ("recovery_multi", pl.col("full"), pl.lit(None)),
+            ("recovery_single", pl.col("tgt_code"), pl.col("tgt_loc")),
+        ):
+            part = joined.filter(pl.col("task") == task)
+            if part.height:
+                finish(part, task, vals, target, tloc)
+
+    trans = index.filter(pl.col("task") == "translation")
+    if trans.height:
+        if descriptions is None:
+            raise ValueError("translation samples need location descriptions")
+        rows = visit_rows(trans, ["sentence", "time_s", "loc_id"]).join(
+            descriptions.select("loc_id", "short_description"), on="loc_id", how="left"
+        ).with_columns(k=pl.col("pos") - pl.col("pos").min().over("sample_id") + 1)
+        agg = rows.group_by("sample_id", maintain_order=True).agg(
+            numbered=pl.format("[ {} ] {}", "k", "sentence").str.join(" "),
+            blocks=pl.format(
+                "[ {} ]\nTime: {}\nLocation Description: {}", "k", "time_s", pl.col("short_description").fill_null("")
+            ).str.join("\n"),
+        )
+        joined = trans.join(agg, on="sample_id", how="left").sort("sample_id")
+        finish(joined, "translation", {"user": pl.col("user_id"), "blocks": pl.col("blocks")}, pl.col("numbered"), pl.lit(None))
+
+    sem = index.filter(pl.col("task").is_in(["index2loc", "loc2index"]))
+    if sem.height:
+        if descriptions is None:
+            raise ValueError("index2loc/loc2index samples need location descriptions")
+        sem = sem.drop("user_id").join(codes.select("loc_id", "code"), on="loc_id", how="left").join(
+            descriptions.select("loc_id", "description"), on="loc_id", how="left"
+        ).with_columns(user_id=pl.lit(None, pl.String))
+        vals = {"code": pl.col("code"), "description": pl.col("description")}
+        for task, target, tloc in (
+            ("index2loc", pl.col("description"), pl.lit(None)),
+            ("loc2index", pl.col("code"), pl.col("loc_id")),
+        ):
+            part = sem.filter(pl.col("task") == task)
+            if part.height:
+                finish(part, task, vals, target, tloc)
+    if not out:
+        return pl.DataFrame(schema={c: pl.String for c in keep})
+    return pl.concat(out).sort("sample_id").drop("sample_id")

@@ -1,0 +1,158 @@
+"""Tests for the seeded synthetic city (``datamodules.readers.synthetic``)."""
+
+from __future__ import annotations
+
+import math
+import time
+
+import numpy as np
+import polars as pl
+import pytest
+
+from datamodules.readers.synthetic import CATEGORIES, generate_city
+from datamodules.schema import CHECKIN_SCHEMA
+
+
+@pytest.fixture(scope="module")
+def city() -> pl.DataFrame:
+    """The default city, generated once for the whole module."""
+    return generate_city()
+
+
+def test_deterministic_for_a_seed() -> None:
+    assert generate_city(seed=3).equals(generate_city(seed=3))
+
+
+def test_different_seeds_differ(city: pl.DataFrame) -> None:
+    other = generate_city(seed=1)
+    assert not city.equals(other)
+    # Not just shuffled times: the places themselves differ.
+    assert set(city["poi_id"]) != set(other["poi_id"])
+
+
+def test_schema_is_canonical(city: pl.DataFrame) -> None:
+    assert dict(city.schema) == CHECKIN_SCHEMA
+    assert list(city.columns) == list(CHECKIN_SCHEMA)
+    assert city["traj_id"].null_count() == city.height
+    assert city["split"].null_count() == city.height
+
+
+def test_sorted_by_user_then_time(city: pl.DataFrame) -> None:
+    assert city.equals(city.sort(["user_id", "utc_time"], maintain_order=True))
+
+
+def test_size_and_speed() -> None:
+    t0 = time.perf_counter()
+    df = generate_city()
+    elapsed = time.perf_counter() - t0
+    assert 8_000 <= df.height <= 20_000
+    assert elapsed < 2.0  # well under 1 s in practice; slack for slow CI machines
+
+
+def test_coordinates_within_radius(city: pl.DataFrame) -> None:
+    lat0, lon0 = 40.75, -73.98
+    lat = np.radians(city["lat"].to_numpy())
+    lon = np.radians(city["lon"].to_numpy())
+    # Haversine distance to the centre.
+    a = (np.sin((lat - math.radians(lat0)) / 2) ** 2
+         + math.cos(math.radians(lat0)) * np.cos(lat) * np.sin((lon - math.radians(lon0)) / 2) ** 2)
+    d_km = 2 * 6371.0088 * np.arcsin(np.sqrt(a))
+    assert d_km.max() <= 8.0
+
+
+def test_every_user_active_and_pois_mostly_visited(city: pl.DataFrame) -> None:
+    per_user = city.group_by("user_id").len()
+    assert per_user.height == 60
+    assert per_user["len"].min() >= 10
+    assert city["poi_id"].n_unique() >= 0.8 * 300
+    # Users are active on most days, with several check-ins per active day.
+    days = city.group_by("user_id", pl.col("local_time").dt.date()).len()
+    assert days.group_by("user_id").len()["len"].median() >= 30
+    assert days["len"].mean() >= 2.5
+
+
+def test_hour_histogram_has_morning_and_evening_peaks(city: pl.DataFrame) -> None:
+    hour = city["local_time"].dt.hour()
+    night = int(hour.is_between(2, 5).sum())
+    morning = int(hour.is_between(8, 10).sum())
+    evening = int(hour.is_between(18, 22).sum())
+    afternoon = int(hour.is_between(15, 16).sum())
+    assert morning > 10 * max(night, 1)
+    assert evening > 10 * max(night, 1)
+    # Peaks, not a plateau: both beat the mid-afternoon lull (per hour).
+    assert morning / 3 > afternoon / 2 and evening / 5 > afternoon / 2
+
+
+def test_categories_and_parents(city: pl.DataFrame) -> None:
+    for col in ("category", "parent_category", "name", "poi_id", "user_id"):
+        assert city[col].null_count() == 0, col
+    pairs = city.select("category", "parent_category").unique()
+    for cat, parent in pairs.iter_rows():
+        assert CATEGORIES[cat][0] == parent
+    assert city["parent_category"].n_unique() >= 8
+    # A POI keeps one category, one position, one name.
+    per_poi = city.group_by("poi_id").agg(pl.col("category", "lat", "lon", "name").n_unique())
+    assert (per_poi.select(pl.exclude("poi_id")) == 1).to_numpy().all()
+
+
+def test_category_and_location_correlate(city: pl.DataFrame) -> None:
+    pois = city.unique("poi_id").select("parent_category", "lat", "lon")
+    # Offices and homes live in different neighbourhoods, so their centroids are apart.
+    office = pois.filter(pl.col("parent_category") == "Professional & Other Places")
+    home = pois.filter(pl.col("parent_category") == "Residence")
+    d_lat = (office["lat"].mean() - home["lat"].mean()) * 111.32
+    d_lon = (office["lon"].mean() - home["lon"].mean()) * 111.32 * math.cos(math.radians(40.75))
+    assert math.hypot(d_lat, d_lon) > 0.5
+
+
+def test_local_time_is_utc_plus_offset(city: pl.DataFrame) -> None:
+    for df, offset in (
+        (city, -240),
+        (generate_city(seed=2, n_users=3, n_pois=30, days=5, timezone_offset_min=540), 540),
+    ):
+        expected = pl.col("utc_time").dt.replace_time_zone(None) + pl.duration(minutes=offset)
+        assert df.select((pl.col("local_time") == expected).all()).item()
+
+
+def test_seconds_are_random(city: pl.DataFrame) -> None:
+    assert city["local_time"].dt.second().n_unique() == 60
+
+
+def test_repeat_visits_to_top_poi(city: pl.DataFrame) -> None:
+    counts = city.group_by("user_id", "poi_id").len()
+    top_share = counts.group_by("user_id").agg(pl.col("len").max() / pl.col("len").sum())["len"]
+    assert top_share.min() >= 0.15
+    # The top place of most users is their home or workplace.
+    top_parent = (
+        counts.sort("len", descending=True).group_by("user_id").first()
+        .join(city.unique("poi_id").select("poi_id", "parent_category"), on="poi_id")
+    )
+    homeish = top_parent["parent_category"].is_in(
+        ["Residence", "Professional & Other Places", "College & University"]
+    )
+    assert homeish.mean() >= 0.9
+
+
+def test_multi_visit_trajectories_after_24h_cut(city: pl.DataFrame) -> None:
+    trajs = (
+        city.with_columns(
+            new=(pl.col("utc_time").diff().over("user_id") > pl.duration(hours=24)).fill_null(True)
+        )
+        .with_columns(traj=pl.col("new").cum_sum().over("user_id"))
+        .group_by("user_id", "traj")
+        .len()
+    )
+    assert trajs.height >= 2 * 60
+    assert (trajs["len"] >= 2).mean() >= 0.9
+
+
+def test_small_cities_work() -> None:
+    df = generate_city(seed=5, n_users=2, n_pois=2, days=2)
+    assert dict(df.schema) == CHECKIN_SCHEMA
+    assert df.height > 0
+
+
+@pytest.mark.parametrize("kwargs", [{"n_users": 0}, {"n_pois": 1}, {"days": 0}, {"radius_km": 0.0}])
+def test_rejects_bad_sizes(kwargs: dict) -> None:
+    with pytest.raises(ValueError):
+        generate_city(**kwargs)
