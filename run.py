@@ -47,7 +47,6 @@ def main(cfg: DictConfig) -> None:
     try:
         results = run(cfg)
     except DataError as exc:
-        log.error("%s", exc)
         print(f"error: {exc}", file=sys.stderr)
         sys.exit(2)
     if "data" in results:

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import polars as pl
+from omegaconf.errors import MissingMandatoryValue
 
 from datamodules.categories import fill_parent_categories
 from datamodules.descriptions import (
@@ -64,6 +65,8 @@ def _sub(cfg: Any, key: str, default: Any = None) -> Any:
         value = cfg.get(key, default)
     except AttributeError:
         value = getattr(cfg, key, default)
+    except MissingMandatoryValue:  # a `???` the user has not filled in
+        value = None
     return default if value is None else value
 
 
@@ -94,7 +97,10 @@ def sample_config(data_cfg: Any) -> SampleConfig:
 def _root(data_cfg: Any) -> Path:
     root = _sub(data_cfg, "root")
     if root is None:
-        raise DataError(f"data.root is not set for data.format={_sub(data_cfg, 'format')}; pass data.root=<folder>.")
+        raise DataError(
+            f"data.root is not set for data={_sub(data_cfg, 'name')} (format {_sub(data_cfg, 'format')}); "
+            "pass data.root=<folder holding the files> (add data.download=true to fetch them there)."
+        )
     return Path(str(root)).expanduser()
 
 

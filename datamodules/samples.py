@@ -17,6 +17,7 @@ the loss covers the assistant turn, and constrained decoding starts after ``resp
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -240,12 +241,55 @@ def _template_expr(template: str, values: dict[str, pl.Expr]) -> pl.Expr:
     return pl.format(re.sub(r"\{\w+\}", "{}", template), *[values[n] for n in names])
 
 
-def _choose_template(task: str, values: dict[str, pl.Expr]) -> pl.Expr:
-    options = TEMPLATES[task]
-    expr = _template_expr(options[0], values)
-    for i in range(len(options) - 1, 0, -1):
-        expr = pl.when(pl.col("template") == i).then(_template_expr(options[i], values)).otherwise(expr)
-    return expr
+def _window_text(samples: pl.DataFrame, flat: pl.Series, n: int, variant: pl.Expr, separator: str) -> pl.Series:
+    """Join, per sample, the strings of its visits ``[start, end)`` taken from ``flat``.
+
+    ``flat`` stacks variants of one string per visit (variant ``k`` of visit row ``r`` is at
+    ``k * n + r``); ``variant`` picks the variant per (sample, position). Gathering by integer
+    index is a memcpy, which keeps rendering fast without per-sample Python.
+    """
+    rows = samples.select(
+        "sample_id", "off", "target_pos", "masked", pos=pl.int_ranges("start", "end", dtype=pl.Int32)
+    ).explode("pos")
+    rows = rows.with_columns(
+        flat_idx=variant.cast(pl.Int64) * n + pl.col("off").cast(pl.Int64) + pl.col("pos").cast(pl.Int64)
+    )
+    rows = rows.with_columns(text=flat.gather(rows["flat_idx"]))
+    joined = rows.group_by("sample_id", maintain_order=True).agg(pl.col("text").str.join(separator))
+    # Samples with an empty window (none today) would be missing from the group_by.
+    return samples.select("sample_id").join(joined, on="sample_id", how="left", maintain_order="left")["text"].fill_null("")
+
+
+def _visit_joiner(v: pl.DataFrame, text: pl.Series, separator: str) -> Callable[[pl.DataFrame], pl.Series]:
+    """Prepare fast joins of *unmasked* visit windows: per trajectory, all visit strings are
+    joined once; a window ``[start, end)`` is then one substring of it (views, no per-visit work).
+
+    Args:
+        v: Visits sorted by trajectory and position (``traj_id``).
+        text: One string per row of ``v``.
+        separator: Between visits.
+
+    Returns:
+        A function mapping samples (``traj_id, off, start, end``) to their joined windows.
+    """
+    sep = len(separator)
+    lens = text.str.len_chars().cast(pl.Int64)
+    starts = v.select(traj_id="traj_id", ln=lens + sep).select((pl.col("ln").cum_sum() - pl.col("ln")).over("traj_id"))["ln"]
+    whole = pl.DataFrame({"traj_id": v["traj_id"], "t": text}).group_by("traj_id").agg(whole=pl.col("t").str.join(separator))
+
+    def window(samples: pl.DataFrame) -> pl.Series:
+        first = samples["off"].cast(pl.Int64) + samples["start"].cast(pl.Int64)
+        last = samples["off"].cast(pl.Int64) + samples["end"].cast(pl.Int64) - 1
+        begin = starts.gather(first)
+        length = starts.gather(last) + lens.gather(last) - begin
+        return (
+            samples.select("traj_id")
+            .with_columns(begin=begin, length=length)
+            .join(whole, on="traj_id", how="left", maintain_order="left")
+            .select(pl.col("whole").str.slice(pl.col("begin"), pl.col("length")))["whole"]
+        )
+
+    return window
 
 
 def render_samples(
@@ -258,6 +302,10 @@ def render_samples(
 ) -> pl.DataFrame:
     """Render a sample index into text.
 
+    Every visit's sentence (and its ``[MASK]``/``[UNKNOWN]``/numbered/described variants) is
+    formatted once; samples then gather and join them by integer position, so the cost is one
+    pass over the output text rather than per-sample Python.
+
     Args:
         index: Output of :func:`build_sample_index`.
         visits: Check-ins with ``traj_id``, ``user_id``, ``local_time``, ``loc_id``.
@@ -268,127 +316,127 @@ def render_samples(
         cfg: Sample settings (``add_profile``).
 
     Returns:
-        ``task, split, traj_id, user_id, target_loc, is_last, template, prompt, response_prefix,
-        target`` — one row per index row, in index order. ``target_loc`` is the location the answer
-        names (null for free-text answers).
+        ``sample_id, task, split, traj_id, user_id, target_loc, is_last, template, prompt,
+        response_prefix, target`` — one row per index row, grouped by task (in :data:`TASKS`
+        order), index order within a task; ``sample_id`` is the row number in ``index``.
+        ``target_loc`` is the location the answer names (null for free-text answers).
+
+    Raises:
+        ValueError: if a visited or described location has no code, or descriptions are needed
+            but missing.
     """
+    tasks_present = set(index["task"].unique().to_list())
+    needs_text = sorted(tasks_present & {"index2loc", "loc2index", "translation"})
+    if needs_text and descriptions is None:
+        raise ValueError(f"{needs_text} samples need location descriptions")
     index = index.with_row_index("sample_id")
-    v = add_positions(visits).join(codes.select("loc_id", "code"), on="loc_id", how="left")
+    v = add_positions(visits.select("traj_id", "user_id", "utc_time", "local_time", "loc_id")).join(
+        codes.select("loc_id", "code"), on="loc_id", how="left", maintain_order="left"
+    )
     if v["code"].null_count():
         missing = v.filter(pl.col("code").is_null())["loc_id"].unique().head(5).to_list()
         raise ValueError(f"locations without a code, e.g. {missing}: the code table does not cover the data")
-    time_s = pl.col("local_time").dt.strftime("%Y-%m-%d %H:%M:%S")
-    v = v.with_columns(time_s=time_s)
-    sentence = lambda code: pl.format("At time {}, user {} visited POI index {}.", "time_s", "user_id", code)  # noqa: E731
-    v = v.with_columns(
-        sentence=sentence(pl.col("code")), sentence_mask=sentence(pl.lit(MASK)), sentence_unknown=sentence(pl.lit(UNKNOWN))
-    )
+    n = v.height
+    v = v.with_columns(time_s=pl.col("local_time").dt.strftime("%Y-%m-%d %H:%M:%S"))
+
+    def sentence(code: pl.Expr) -> pl.Expr:
+        return pl.format("At time {}, user {} visited POI index {}.", "time_s", "user_id", code)
+
+    # Variant 0: the visit with its code; 1: [MASK]; 2: [UNKNOWN].
+    flat = pl.concat([v.select(s=sentence(c))["s"] for c in (pl.col("code"), pl.lit(MASK), pl.lit(UNKNOWN))])
+    plain_window = _visit_joiner(v, flat.head(n), " ")
+    offsets = v.with_row_index("vrow").group_by("traj_id").agg(off=pl.col("vrow").min())
+    index = index.join(offsets, on="traj_id", how="left", maintain_order="left")
+
+    def at_target(col: str) -> pl.Series:
+        """Per sample, ``v[col]`` at its target visit (null where there is none)."""
+        rows = index["off"].cast(pl.Int64) + index["target_pos"].cast(pl.Int64)
+        values = v[col].gather(rows.fill_null(0))
+        return pl.select(pl.when(rows.is_not_null()).then(values).otherwise(None)).to_series()
+
     if profiles is not None and cfg.add_profile:
         prof = profiles.select("user_id", profile=pl.format("User {} has the following profile: {}\n", "user_id", "profile"))
     else:
         prof = pl.DataFrame(schema={"user_id": pl.String, "profile": pl.String})
-    out: list[pl.DataFrame] = []
+    index = index.with_columns(
+        time=at_target("time_s"), tgt_code=at_target("code"), tgt_loc=at_target("loc_id"),
+    )
     keep = ["sample_id", "task", "split", "traj_id", "user_id", "target_loc", "is_last", "template", "prompt", "response_prefix", "target"]
+    parts: dict[str, pl.DataFrame] = {}
 
     def finish(df: pl.DataFrame, task: str, values: dict[str, pl.Expr], target: pl.Expr, target_loc: pl.Expr) -> None:
         prefix = _template_expr(RESPONSE_PREFIX[task], values) if RESPONSE_PREFIX[task] else pl.lit("")
-        df = df.with_columns(
-            prompt=_choose_template(task, values), response_prefix=prefix, target=target, target_loc=target_loc.cast(pl.Int64)
-        )
-        out.append(df.select(keep))
+        # Format each template only on its own rows (a when/then chain would format every
+        # template for every row), then restore index order.
+        pieces = [
+            part.select(
+                *[c for c in keep if c not in ("prompt", "response_prefix", "target", "target_loc")],
+                prompt=_template_expr(TEMPLATES[task][t], values),
+                response_prefix=prefix,
+                target=target,
+                target_loc=target_loc.cast(pl.Int64),
+            ).select(keep)
+            for (t,), part in df.partition_by("template", as_dict=True, maintain_order=True).items()
+        ]
+        parts[task] = pl.concat(pieces).sort("sample_id") if len(pieces) > 1 else pieces[0]
 
     def with_profile(df: pl.DataFrame) -> pl.DataFrame:
-        return df.join(prof, on="user_id", how="left").with_columns(pl.col("profile").fill_null(""))
+        return df.join(prof, on="user_id", how="left", maintain_order="left").with_columns(pl.col("profile").fill_null(""))
 
-    # Next-location: history sentences sliced from each trajectory's list, target at target_pos.
-    nxt = index.filter(pl.col("task") == "next")
-    if nxt.height:
-        lists = v.group_by("traj_id").agg(
-            l_sentence=pl.col("sentence"), l_code=pl.col("code"), l_time=pl.col("time_s"), l_loc=pl.col("loc_id")
-        )
-        nxt = with_profile(nxt.join(lists, on="traj_id", how="left").sort("sample_id"))
-        nxt = nxt.with_columns(
-            history=pl.col("l_sentence").list.slice(pl.col("start"), pl.col("end") - pl.col("start")).list.join(" "),
-            time=pl.col("l_time").list.get(pl.col("target_pos")),
-            tgt_code=pl.col("l_code").list.get(pl.col("target_pos")),
-            tgt_loc=pl.col("l_loc").list.get(pl.col("target_pos")),
-        )
-        vals = {"profile": pl.col("profile"), "user": pl.col("user_id"), "history": pl.col("history"), "time": pl.col("time")}
-        finish(nxt, "next", vals, pl.col("tgt_code"), pl.col("tgt_loc"))
+    base = {"user": pl.col("user_id"), "time": pl.col("time")}
+    for task in ("next", "recovery_multi", "recovery_single"):
+        sub = index.filter(pl.col("task") == task)
+        if not sub.height:
+            continue
+        if task == "next":
+            variant = None
+        elif task == "recovery_multi":
+            variant = pl.when(pl.col("pos").is_in(pl.col("masked"))).then(1).otherwise(0)
+        else:
+            variant = (
+                pl.when(pl.col("pos") == pl.col("target_pos")).then(1)
+                .when(pl.col("pos").is_in(pl.col("masked"))).then(2)
+                .otherwise(0)
+            )
+        window = plain_window(sub) if variant is None else _window_text(sub, flat, n, variant, " ")
+        sub = with_profile(sub.with_columns(window=window))
+        vals = {**base, "profile": pl.col("profile"), "history": pl.col("window"), "visits": pl.col("window")}
+        if task == "recovery_multi":
+            full = plain_window(sub)
+            finish(sub.with_columns(full=full), task, vals, pl.col("full"), pl.lit(None))
+        else:
+            finish(sub, task, vals, pl.col("tgt_code"), pl.col("tgt_loc"))
 
-    # Recovery and translation: one row per (sample, visit), then joined back per sample.
-    def visit_rows(samples: pl.DataFrame, cols: list[str]) -> pl.DataFrame:
-        return (
-            samples.select("sample_id", "traj_id", "start", "end")
-            .with_columns(pos=pl.int_ranges("start", "end", dtype=pl.Int32))
-            .explode("pos")
-            .join(v.select("traj_id", "pos", *cols), on=["traj_id", "pos"], how="left")
-            .sort("sample_id", "pos")
-        )
+    # Translation: each visit as a numbered block of time + short description -> the token sequence.
+    sub = index.filter(pl.col("task") == "translation")
+    if sub.height:
+        vd = v.join(descriptions.select("loc_id", "short_description"), on="loc_id", how="left", maintain_order="left")
+        k = (pl.col("pos") + 1).cast(pl.String)
+        numbered = vd.select(s=pl.format("[ {} ] {}", k, sentence(pl.col("code"))))["s"]
+        blocks = vd.select(
+            s=pl.format("[ {} ]\nTime: {}\nLocation Description: {}", k, "time_s", pl.col("short_description").fill_null(""))
+        )["s"]
+        sub = sub.with_columns(blocks=_visit_joiner(v, blocks, "\n")(sub), numbered=_visit_joiner(v, numbered, " ")(sub))
+        finish(sub, "translation", {"user": pl.col("user_id"), "blocks": pl.col("blocks")}, pl.col("numbered"), pl.lit(None))
 
-    rec = index.filter(pl.col("task").is_in(["recovery_multi", "recovery_single"]))
-    if rec.height:
-        masked = rec.select("sample_id", pos="masked").explode("pos").drop_nulls().with_columns(is_masked=pl.lit(True))
-        rows = (
-            visit_rows(rec, ["sentence", "sentence_mask", "sentence_unknown", "code", "time_s", "loc_id"])
-            .join(masked, on=["sample_id", "pos"], how="left")
-            .join(rec.select("sample_id", "task", "target_pos"), on="sample_id", how="left")
+    # Token semantics: code -> description and description -> code.
+    for task in ("index2loc", "loc2index"):
+        sub = index.filter(pl.col("task") == task)
+        if not sub.height:
+            continue
+        sub = (
+            sub.join(codes.select("loc_id", "code"), on="loc_id", how="left", maintain_order="left")
+            .join(descriptions.select("loc_id", "description"), on="loc_id", how="left", maintain_order="left")
         )
-        shown = (
-            pl.when(pl.col("pos") == pl.col("target_pos")).then(pl.col("sentence_mask"))
-            .when(pl.col("is_masked") & (pl.col("task") == "recovery_single")).then(pl.col("sentence_unknown"))
-            .when(pl.col("is_masked")).then(pl.col("sentence_mask"))
-            .otherwise(pl.col("sentence"))
-        )
-        at_target = pl.col("pos") == pl.col("target_pos")
-        agg = rows.group_by("sample_id", maintain_order=True).agg(
-            visits=shown.str.join(" "),
-            full=pl.col("sentence").str.join(" "),
-            time=pl.col("time_s").filter(at_target).first(),
-            tgt_code=pl.col("code").filter(at_target).first(),
-            tgt_loc=pl.col("loc_id").filter(at_target).first(),
-        )
-        joined = with_profile(rec.join(agg, on="sample_id", how="left").sort("sample_id"))
-        vals = {"profile": pl.col("profile"), "user": pl.col("user_id"), "visits": pl.col("visits"), "time": pl.col("time")}
-        for task, target, tloc in (
-            ("recovery_multi", pl.col("full"), pl.lit(None)),
-            ("recovery_single", pl.col("tgt_code"), pl.col("tgt_loc")),
-        ):
-            part = joined.filter(pl.col("task") == task)
-            if part.height:
-                finish(part, task, vals, target, tloc)
-
-    trans = index.filter(pl.col("task") == "translation")
-    if trans.height:
-        if descriptions is None:
-            raise ValueError("translation samples need location descriptions")
-        rows = visit_rows(trans, ["sentence", "time_s", "loc_id"]).join(
-            descriptions.select("loc_id", "short_description"), on="loc_id", how="left"
-        ).with_columns(k=pl.col("pos") - pl.col("pos").min().over("sample_id") + 1)
-        agg = rows.group_by("sample_id", maintain_order=True).agg(
-            numbered=pl.format("[ {} ] {}", "k", "sentence").str.join(" "),
-            blocks=pl.format(
-                "[ {} ]\nTime: {}\nLocation Description: {}", "k", "time_s", pl.col("short_description").fill_null("")
-            ).str.join("\n"),
-        )
-        joined = trans.join(agg, on="sample_id", how="left").sort("sample_id")
-        finish(joined, "translation", {"user": pl.col("user_id"), "blocks": pl.col("blocks")}, pl.col("numbered"), pl.lit(None))
-
-    sem = index.filter(pl.col("task").is_in(["index2loc", "loc2index"]))
-    if sem.height:
-        if descriptions is None:
-            raise ValueError("index2loc/loc2index samples need location descriptions")
-        sem = sem.drop("user_id").join(codes.select("loc_id", "code"), on="loc_id", how="left").join(
-            descriptions.select("loc_id", "description"), on="loc_id", how="left"
-        ).with_columns(user_id=pl.lit(None, pl.String))
+        if sub["code"].null_count():
+            missing = sub.filter(pl.col("code").is_null())["loc_id"].head(5).to_list()
+            raise ValueError(f"locations without a code, e.g. {missing}: the code table does not cover the data")
         vals = {"code": pl.col("code"), "description": pl.col("description")}
-        for task, target, tloc in (
-            ("index2loc", pl.col("description"), pl.lit(None)),
-            ("loc2index", pl.col("code"), pl.col("loc_id")),
-        ):
-            part = sem.filter(pl.col("task") == task)
-            if part.height:
-                finish(part, task, vals, target, tloc)
-    if not out:
-        return pl.DataFrame(schema={c: pl.String for c in keep})
-    return pl.concat(out).sort("sample_id").drop("sample_id")
+        if task == "index2loc":
+            finish(sub, task, vals, pl.col("description"), pl.lit(None))
+        else:
+            finish(sub, task, vals, pl.col("code"), pl.col("loc_id"))
+
+    if not parts:
+        return pl.DataFrame(schema={c: (pl.UInt32 if c == "sample_id" else pl.String) for c in keep})
+    return pl.concat([parts[t] for t in TASKS if t in parts], rechunk=False)

@@ -1,0 +1,204 @@
+"""The LightningDataModule of the suite.
+
+It serves two things from the data stage's artefacts:
+
+* the **location table** (``loc_id``, facts, descriptions) for the tokenizer stage;
+* the **mixed-task instruction samples** (one Polars table with a ``task`` column) for
+  alignment, rendered with the location codes and drawn by :class:`TaskMixtureSampler` with the
+  configured task weights.
+
+Collation (tokenisation, padding, label masking) belongs to the model that consumes the samples,
+so it is passed in as ``collate_fn``; without one a batch is a list of sample dicts.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import numpy as np
+import polars as pl
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+from datamodules.errors import DataError
+from datamodules.samples import TASKS, SampleConfig, render_samples
+
+
+class SampleDataset(Dataset):
+    """Rendered samples as a map-style dataset of dicts (``task``, ``prompt``, ``response_prefix``, ...)."""
+
+    def __init__(self, samples: pl.DataFrame) -> None:
+        self.samples = samples
+        self._rows = samples.to_dicts()
+
+    def __len__(self) -> int:
+        return len(self._rows)
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        return self._rows[i]
+
+
+class TaskMixtureSampler(Sampler[int]):
+    """Draws sample indices with per-task sampling weights, reshuffled every epoch.
+
+    With ``weights=None`` every sample is drawn once per epoch in random order — the paper's
+    shuffled concatenation, i.e. the natural task proportions. With weights, each draw first picks
+    a task by weight, then the next sample of that task (each task cycles through its own shuffled
+    order), for ``num_samples`` draws per epoch.
+
+    Args:
+        tasks: The task of every sample.
+        weights: ``{task: weight}``; tasks missing from it get weight 0.
+        num_samples: Draws per epoch (default: the number of samples).
+        seed: Base seed; the epoch is added, so epochs differ but runs repeat.
+    """
+
+    def __init__(
+        self, tasks: Sequence[str], weights: dict[str, float] | None = None, num_samples: int | None = None, seed: int = 0
+    ) -> None:
+        self.tasks = np.asarray(tasks)
+        self.weights = weights
+        self.num_samples = len(self.tasks) if num_samples is None else int(num_samples)
+        self.seed = seed
+        self.epoch = 0
+        if weights is not None:
+            names = sorted(set(self.tasks.tolist()))
+            w = np.array([float(weights.get(t, 0.0)) for t in names])
+            if (w < 0).any() or w.sum() <= 0:
+                raise DataError(f"objectives.weights must be non-negative with a positive sum, got {weights}")
+            self._names, self._p = names, w / w.sum()
+            self._members = [np.flatnonzero(self.tasks == t) for t in names]
+
+    def set_epoch(self, epoch: int) -> None:
+        """Called by Lightning before each epoch."""
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return self.num_samples
+
+    def __iter__(self) -> Iterator[int]:
+        rng = np.random.default_rng(self.seed + self.epoch)
+        if self.weights is None:
+            yield from rng.permutation(len(self.tasks))[: self.num_samples].tolist()
+            return
+        choice = rng.choice(len(self._names), size=self.num_samples, p=self._p)
+        orders = [rng.permutation(m) for m in self._members]
+        cursor = [0] * len(orders)
+        for t in choice.tolist():
+            order = orders[t]
+            yield int(order[cursor[t] % len(order)])
+            cursor[t] += 1
+
+
+class MobilityDataModule(L.LightningDataModule):
+    """Location table and mixed-task samples of one dataset.
+
+    Args:
+        data_dir: The data stage's folder (``<paths.artifacts>/<data.name>/data``).
+        codes: ``loc_id, code`` token strings of every location (needed for samples, not for the
+            location table).
+        tasks: Tasks to serve (default: all six).
+        weights: Task sampling weights for training (None = natural proportions).
+        batch_size: Samples per batch.
+        num_workers: DataLoader workers.
+        collate_fn: Turns a list of sample dicts into a batch (the alignment module's tokenizer).
+        sample_cfg: Rendering settings (profiles on/off).
+        seed: Seed of the training sampler.
+    """
+
+    def __init__(
+        self,
+        data_dir: str | Path,
+        codes: pl.DataFrame | None = None,
+        tasks: Sequence[str] | None = None,
+        weights: dict[str, float] | None = None,
+        batch_size: int = 8,
+        num_workers: int = 0,
+        collate_fn: Callable[[list[dict[str, Any]]], Any] | None = None,
+        sample_cfg: SampleConfig = SampleConfig(),
+        seed: int = 0,
+    ) -> None:
+        super().__init__()
+        self.data_dir = Path(data_dir)
+        self.codes = codes
+        self.tasks = tuple(tasks) if tasks is not None else TASKS
+        unknown = set(self.tasks) - set(TASKS)
+        if unknown:
+            raise DataError(f"unknown tasks {sorted(unknown)}; choose from {list(TASKS)}")
+        self.weights = dict(weights) if weights else None
+        self.batch_size = batch_size
+        self.num_workers = num_workers
+        self.collate_fn = collate_fn or (lambda batch: batch)
+        self.sample_cfg = sample_cfg
+        self.seed = seed
+        self._samples: dict[str, pl.DataFrame] = {}
+
+    # -- tables -------------------------------------------------------------------------------
+    def _read(self, name: str) -> pl.DataFrame:
+        path = self.data_dir / name
+        if not path.is_file():
+            raise DataError(f"{path} not found: run the data stage first (python run.py stage=data ...)")
+        return pl.read_parquet(path)
+
+    def setup(self, stage: str | None = None) -> None:
+        """Load the data stage's tables (cheap; idempotent)."""
+        if hasattr(self, "checkins"):
+            return
+        self.checkins = self._read("checkins.parquet")
+        self.locations = self._read("locations.parquet")
+        self.profiles = self._read("profiles.parquet")
+        self.index = self._read("sample_index.parquet")
+
+    def location_table(self) -> pl.DataFrame:
+        """The location table: ``loc_id``, facts, ``train_visits``, ``description``, ..."""
+        self.setup()
+        return self.locations
+
+    def samples(self, split: str) -> pl.DataFrame:
+        """Rendered samples of one split for the configured tasks (cached)."""
+        if split not in self._samples:
+            if self.codes is None:
+                raise DataError("samples need location codes: pass codes= (run the tokenizer stage first)")
+            self.setup()
+            index = self.index.filter((pl.col("split") == split) & pl.col("task").is_in(list(self.tasks)))
+            self._samples[split] = render_samples(
+                index, self.checkins, self.codes, self.locations, self.profiles, self.sample_cfg
+            )
+        return self._samples[split]
+
+    # -- loaders ------------------------------------------------------------------------------
+    def train_dataloader(self) -> DataLoader:
+        samples = self.samples("train")
+        sampler = TaskMixtureSampler(samples["task"].to_list(), self.weights, seed=self.seed)
+        return DataLoader(
+            SampleDataset(samples), batch_size=self.batch_size, sampler=sampler,
+            num_workers=self.num_workers, collate_fn=self.collate_fn,
+        )
+
+    def _eval_loader(self, split: str) -> DataLoader:
+        return DataLoader(
+            SampleDataset(self.samples(split)), batch_size=self.batch_size, shuffle=False,
+            num_workers=self.num_workers, collate_fn=self.collate_fn,
+        )
+
+    def val_dataloader(self) -> DataLoader:
+        return self._eval_loader("valid")
+
+    def test_dataloader(self) -> DataLoader:
+        return self._eval_loader("test")
+
+    def location_dataloader(self, batch_size: int = 64) -> DataLoader:
+        """Location descriptions in ``loc_id`` order, for embedding them in the tokenizer stage."""
+        table = self.location_table().select("loc_id", "description")
+        return DataLoader(SampleDataset(table), batch_size=batch_size, shuffle=False, collate_fn=lambda b: b)
+
+
+def default_codes(locations: pl.DataFrame) -> pl.DataFrame:
+    """One new token per location (``<loc_17>``): the 'ID token' baseline tokenization, also handy
+    before an RQ-VAE exists."""
+    return locations.select("loc_id", code=pl.format("<loc_{}>", "loc_id"))
+
+
+__all__ = ["MobilityDataModule", "SampleDataset", "TaskMixtureSampler", "default_codes"]

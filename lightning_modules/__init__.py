@@ -1,0 +1,1 @@
+"""LightningModules of the suite (RQ-VAE training, QLoRA alignment) and their metrics."""

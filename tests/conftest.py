@@ -1,0 +1,33 @@
+"""Shared fixtures: repo paths, Hydra composition, the real NYC release (skipped when absent)."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+from omegaconf import DictConfig
+
+REPO = Path(__file__).resolve().parents[1]
+CONFIG_DIR = REPO / "experiments"
+SHARED = Path(os.environ.get("QTMOB_SHARED", REPO.parent / "shared"))
+NYC_RELEASE = SHARED / "data" / "foursquare_nyc" / "qtmob_foursquare_NYC"
+
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+
+def compose_cfg(overrides: list[str] | None = None) -> DictConfig:
+    """Compose ``experiments/run.yaml`` with overrides, as ``python run.py`` would."""
+    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base=None):
+        return compose(config_name="run", overrides=overrides or [], return_hydra_config=False)
+
+
+@pytest.fixture
+def nyc_release() -> Path:
+    """The official QT-Mob NYC release in ../shared (tests using it skip when it is absent)."""
+    if not (NYC_RELEASE / "trips_train.csv").is_file():
+        pytest.skip(f"the QT-Mob NYC release is not at {NYC_RELEASE} (set QTMOB_SHARED to the shared/ folder)")
+    return NYC_RELEASE
