@@ -279,7 +279,7 @@ def generate_city(
     seed: int = 0,
     n_users: int = 60,
     n_pois: int = 300,
-    days: int = 60,
+    days: int = 120,
     center: tuple[float, float] = (40.75, -73.98),
     radius_km: float = 8.0,
     start: str = "2012-04-02",
@@ -359,7 +359,7 @@ def generate_city(
         users.append({
             "home": home, "work": work, "fav": fav, "fav_w": fav_w,
             "work_start": float(np.clip(rng.normal(8.9, 0.55), 7.5, 10.2)),
-            "p_active_wd": rng.uniform(0.78, 0.97), "p_active_we": rng.uniform(0.6, 0.95),
+            "p_active_wd": rng.uniform(0.3, 0.55), "p_active_we": rng.uniform(0.25, 0.5),
             "p_home_am": rng.uniform(0.2, 0.7), "p_transit": rng.uniform(0.0, 0.45),
             "p_coffee": rng.uniform(0.05, 0.8), "p_lunch": rng.uniform(0.35, 0.9),
             "p_out": rng.uniform(0.2, 0.7), "p_gym": rng.uniform(0.1, 0.5) if rng.random() < 0.5 else 0.0,
