@@ -8,6 +8,8 @@ own hierarchy (e.g. the Gowalla side file) keeps its own parents.
 
 from __future__ import annotations
 
+import re
+
 import polars as pl
 
 PARENTS = (
@@ -35,6 +37,7 @@ _EXACT = {
     "Office": "Professional & Other Places",
     "Building": "Professional & Other Places",
     "Medical Center": "Professional & Other Places",
+    "Post Office": "Professional & Other Places",
     "Hotel": "Travel & Transport",
     "Hotel Bar": "Nightlife Spot",
     "Strip Club": "Nightlife Spot",
@@ -60,8 +63,28 @@ _EXACT = {
 
 # Checked in order; the first keyword found in the lower-cased leaf decides.
 _KEYWORDS: tuple[tuple[str, str], ...] = (
+    # Multi-word and ambiguous leaves first.
+    ("college", "College & University"), ("trade school", "College & University"), ("law school", "College & University"),
+    ("medical school", "College & University"), ("gas station", "Shop & Service"), ("police station", "Professional & Other Places"),
+    ("jazz club", "Arts & Entertainment"), ("comedy club", "Arts & Entertainment"), ("juice bar", "Food"),
+    ("theme park", "Arts & Entertainment"), ("event space", "Professional & Other Places"),
+    ("internet cafe", "Shop & Service"), ("historic site", "Arts & Entertainment"), ("hot spring", "Outdoors & Recreation"),
+    ("dog run", "Outdoors & Recreation"), ("surf spot", "Outdoors & Recreation"), ("track", "Outdoors & Recreation"),
+    ("tattoo", "Shop & Service"), ("emergency room", "Professional & Other Places"), ("winery", "Professional & Other Places"),
+    ("fire station", "Professional & Other Places"), ("post office", "Professional & Other Places"),
+    ("college bookstore", "College & University"), ("martial arts", "Outdoors & Recreation"),
+    ("beer garden", "Nightlife Spot"), ("rock club", "Arts & Entertainment"), ("pool hall", "Arts & Entertainment"),
+    ("rest area", "Travel & Transport"), ("roof deck", "Travel & Transport"), ("dance studio", "Arts & Entertainment"),
+    ("design studio", "Shop & Service"), ("meeting room", "Professional & Other Places"),
+    ("coworking", "Professional & Other Places"), ("high school", "Professional & Other Places"),
+    ("middle school", "Professional & Other Places"), ("elementary school", "Professional & Other Places"),
+    ("stadium", "Arts & Entertainment"), ("nightclub", "Nightlife Spot"), ("opera", "Arts & Entertainment"),
+    ("multiplex", "Arts & Entertainment"), ("racetrack", "Arts & Entertainment"), ("skating", "Outdoors & Recreation"),
+    ("cafeteria", "Food"), ("plane", "Travel & Transport"), ("bridge", "Outdoors & Recreation"),
+    ("store", "Shop & Service"), ("shop", "Shop & Service"), ("bookstore", "Shop & Service"),
+    ("barbershop", "Shop & Service"), ("salon", "Shop & Service"), ("startup", "Professional & Other Places"),
     ("college", "College & University"), ("university", "College & University"),
-    ("school", "College & University"), ("academic", "College & University"),
+    ("academic", "College & University"),
     ("campus", "College & University"), ("dorm", "College & University"),
     ("fraternity", "College & University"), ("sorority", "College & University"),
     ("restaurant", "Food"), ("café", "Food"), ("cafe", "Food"), ("diner", "Food"), ("pizza", "Food"),
@@ -84,6 +107,7 @@ _KEYWORDS: tuple[tuple[str, str], ...] = (
     ("athletic", "Outdoors & Recreation"), ("sport", "Outdoors & Recreation"), ("river", "Outdoors & Recreation"),
     ("lake", "Outdoors & Recreation"), ("harbor", "Outdoors & Recreation"), ("marina", "Outdoors & Recreation"),
     ("scenic", "Outdoors & Recreation"), ("neighborhood", "Outdoors & Recreation"), ("pier", "Outdoors & Recreation"),
+    ("restaurants", "Food"), ("bars", "Nightlife Spot"), ("arts", "Arts & Entertainment"),
     ("museum", "Arts & Entertainment"), ("theater", "Arts & Entertainment"), ("cinema", "Arts & Entertainment"),
     ("movie", "Arts & Entertainment"), ("gallery", "Arts & Entertainment"), ("art", "Arts & Entertainment"),
     ("entertainment", "Arts & Entertainment"), ("zoo", "Arts & Entertainment"), ("aquarium", "Arts & Entertainment"),
@@ -102,7 +126,7 @@ _KEYWORDS: tuple[tuple[str, str], ...] = (
     ("government", "Professional & Other Places"), ("city hall", "Professional & Other Places"),
     ("courthouse", "Professional & Other Places"), ("police", "Professional & Other Places"),
     ("fire station", "Professional & Other Places"), ("factory", "Professional & Other Places"),
-    ("school", "College & University"), ("spiritual", "Professional & Other Places"),
+    ("school", "Professional & Other Places"), ("spiritual", "Professional & Other Places"),
     ("medical", "Professional & Other Places"), ("military", "Professional & Other Places"),
     ("cemetery", "Outdoors & Recreation"),
 )
@@ -116,9 +140,11 @@ def parent_of(category: str | None) -> str | None:
         return _EXACT[category]
     if category in PARENTS:
         return category
-    low = category.lower()
+    words = re.sub(r"[^\w&]+", " ", category.lower()).split()
+    text = " " + " ".join(words) + " "
     for keyword, parent in _KEYWORDS:
-        if keyword in low:
+        # Whole words only: "bar" must not match "Barbershop", nor "art" "Tech Startup".
+        if f" {keyword} " in text:
             return parent
     return "Other"
 

@@ -100,3 +100,25 @@ class Quarantine:
             entry["reasons"][reason] = n
             entry["quarantined"] += n
         return {"total": self.count(), "files": by_file}
+
+
+def require_timezone(name: str, setting: str) -> str:
+    """Check an IANA time-zone name up front, so a typo is a message and not a Polars traceback.
+
+    Args:
+        name: The zone, e.g. ``America/New_York``.
+        setting: The config key that holds it (for the message).
+
+    Returns:
+        ``name``.
+
+    Raises:
+        DataError: if the zone is unknown.
+    """
+    from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+    try:
+        ZoneInfo(str(name))
+    except (ZoneInfoNotFoundError, ValueError):
+        raise DataError(f"{setting}={name!r} is not a known IANA time zone (e.g. America/New_York, Asia/Tokyo)") from None
+    return str(name)

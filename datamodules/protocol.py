@@ -15,7 +15,8 @@ Each choice, in order:
    model cannot know an unseen id.
 5. **Short trajectories** — trajectories left with fewer than ``min_traj_len`` visits are dropped
    (3 by default, as in the QT-Mob release: a next-location sample needs >= 2 visits of history, and
-   a test trajectory's target is its last visit).
+   a test trajectory's target is its last visit). Steps 4 and 5 repeat until stable, so every
+   valid/test user and POI occurs in the final train split.
 
 Every dropped row is counted in the returned stats; nothing disappears silently.
 """
@@ -94,17 +95,22 @@ def apply_protocol(checkins: pl.DataFrame, cfg: ProtocolConfig) -> tuple[pl.Data
         split=pl.when(start <= t_train).then(pl.lit("train")).when(start <= t_valid).then(pl.lit("valid")).otherwise(pl.lit("test"))
     )
 
-    train = df.filter(pl.col("split") == "train")
-    seen_users, seen_pois = train["user_id"].unique().implode(), train["poi_id"].unique().implode()
-    n = df.height
-    df = df.filter(
-        (pl.col("split") == "train") | (pl.col("user_id").is_in(seen_users) & pl.col("poi_id").is_in(seen_pois))
-    )
-    stats["dropped_cold_start"] = n - df.height
-
-    n = df.height
-    df = df.filter(pl.len().over("traj_key") >= cfg.min_traj_len)
-    stats["dropped_short_trajectories"] = n - df.height
+    # Cold start and short trajectories interact (dropping a short train trajectory can make a
+    # valid/test id unseen), so both filters repeat until neither removes anything.
+    stats["dropped_cold_start"] = stats["dropped_short_trajectories"] = 0
+    while True:
+        train = df.filter(pl.col("split") == "train")
+        seen_users, seen_pois = train["user_id"].unique().implode(), train["poi_id"].unique().implode()
+        n = df.height
+        df = df.filter(
+            (pl.col("split") == "train") | (pl.col("user_id").is_in(seen_users) & pl.col("poi_id").is_in(seen_pois))
+        )
+        stats["dropped_cold_start"] += n - df.height
+        m = df.height
+        df = df.filter(pl.len().over("traj_key") >= cfg.min_traj_len)
+        stats["dropped_short_trajectories"] += m - df.height
+        if df.height == n:
+            break
     if df.filter(pl.col("split") == "train").height == 0:
         raise DataError("no train trajectories left after the protocol (data.protocol); the input is too small.")
 

@@ -70,3 +70,15 @@ def test_data_stage_summary_has_the_exact_counts(nyc_release, tmp_path) -> None:
     before = (tmp_path / "nyc" / "data" / "checkins.parquet").stat().st_mtime_ns
     run_module.run(cfg)
     assert (tmp_path / "nyc" / "data" / "checkins.parquet").stat().st_mtime_ns == before
+
+
+def test_parent_categories_match_the_release_taxonomy(nyc_release) -> None:
+    """Raw TSMC rows carry only the leaf category; our parent map must agree with the release's."""
+    from datamodules.categories import PARENTS, parent_of
+
+    q = Quarantine()
+    _, descriptions = read_qtmob_release(nyc_release, q)
+    pairs = descriptions.select("category", "parent_category").unique().filter(pl.col("parent_category").is_in(list(PARENTS)))
+    agree = sum(parent_of(c) == p for c, p in pairs.iter_rows())
+    assert pairs.height > 250
+    assert agree / pairs.height >= 0.98, [(c, p, parent_of(c)) for c, p in pairs.iter_rows() if parent_of(c) != p]

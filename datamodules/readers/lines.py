@@ -8,6 +8,7 @@ quarantined row with its line number instead of a parser exception.
 from __future__ import annotations
 
 import gzip
+import zlib
 from pathlib import Path
 
 import polars as pl
@@ -40,7 +41,7 @@ def read_lines(path: Path, expected_format: str, encoding: str = "utf-8") -> tup
         raise DataError(f"{path}: file not found. Expected {expected_format}.")
     try:
         raw = gzip.decompress(path.read_bytes()) if path.suffix == ".gz" else path.read_bytes()
-    except (OSError, EOFError, gzip.BadGzipFile) as exc:
+    except (OSError, EOFError, gzip.BadGzipFile, zlib.error) as exc:
         raise DataError(f"{path}: cannot read ({exc}). Expected {expected_format}.") from None
     if not raw.strip():
         raise DataError(f"{path}: the file is empty. Expected {expected_format}.")

@@ -19,8 +19,8 @@ from pathlib import Path
 
 import polars as pl
 
-from datamodules.errors import DataError, Quarantine
-from datamodules.readers.lines import partition
+from datamodules.errors import DataError, Quarantine, require_timezone
+from datamodules.readers.lines import partition, read_lines
 from datamodules.schema import to_canonical
 
 SPLIT_FILES = {"train": "trips_train.csv", "valid": "trips_valid.csv", "test": "trips_test.csv"}
@@ -31,6 +31,8 @@ RELEASE_FORMAT = (
 # A whole cell: [ 'item', 'item', ... ] with items free of quotes.
 _LIST_CELL = r"^\[\s*(?:'[^']*'\s*(?:,\s*'[^']*'\s*)*)?\]$"
 _ITEM = r"'([^']*)'"
+# A whole row: user id, the double-quoted list cell, trajectory id.
+_ROW = r'^([^,"]*),"([^"]*)",([^,"]*)$'
 _NAME_LINE = re.compile(
     r'^The name of this location is "(?P<name>.*)" and its POI category is (?P<category>.*?), '
     r"belonging to the parent category (?P<parent>.*?)\.?$"
@@ -70,30 +72,42 @@ def read_loc2id(path: Path) -> pl.DataFrame:
 
 
 def _read_trips_csv(path: Path, split: str, quarantine: Quarantine) -> pl.DataFrame:
-    """One ``trips_<split>.csv`` exploded to one row per visit (``line`` = CSV line number)."""
-    if not path.is_file():
-        raise DataError(f"{path}: file not found. Expected {RELEASE_FORMAT}.")
-    try:
-        df = pl.read_csv(path, infer_schema=False, quote_char='"')
-    except pl.exceptions.PolarsError as exc:
-        raise DataError(f"{path}: cannot parse as CSV ({str(exc).splitlines()[0]}). Expected {RELEASE_FORMAT}.") from None
-    missing = {"user_id", "trips", "traj_id"} - set(df.columns)
-    if missing:
-        raise DataError(f"{path}: missing columns {sorted(missing)}; found {df.columns}. Expected {RELEASE_FORMAT}.")
-    if df.height == 0:
+    """One ``trips_<split>.csv`` exploded to one row per visit (``line`` = file line number).
+
+    The file is read line by line (a release row never spans lines), so that a defect in one row —
+    an extra field, a NUL byte, invalid UTF-8, a cut last line — quarantines that row only.
+    """
+    lines, unterminated = read_lines(path, RELEASE_FORMAT)
+    header = lines.filter(pl.col("line") == 1)["text"].to_list()
+    if not header or [c.strip() for c in header[0].split(",")] != ["user_id", "trips", "traj_id"]:
+        found = header[0][:80] if header else "(no header line)"
+        raise DataError(f"{path}: line 1 must be the header 'user_id,trips,traj_id'; found {found!r}. Expected {RELEASE_FORMAT}.")
+    lines = lines.filter(pl.col("line") > 1)
+    if lines.height == 0:
         raise DataError(f"{path}: no trajectories. Expected {RELEASE_FORMAT}.")
-    rows = df.with_row_index("row").with_columns(
-        line=pl.col("row").cast(pl.Int64) + 2,  # header is line 1
-        text=pl.concat_str(pl.col("user_id"), pl.col("trips"), pl.col("traj_id"), separator=",", ignore_nulls=True),
-        reason=pl.lit(None, dtype=pl.String),
+    last_line = lines["line"].max()
+    rows = lines.with_columns(
+        user_id=pl.col("text").str.extract(_ROW, 1).str.strip_chars(),
+        trips=pl.col("text").str.extract(_ROW, 2),
+        traj_id=pl.col("text").str.extract(_ROW, 3).str.strip_chars(),
+        row=pl.col("line"),
+        reason=pl.when(pl.col("text").str.contains("\x00", literal=True))
+        .then(pl.lit("NUL byte in line"))
+        .when(pl.col("text").str.contains("\ufffd", literal=True))
+        .then(pl.lit("invalid UTF-8"))
+        .when(~pl.col("text").str.contains(_ROW) & (pl.col("line") == last_line) & pl.lit(unterminated))
+        .then(pl.lit("truncated last line"))
+        .when(~pl.col("text").str.contains(_ROW))
+        .then(pl.lit('row is not user_id,"[...]",traj_id'))
+        .otherwise(None),
     )
     good_rows, bad_rows = partition(
         rows,
         [
-            (pl.col("user_id").is_null() | (pl.col("user_id").str.strip_chars() == ""), "empty user id"),
-            (pl.col("traj_id").is_null() | (pl.col("traj_id").str.strip_chars() == ""), "empty trajectory id"),
-            (pl.col("trips").str.contains("\x00", literal=True), "NUL byte in line"),
+            (pl.col("user_id") == "", "empty user id"),
+            (pl.col("traj_id") == "", "empty trajectory id"),
             (~pl.col("trips").str.contains(_LIST_CELL), "trips cell is not a list literal of quoted strings"),
+            (~pl.col("trips").str.contains(_ITEM), "trajectory without visits"),
         ],
     )
     visits = (
@@ -222,6 +236,7 @@ def read_qtmob_release(
         (``poi_id`` = the loc2id id as a string), and the parsed descriptions keyed by ``loc_id``.
     """
     root = Path(root)
+    require_timezone(timezone, "data.timezone")
     if not root.is_dir():
         raise DataError(f"{root}: folder not found. Expected {RELEASE_FORMAT}. Set data.root or data.download=true.")
     loc2id = read_loc2id(root / "loc2id")
@@ -243,14 +258,28 @@ def read_qtmob_release(
                 0,
             )
         frames.append(joined.filter(pl.col("loc_id").is_not_null()))
-    visits = pl.concat(frames).sort("split", "line", "pos")
-    facts = descriptions.select("loc_id", "category", "parent_category", "name", "address")
-    checkins = visits.join(facts, on="loc_id", how="left").with_columns(
-        poi_id=pl.col("loc_id").cast(pl.String),
+    visits = pl.concat(frames).with_columns(
         utc_time=pl.col("local_time")
         .dt.replace_time_zone(timezone, ambiguous="earliest", non_existent="null")
-        .dt.convert_time_zone("UTC"),
+        .dt.convert_time_zone("UTC")
     )
+    # A local time inside a daylight-saving gap names no instant: quarantine it, never a null UTC.
+    gap = visits.filter(pl.col("utc_time").is_null())
+    for split, name in SPLIT_FILES.items():
+        part = gap.filter(pl.col("split") == split)
+        if part.height:
+            quarantine.add(
+                part.select(
+                    "line",
+                    reason=pl.lit(f"local time does not exist in {timezone} (daylight-saving gap)"),
+                    content=pl.col("local_time").cast(pl.String),
+                ),
+                root / name,
+                0,
+            )
+    visits = visits.filter(pl.col("utc_time").is_not_null())
+    facts = descriptions.select("loc_id", "category", "parent_category", "name", "address")
+    checkins = visits.join(facts, on="loc_id", how="left").with_columns(poi_id=pl.col("loc_id").cast(pl.String))
     order = pl.col("split").replace_strict({"train": 0, "valid": 1, "test": 2}, return_dtype=pl.Int8)
     checkins = checkins.sort(order, "line", "pos")
     return to_canonical(checkins), descriptions

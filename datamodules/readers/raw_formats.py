@@ -10,7 +10,7 @@ from pathlib import Path
 
 import polars as pl
 
-from datamodules.errors import DataError, Quarantine
+from datamodules.errors import DataError, Quarantine, require_timezone
 from datamodules.readers.lines import partition, read_lines, split_fields
 from datamodules.schema import to_canonical
 
@@ -100,6 +100,8 @@ def read_gowalla(
         Canonical check-ins.
     """
     path = Path(path)
+    if timezone:
+        require_timezone(timezone, "data.timezone")
     lines, unterminated = read_lines(path, GOWALLA_FORMAT)
     names = ["user_id", "utc_s", "lat_s", "lon_s", "poi_id"]
     df = split_fields(lines, names, "\t", unterminated).with_columns(
