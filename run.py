@@ -16,12 +16,15 @@ from omegaconf import DictConfig, OmegaConf
 
 from datamodules.data_stage import run_data_stage
 from datamodules.errors import DataError
+from lightning_modules.llm import ModelUnavailableError
+from location_tokenizers.tokenizer_stage import run_tokenizer_stage
 
 log = logging.getLogger("qtmob")
 
 # Stages in pipeline order; `stage=all` runs them in turn, `stage=<name>` runs one.
 STAGES: dict[str, Callable[[DictConfig], Any]] = {
     "data": run_data_stage,
+    "tokenizer": run_tokenizer_stage,
 }
 
 
@@ -46,7 +49,7 @@ def main(cfg: DictConfig) -> None:
     """Hydra wrapper around :func:`run`; input problems end with a message, not a traceback."""
     try:
         results = run(cfg)
-    except DataError as exc:
+    except (DataError, ModelUnavailableError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         sys.exit(2)
     if "data" in results:
@@ -56,6 +59,13 @@ def main(cfg: DictConfig) -> None:
             f"{summary['users']} users, {summary['locations']} locations; samples: "
             + ", ".join(f"{t}={sum(s.values())}" for t, s in summary["samples"].items())
             + f"; quarantined rows: {summary['quarantined_rows']}"
+        )
+    if "tokenizer" in results:
+        m = results["tokenizer"]
+        print(
+            f"tokenizer [{m['tokenizer']}]: {m['locations']} locations, collisions {m['collisions']}, "
+            f"codes used per level {m['usage_per_level']}, mean km within level-1 groups {m['mean_km_same_l1']:.2f} "
+            f"(random pairs {m['mean_km_random']:.2f}), category purity of level-1+2 groups {m['category_purity_l12']:.3f}"
         )
 
 

