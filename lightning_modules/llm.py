@@ -111,6 +111,29 @@ def model_path(llm_cfg: Any, cache_dir: str | Path) -> str:
     raise ModelUnavailableError(f"llm.source={source!r} has no files to load; expected gguf_package or hub")
 
 
+def _gguf_tokenizer(llm_cfg: Any, cache_dir: str | Path):
+    """The tokenizer of a packaged GGUF model without converting the weights (seconds, not a
+    minute): from the converted model folder when it exists, else read from the GGUF once and
+    cached on its own."""
+    from transformers import AutoTokenizer
+
+    name = str(_get(llm_cfg, "name"))
+    for folder in (Path(cache_dir) / "models" / name, Path(cache_dir) / "tokenizers" / name):
+        if (folder / "tokenizer_config.json").is_file():
+            return AutoTokenizer.from_pretrained(folder)
+    src = package_dir(str(_get(llm_cfg, "package")))
+    tok = AutoTokenizer.from_pretrained(src, gguf_file=str(_get(llm_cfg, "gguf_file")))
+    target = Path(cache_dir) / "tokenizers" / name
+    tmp = target.parent / f".tmp-{name}-{uuid.uuid4().hex[:8]}"
+    try:
+        tok.save_pretrained(tmp)
+        if not target.exists():
+            os.replace(tmp, target)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return tok
+
+
 def load_tokenizer(llm_cfg: Any, cache_dir: str | Path):
     """The tokenizer of the configured model (for ``random``, the tokenizer of ``tokenizer_from``)."""
     from transformers import AutoTokenizer
@@ -120,7 +143,10 @@ def load_tokenizer(llm_cfg: Any, cache_dir: str | Path):
 
         base = OmegaConf.load(Path(__file__).resolve().parents[1] / "experiments" / "llm" / f"{_get(llm_cfg, 'tokenizer_from')}.yaml")
         return load_tokenizer(base, cache_dir)
-    tok = AutoTokenizer.from_pretrained(model_path(llm_cfg, cache_dir))
+    if _get(llm_cfg, "source") == "gguf_package":
+        tok = _gguf_tokenizer(llm_cfg, cache_dir)
+    else:
+        tok = AutoTokenizer.from_pretrained(model_path(llm_cfg, cache_dir))
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
     return tok

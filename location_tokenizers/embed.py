@@ -29,6 +29,8 @@ from lightning_modules.llm import load_model, load_tokenizer, package_dir
 
 log = logging.getLogger(__name__)
 
+EMBEDDERS = ("llm", "minilm")
+
 
 def text_hash(text: str) -> str:
     """Stable key of a description."""
@@ -106,6 +108,8 @@ def embed_texts(
     Returns:
         ``(len(texts), dim)`` float32.
     """
+    if embedder not in EMBEDDERS:
+        raise ValueError(f"tokenizer.embedder={embedder!r}; choose one of {list(EMBEDDERS)}")
     key = cache_key(embedder, llm_cfg, max_length)
     path = Path(cache_dir) / "embeddings" / f"{key}.parquet"
     cached: dict[str, np.ndarray] = {}

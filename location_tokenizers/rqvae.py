@@ -59,6 +59,14 @@ class MLP(nn.Module):
                 if dropout > 0:
                     layers.append(nn.Dropout(dropout))
         self.net = nn.Sequential(*layers)
+        # He initialisation keeps the activation scale through deep ReLU stacks. PyTorch's default
+        # (uniform, a=sqrt(5)) shrinks it by ~sqrt(6) per layer: through the official 6-hidden-layer
+        # encoder the latents start ~1e-3 wide, the commitment loss then pins them to one code
+        # and the RQ-VAE never leaves that collapse (measured on the NYC descriptions).
+        for module in self.net:
+            if isinstance(module, nn.Linear):
+                nn.init.kaiming_normal_(module.weight, nonlinearity="relu")
+                nn.init.zeros_(module.bias)
 
     def forward(self, x: Tensor) -> Tensor:
         """Apply the stack.

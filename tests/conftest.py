@@ -31,3 +31,11 @@ def nyc_release() -> Path:
     if not (NYC_RELEASE / "trips_train.csv").is_file():
         pytest.skip(f"the QT-Mob NYC release is not at {NYC_RELEASE} (set QTMOB_SHARED to the shared/ folder)")
     return NYC_RELEASE
+
+
+@pytest.fixture(scope="session")
+def model_cache() -> Path:
+    """Where converted models and tokenizers are cached (as for a user: once per machine)."""
+    path = Path(os.environ.get("QTMOB_CACHE", Path.home() / ".cache" / "qtmob"))
+    path.mkdir(parents=True, exist_ok=True)
+    return path

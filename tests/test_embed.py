@@ -1,0 +1,48 @@
+"""Description embeddings: MiniLM and LLM pooling, the on-disk cache."""
+
+from __future__ import annotations
+
+import uuid
+
+import numpy as np
+import pytest
+from omegaconf import OmegaConf
+
+import location_tokenizers.embed as embed
+from tests.conftest import CONFIG_DIR
+
+TEXTS = [
+    "The name of this location is \"Joe's Pizza\" and its POI category is Pizza Place, belonging to the parent category Food.",
+    "The name of this location is \"Tony's Pizzeria\" and its POI category is Pizza Place, belonging to the parent category Food.",
+    "The name of this location is \"Grand Central\" and its POI category is Train Station, belonging to the parent category Travel & Transport.",
+]
+
+
+def test_minilm_embeddings_are_normalised_and_semantic(tmp_path) -> None:
+    vectors = embed.embed_texts(TEXTS, "minilm", None, tmp_path, progress=False)
+    assert vectors.shape == (3, 384) and vectors.dtype == np.float32
+    assert np.allclose(np.linalg.norm(vectors, axis=1), 1.0, atol=1e-5)
+    sim = vectors @ vectors.T
+    assert sim[0, 1] > sim[0, 2]  # two pizza places are closer than a pizza place and a station
+
+
+def test_llm_mean_pooling_and_cache(model_cache, monkeypatch) -> None:
+    llm = OmegaConf.load(CONFIG_DIR / "llm" / "tiny_random.yaml")
+    # Texts new to the cache, so the first call must compute them.
+    texts = [f"{t} ({uuid.uuid4().hex})" for t in TEXTS]
+    first = embed.embed_texts(texts, "llm", llm, model_cache, progress=False)
+    assert first.shape == (3, llm.hidden_size) and np.isfinite(first).all()
+    assert not np.allclose(first[0], first[2])
+
+    def no_model(*args, **kwargs):
+        raise AssertionError("cached embeddings must not load a model")
+
+    monkeypatch.setattr(embed, "_Encoder", no_model)
+    again = embed.embed_texts(list(reversed(texts)), "llm", llm, model_cache, progress=False)
+    assert np.array_equal(again, first[::-1])
+    assert embed.cache_key("llm", llm, 1024) != embed.cache_key("minilm", llm, 1024)
+
+
+def test_unknown_embedder(tmp_path) -> None:
+    with pytest.raises(ValueError, match="embedder"):
+        embed.embed_texts(["x"], "word2vec", None, tmp_path, progress=False)

@@ -1,0 +1,143 @@
+"""The tokenizer stage end to end (smoke city, tiny random LLM), the module's logging, the
+released index, atomic artefacts and determinism."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import polars as pl
+import pytest
+import torch
+
+import run as run_module
+from location_tokenizers.codes import CodeTable
+from location_tokenizers.tokenizer_stage import tokenizer_dir
+from tests.conftest import compose_cfg
+
+FAST = ["tokenizer.max_epochs=15", "tokenizer.progress_bar=false", "tokenizer.hidden_dims=[256,128,64]"]
+
+
+def smoke_cfg(art, cache, *extra: str):
+    return compose_cfg(["experiment=smoke", "stage=tokenizer", f"paths.artifacts={art}", f"paths.cache={cache}", *FAST, *extra])
+
+
+@pytest.fixture(scope="module")
+def smoke_run(tmp_path_factory, model_cache):
+    art, cache = tmp_path_factory.mktemp("art"), model_cache
+    cfg = smoke_cfg(art, cache)
+    metrics = run_module.run(cfg)["tokenizer"]
+    return cfg, metrics, art, cache
+
+
+def test_artefacts_and_zero_collisions(smoke_run) -> None:
+    cfg, metrics, _, _ = smoke_run
+    out = tokenizer_dir(cfg)
+    for name in ("codes.parquet", "index.json", "metrics.json", "code_map.png", "checkpoints/last.ckpt", "checkpoints/best.ckpt"):
+        assert (out / name).is_file(), name
+    assert metrics["collisions"] == 0 and metrics["collision_rate"] == 0.0
+    table = CodeTable.read_parquet(out / "codes.parquet")
+    again = CodeTable.from_index_json(out / "index.json", codebook_size=table.codebook_size)
+    assert np.array_equal(table.loc_ids, again.loc_ids) and np.array_equal(table.codes, again.codes)
+    locations = pl.read_parquet(out.parent / "data" / "locations.parquet")
+    assert sorted(table.loc_ids.tolist()) == sorted(locations["loc_id"].to_list())
+    assert table.codes.shape[1] == 4 and table.codes.max() < 64
+    written = json.loads((out / "metrics.json").read_text())
+    for key in ("usage_per_level", "perplexity_per_level", "mean_km_same_l1", "mean_km_same_l12", "category_purity_l12", "seconds"):
+        assert key in written, key
+    assert written["training"]["epochs"] >= 1 and "recon_all" in written["training"]
+    assert (out / "code_map.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_tensorboard_has_rqvae_figures_and_code_map(smoke_run) -> None:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    cfg, _, _, _ = smoke_run
+    runs = sorted((tokenizer_dir(cfg).parent / cfg.run_name / "tb" / "tokenizer").glob("version_*"))
+    assert runs
+    acc = EventAccumulator(str(runs[-1]), size_guidance={"images": 0, "scalars": 0})
+    acc.Reload()
+    scalars = set(acc.Tags()["scalars"])
+    for tag in ("rqvae/recon", "rqvae/quant", "rqvae/usage_l0", "rqvae/perplexity_l3", "rqvae/collision_rate"):
+        assert tag in scalars, (tag, sorted(scalars))
+    assert "rqvae/code_map" in acc.Tags()["images"]
+
+
+def test_rerun_skips_and_force_recomputes(smoke_run) -> None:
+    cfg, _, art, cache = smoke_run
+    codes = tokenizer_dir(cfg) / "codes.parquet"
+    before = codes.stat().st_mtime_ns
+    run_module.run(smoke_cfg(art, cache))
+    assert codes.stat().st_mtime_ns == before
+    run_module.run(smoke_cfg(art, cache, "force=true", "tokenizer.max_epochs=2"))
+    assert codes.stat().st_mtime_ns != before
+
+
+def test_same_seed_same_codes(smoke_run, tmp_path) -> None:
+    _, _, _, cache = smoke_run
+    tables = []
+    for name in ("a", "b"):
+        cfg = smoke_cfg(tmp_path / name, cache, "tokenizer.max_epochs=5")
+        run_module.run(cfg)
+        tables.append(CodeTable.read_parquet(tokenizer_dir(cfg) / "codes.parquet"))
+    assert np.array_equal(tables[0].codes, tables[1].codes)
+
+
+def test_failed_stage_leaves_previous_codebook(smoke_run, tmp_path, monkeypatch) -> None:
+    import location_tokenizers.assign as assign
+
+    cfg, _, art, cache = smoke_run
+    out = tokenizer_dir(cfg)
+    before = (out / "codes.parquet").read_bytes()
+
+    def boom(*args, **kwargs):
+        raise KeyboardInterrupt("killed during code assignment")
+
+    monkeypatch.setattr(assign, "assign_codes", boom)
+    with pytest.raises(KeyboardInterrupt):
+        run_module.run(smoke_cfg(art, cache, "force=true", "tokenizer.max_epochs=1"))
+    assert (out / "codes.parquet").read_bytes() == before
+    assert not list(out.parent.glob(".tmp-tokenizer-*"))
+    # A first run that dies leaves no codebook at all.
+    fresh = smoke_cfg(tmp_path, cache, "tokenizer.max_epochs=1")
+    with pytest.raises(KeyboardInterrupt):
+        run_module.run(fresh)
+    assert not tokenizer_dir(fresh).exists()
+
+
+def test_module_logs_table_figures() -> None:
+    import lightning as L
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from lightning_modules.rqvae_module import RQVAEModule
+
+    torch.manual_seed(0)
+    centres = torch.randn(12, 32) * 3
+    x = centres[torch.randint(0, 12, (240,))] + 0.1 * torch.randn(240, 32)
+    module = RQVAEModule(in_dim=32, hidden_dims=[64], latent_dim=8, num_levels=3, codebook_size=8, reseed_every=2, lr=3e-3)
+    module.set_embeddings(x)
+    trainer = L.Trainer(max_epochs=4, logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
+    trainer.fit(module, DataLoader(TensorDataset(x), batch_size=64, shuffle=True))
+    logged = trainer.callback_metrics
+    for key in ("rqvae/recon", "rqvae/quant", "rqvae/usage_l0", "rqvae/perplexity_l2", "rqvae/collision_rate", "rqvae/score"):
+        assert key in logged, key
+    assert 0.0 <= float(logged["rqvae/collision_rate"]) <= 1.0
+    # k-means initialisation spreads 12 well separated clusters over the level-1 codes.
+    fresh = RQVAEModule(in_dim=32, hidden_dims=[64], latent_dim=8, num_levels=3, codebook_size=8)
+    fresh.set_embeddings(x)
+    before = fresh.table_figures()["rqvae/usage_l0"]
+    fresh.on_fit_start()
+    assert fresh.table_figures()["rqvae/usage_l0"] >= max(before, 6 / 8)
+
+
+def test_released_index_on_nyc(nyc_release, tmp_path) -> None:
+    cfg = compose_cfg(
+        ["experiment=nyc_qlora", "stage=tokenizer", "tokenizer=released", f"data.root={nyc_release}", f"paths.artifacts={tmp_path}"]
+    )
+    metrics = run_module.run(cfg)["tokenizer"]
+    assert metrics["collisions"] == 0
+    assert metrics["usage_per_level"] == [39, 110, 167, 256]
+    assert metrics["locations"] == 5_765
+    written = json.loads((tokenizer_dir(cfg) / "index.json").read_text())
+    released = json.loads((nyc_release / "index_Llama-3.2-1B-Instruct.json").read_text())
+    assert written == released
