@@ -15,7 +15,7 @@ import hydra
 from omegaconf import DictConfig, OmegaConf
 
 from datamodules.data_stage import run_data_stage
-from datamodules.errors import ConfigError, DataError
+from datamodules.errors import DataError
 from lightning_modules.llm import ModelUnavailableError
 from location_tokenizers.tokenizer_stage import run_tokenizer_stage
 
@@ -38,14 +38,6 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         ``{stage: result}`` for every stage that ran.
     """
     stage = str(cfg.stage)
-    accelerator = str(cfg.trainer.get("accelerator", "cpu"))
-    if accelerator in ("gpu", "cuda"):
-        import torch
-
-        if not torch.cuda.is_available():
-            raise ConfigError(
-                f"trainer.accelerator={accelerator} but this machine has no CUDA GPU; add trainer=cpu to run here"
-            )
     if stage != "all" and stage not in STAGES:
         raise DataError(f"stage={stage!r} is not one of: all, {', '.join(STAGES)}")
     names = list(STAGES) if stage == "all" else [stage]

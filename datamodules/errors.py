@@ -25,10 +25,6 @@ class DataError(Exception):
     """An input problem the user can fix; ``run.py`` prints it without a traceback."""
 
 
-class ConfigError(DataError):
-    """A configuration that cannot run here (e.g. a GPU trainer on a machine without one)."""
-
-
 @dataclass
 class Quarantine:
     """Collects malformed rows per input file and enforces the bad-row budget.
