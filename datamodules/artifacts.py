@@ -65,3 +65,22 @@ def write_json_atomic(path: str | Path, obj: Any) -> None:
 def fingerprint(obj: Any) -> str:
     """A short stable hash of a JSON-able config, to tell whether an artefact matches it."""
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def reusable(out: Path, result_file: str, files: tuple[str, ...], fp: str, force: bool) -> dict[str, Any] | None:
+    """The stored result of a stage whose artefacts match its config, else None.
+
+    Args:
+        out: The stage's folder.
+        result_file: The JSON written last (it carries the ``fingerprint``).
+        files: Every artefact that must exist.
+        fp: The current config's fingerprint.
+        force: Recompute regardless.
+    """
+    path = Path(out) / result_file
+    if force or not path.is_file():
+        return None
+    old = json.loads(path.read_text())
+    if old.get("fingerprint") == fp and all((Path(out) / f).is_file() for f in files):
+        return old
+    return None

@@ -9,7 +9,6 @@ Artefacts (written atomically as one folder):
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from pathlib import Path
@@ -18,7 +17,7 @@ from typing import Any
 import polars as pl
 from omegaconf import DictConfig, OmegaConf
 
-from datamodules.artifacts import atomic_dir, fingerprint, write_json_atomic
+from datamodules.artifacts import atomic_dir, fingerprint, reusable, write_json_atomic
 from datamodules.dataset import MobilityData, load_dataset, sample_config
 from datamodules.samples import build_sample_index, count_samples
 from datamodules.schema import SPLITS
@@ -66,23 +65,22 @@ def summarize(data: MobilityData, index: pl.DataFrame) -> dict[str, Any]:
     }
 
 
-def run_data_stage(cfg: DictConfig) -> dict[str, Any]:
+def run_data_stage(cfg: DictConfig, force: bool | None = None) -> dict[str, Any]:
     """Run (or skip, when its artefacts match the config) the data stage.
 
     Args:
         cfg: The composed run config.
+        force: Recompute even if the artefacts match (default: ``cfg.force``).
 
     Returns:
         The summary (also written to ``summary.json``).
     """
     out = data_dir(cfg)
     fp = data_fingerprint(cfg)
-    summary_path = out / "summary.json"
-    if summary_path.is_file() and not cfg.get("force", False):
-        old = json.loads(summary_path.read_text())
-        if old.get("fingerprint") == fp and all((out / f).is_file() for f in DATA_FILES):
-            log.info("data: artefacts in %s match the config; skipping (force=true recomputes)", out)
-            return old
+    force = bool(cfg.get("force", False)) if force is None else force
+    if (old := reusable(out, "summary.json", DATA_FILES, fp, force)) is not None:
+        log.info("data: artefacts in %s match the config; skipping (force=true recomputes)", out)
+        return old
     t0 = time.perf_counter()
     data = load_dataset(cfg.data)
     index = build_sample_index(data.checkins, data.locations.filter(pl.col("description").is_not_null())["loc_id"], sample_config(cfg.data))

@@ -16,7 +16,6 @@ later run would pick up):
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from pathlib import Path
@@ -27,7 +26,7 @@ import polars as pl
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from datamodules.artifacts import atomic_dir, fingerprint, write_json_atomic
+from datamodules.artifacts import atomic_dir, fingerprint, reusable, write_json_atomic
 from datamodules.data_stage import data_dir, data_fingerprint, run_data_stage
 from datamodules.errors import DataError
 from location_tokenizers.codes import CodeTable
@@ -162,15 +161,13 @@ def run_tokenizer_stage(cfg: DictConfig) -> dict[str, Any]:
     """Run (or skip, when its artefacts match the config) the tokenizer stage."""
     from location_tokenizers.embed import embed_texts
 
-    run_data_stage(cfg)
+    # The data it needs: reused when present (force applies to this stage, not again to data).
+    run_data_stage(cfg, force=False)
     out = tokenizer_dir(cfg)
     fp = tokenizer_fingerprint(cfg)
-    metrics_path = out / "metrics.json"
-    if metrics_path.is_file() and not cfg.get("force", False):
-        old = json.loads(metrics_path.read_text())
-        if old.get("fingerprint") == fp and all((out / f).is_file() for f in TOKENIZER_FILES):
-            log.info("tokenizer: artefacts in %s match the config; skipping (force=true recomputes)", out)
-            return old
+    if (old := reusable(out, "metrics.json", TOKENIZER_FILES, fp, bool(cfg.get("force", False)))) is not None:
+        log.info("tokenizer: artefacts in %s match the config; skipping (force=true recomputes)", out)
+        return old
     t0 = time.perf_counter()
     locations = pl.read_parquet(data_dir(cfg) / "locations.parquet")
     described = locations.filter(pl.col("description").is_not_null()).sort("loc_id")
