@@ -16,6 +16,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import time
 import uuid
 from pathlib import Path
 from typing import Any
@@ -83,6 +84,18 @@ def cache_key(embedder: str, llm_cfg: Any, max_length: int) -> str:
     return f"{embedder}-{name}-{max_length}"
 
 
+def _write_cache(path: Path, cached: dict[str, np.ndarray]) -> None:
+    """Write the whole cache atomically (temporary file + rename)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".tmp-{path.name}-{uuid.uuid4().hex[:8]}")
+    try:
+        keys = list(cached)
+        pl.DataFrame({"hash": keys, "vector": np.stack([cached[k] for k in keys]).astype(np.float32)}).write_parquet(tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
 def embed_texts(
     texts: list[str],
     embedder: str,
@@ -92,6 +105,7 @@ def embed_texts(
     max_length: int = 1024,
     seed: int = 0,
     progress: bool = True,
+    flush_seconds: float = 300.0,
 ) -> np.ndarray:
     """Embed texts, using and extending the on-disk cache.
 
@@ -104,6 +118,7 @@ def embed_texts(
         max_length: Token limit per text (longer texts are truncated).
         seed: Initialisation seed of a ``random`` LLM.
         progress: Show a progress bar.
+        flush_seconds: Save the cache at least this often during a long run.
 
     Returns:
         ``(len(texts), dim)`` float32.
@@ -121,24 +136,17 @@ def embed_texts(
     if todo:
         log.info("embedding %d descriptions with %s (%d cached)", len(todo), key, len(texts) - len(todo))
         encoder = _Encoder(embedder, llm_cfg, cache_dir, max_length, seed)
-        new_h, new_v = [], []
         bar = tqdm(total=len(todo), desc=f"embed [{key}]", disable=not progress, unit="text")
+        last_flush = time.monotonic()
         for i in range(0, len(todo), batch_size):
             chunk = todo[i : i + batch_size]
-            vectors = encoder([t for _, t in chunk])
-            new_h += [h for h, _ in chunk]
-            new_v += list(vectors)
+            cached.update(zip([h for h, _ in chunk], encoder([t for _, t in chunk])))
             bar.update(len(chunk))
+            # Long runs (hours for an LLM on a CPU) save progress every few minutes, so a killed
+            # run resumes where it stopped instead of starting over.
+            if time.monotonic() - last_flush > flush_seconds:
+                _write_cache(path, cached)
+                last_flush = time.monotonic()
         bar.close()
-        cached.update(zip(new_h, new_v))
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".tmp-{path.name}-{uuid.uuid4().hex[:8]}")
-        try:
-            keys = list(cached)
-            pl.DataFrame(
-                {"hash": keys, "vector": np.stack([cached[k] for k in keys]).astype(np.float32)}
-            ).write_parquet(tmp)
-            os.replace(tmp, path)
-        finally:
-            tmp.unlink(missing_ok=True)
+        _write_cache(path, cached)
     return np.stack([cached[h] for h in hashes]).astype(np.float32)

@@ -46,3 +46,31 @@ def test_llm_mean_pooling_and_cache(model_cache, monkeypatch) -> None:
 def test_unknown_embedder(tmp_path) -> None:
     with pytest.raises(ValueError, match="embedder"):
         embed.embed_texts(["x"], "word2vec", None, tmp_path, progress=False)
+
+
+def test_interrupted_run_keeps_its_progress(tmp_path, monkeypatch) -> None:
+    """A killed embedding run (hours for an LLM on a CPU) resumes where it stopped."""
+    embedded: list[str] = []
+    fail_after = {"batches": 1}
+
+    class Flaky:
+        def __init__(self, *args, **kwargs) -> None:
+            pass
+
+        def __call__(self, texts: list[str]) -> np.ndarray:
+            if fail_after["batches"] == 0:
+                raise RuntimeError("killed")
+            fail_after["batches"] -= 1
+            embedded.extend(texts)
+            return np.ones((len(texts), 4), dtype=np.float32)
+
+    monkeypatch.setattr(embed, "_Encoder", Flaky)
+    texts = [f"text {i}" for i in range(4)]
+    with pytest.raises(RuntimeError, match="killed"):
+        embed.embed_texts(texts, "minilm", None, tmp_path, batch_size=2, flush_seconds=0, progress=False)
+    assert len(embedded) == 2
+    fail_after["batches"] = 10
+    vectors = embed.embed_texts(texts, "minilm", None, tmp_path, batch_size=2, flush_seconds=0, progress=False)
+    # Only the two texts not saved before the kill were embedded again.
+    assert len(embedded) == 4 and sorted(embedded) == sorted(texts)
+    assert vectors.shape == (4, 4)
