@@ -292,23 +292,29 @@ def test_fuzz_tsmc_tolerant_budget(f: RawFile) -> None:
         check_raw_result(df, q, path, f, 8)
 
 
+def check_default_budget(reader, path: Path, f: RawFile, n_fields: int) -> None:
+    """With the default 1 % budget: a clean read of a flawless file, or a DataError naming the file
+    (listing its first bad lines when it has data). Files hold at most 30 rows, so one bad row is
+    already more than 1 %."""
+    q = Quarantine()
+    try:
+        df = reader(path, q)
+    except DataError as exc:
+        assert str(path) in str(exc)
+        if f.data_lines():
+            assert_budget_error_lists_first_lines(str(exc), path, reader)
+        return
+    assert q.count() == 0 and not f.numbers(BAD)
+    check_raw_result(df, q, path, f, n_fields)
+
+
 @FUZZ
 @given(f=raw_file(tsmc_line()))
 def test_fuzz_tsmc_default_budget(f: RawFile) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "dataset_TSMC2014_NYC.txt"
         path.write_bytes(f.render())
-        q = Quarantine()
-        try:
-            df = read_tsmc(path, q)
-        except DataError as exc:
-            assert str(path) in str(exc)
-            if f.data_lines():
-                assert_budget_error_lists_first_lines(str(exc), path, read_tsmc)
-            return
-        # Up to 30 rows: one bad row is already more than 1 %.
-        assert q.count() == 0 and not f.numbers(BAD)
-        check_raw_result(df, q, path, f, 8)
+        check_default_budget(read_tsmc, path, f, 8)
 
 
 # ---- Gowalla --------------------------------------------------------------------------------------
@@ -362,16 +368,7 @@ def test_fuzz_gowalla_default_budget(f: RawFile) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "g.txt"
         path.write_bytes(f.render())
-        q = Quarantine()
-        try:
-            df = read_gowalla(path, q)
-        except DataError as exc:
-            assert str(path) in str(exc)
-            if f.data_lines():
-                assert_budget_error_lists_first_lines(str(exc), path, read_gowalla)
-            return
-        assert q.count() == 0 and not f.numbers(BAD)
-        check_raw_result(df, q, path, f, 5)
+        check_default_budget(read_gowalla, path, f, 5)
 
 
 @FUZZ
