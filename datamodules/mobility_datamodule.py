@@ -92,6 +92,89 @@ class TaskMixtureSampler(Sampler[int]):
             cursor[t] += 1
 
 
+class EncodedDataset(Dataset):
+    """Tokenised samples: item ``i`` is ``(ids, prompt_len, i, task)`` for a :class:`ChatEncoder` collate."""
+
+    def __init__(self, encoded: Any) -> None:
+        self.encoded = encoded
+
+    def __len__(self) -> int:
+        return len(self.encoded)
+
+    def __getitem__(self, i: int) -> tuple[np.ndarray, int, int, str]:
+        ids, plen = self.encoded.sample(i)
+        return ids, plen, i, str(self.encoded.task[i])
+
+
+class LengthGroupedBatchSampler(Sampler[list[int]]):
+    """Batches of similar length, so that padding stays small, in an order that is still random.
+
+    Each epoch takes the index order of ``sampler`` (e.g. the task mixture), cuts it into groups of
+    ``group_batches`` batches, sorts each group by length, splits it into batches and shuffles the
+    batches. Task proportions are those of ``sampler``; only the grouping changes.
+
+    With several processes (DDP), each rank takes every ``world_size``-th batch; the batch count is
+    rounded down to a multiple of ``world_size`` so that all ranks step together.
+
+    ``skip`` batches at the start of the next epoch are skipped once: used when a run resumes
+    from a mid-epoch checkpoint, so that it continues where it stopped instead of re-training the
+    epoch's first batches.
+
+    Args:
+        sampler: Yields sample indices (``TaskMixtureSampler`` for training, a range for evaluation).
+        lengths: Tokens of every sample.
+        batch_size: Samples per batch.
+        group_batches: Batches per sorting group (larger: less padding, less randomness).
+        shuffle: Shuffle the batches (training); otherwise batches come longest first.
+        seed: Base seed (the epoch is added).
+        rank: This process's rank.
+        world_size: Number of processes.
+    """
+
+    def __init__(
+        self, sampler: Sampler[int] | Sequence[int], lengths: np.ndarray, batch_size: int, group_batches: int = 64,
+        shuffle: bool = True, seed: int = 0, rank: int = 0, world_size: int = 1,
+    ) -> None:
+        self.sampler = sampler
+        self.lengths = np.asarray(lengths)
+        self.batch_size = int(batch_size)
+        self.group_batches = int(group_batches)
+        self.shuffle = shuffle
+        self.seed = seed
+        self.rank, self.world_size = int(rank), int(world_size)
+        self.epoch = 0
+        self.skip = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        """Called by Lightning before each epoch; passed on to the index sampler."""
+        self.epoch = epoch
+        if hasattr(self.sampler, "set_epoch"):
+            self.sampler.set_epoch(epoch)
+
+    def _all_batches(self) -> list[list[int]]:
+        order = np.fromiter(iter(self.sampler), dtype=np.int64)
+        group = self.batch_size * self.group_batches
+        batches: list[list[int]] = []
+        for start in range(0, len(order), group):
+            chunk = order[start : start + group]
+            chunk = chunk[np.argsort(-self.lengths[chunk], kind="stable")]
+            batches.extend(chunk[i : i + self.batch_size].tolist() for i in range(0, len(chunk), self.batch_size))
+        if self.shuffle:
+            rng = np.random.default_rng([self.seed, self.epoch, 7])
+            batches = [batches[i] for i in rng.permutation(len(batches))]
+        usable = len(batches) - len(batches) % self.world_size
+        return batches[:usable]
+
+    def __len__(self) -> int:
+        n = -(-len(self.sampler) // self.batch_size)  # ceil; exact except for short groups
+        return n // self.world_size
+
+    def __iter__(self) -> Iterator[list[int]]:
+        mine = self._all_batches()[self.rank :: self.world_size]
+        skip, self.skip = self.skip, 0
+        yield from mine[skip:]
+
+
 class MobilityDataModule(L.LightningDataModule):
     """Location table and mixed-task samples of one dataset.
 
@@ -106,6 +189,11 @@ class MobilityDataModule(L.LightningDataModule):
         collate_fn: Turns a list of sample dicts into a batch (the alignment module's tokenizer).
         sample_cfg: Rendering settings (profiles on/off).
         seed: Seed of the training sampler.
+        encoder: A :class:`~lightning_modules.chat_encoding.ChatEncoder`. With it, loaders serve
+            tokenised samples in length-grouped batches collated by ``encoder.collate``.
+        eval_per_task: Validation/test samples kept per task (None: all), the first ones of a
+            seeded shuffle, so that per-epoch validation stays affordable and always uses the same set.
+        group_batches: Batches per length-sorting group (see :class:`LengthGroupedBatchSampler`).
     """
 
     def __init__(
@@ -119,6 +207,9 @@ class MobilityDataModule(L.LightningDataModule):
         collate_fn: Callable[[list[dict[str, Any]]], Any] | None = None,
         sample_cfg: SampleConfig = SampleConfig(),
         seed: int = 0,
+        encoder: Any | None = None,
+        eval_per_task: int | None = None,
+        group_batches: int = 64,
     ) -> None:
         super().__init__()
         self.data_dir = Path(data_dir)
@@ -133,7 +224,12 @@ class MobilityDataModule(L.LightningDataModule):
         self.collate_fn = collate_fn or (lambda batch: batch)
         self.sample_cfg = sample_cfg
         self.seed = seed
+        self.encoder = encoder
+        self.eval_per_task = eval_per_task
+        self.group_batches = group_batches
         self._samples: dict[str, pl.DataFrame] = {}
+        self._encoded: dict[str, Any] = {}
+        self.train_batch_sampler: LengthGroupedBatchSampler | None = None
 
     # -- tables -------------------------------------------------------------------------------
     def _read(self, name: str) -> pl.DataFrame:
@@ -163,21 +259,55 @@ class MobilityDataModule(L.LightningDataModule):
                 raise DataError("samples need location codes: pass codes= (run the tokenizer stage first)")
             self.setup()
             index = self.index.filter((pl.col("split") == split) & pl.col("task").is_in(list(self.tasks)))
-            self._samples[split] = render_samples(
-                index, self.checkins, self.codes, self.locations, self.profiles, self.sample_cfg
-            )
+            samples = render_samples(index, self.checkins, self.codes, self.locations, self.profiles, self.sample_cfg)
+            if split != "train" and self.eval_per_task is not None:
+                samples = (
+                    samples.with_columns(_r=pl.int_range(pl.len()).shuffle(seed=self.seed).over("task"))
+                    .filter(pl.col("_r") < self.eval_per_task).drop("_r")
+                )
+            self._samples[split] = samples
         return self._samples[split]
+
+    def encoded(self, split: str) -> Any:
+        """Tokenised samples of one split (needs ``encoder``; cached)."""
+        if self.encoder is None:
+            raise DataError("encoded samples need an encoder (the alignment stage's ChatEncoder)")
+        if split not in self._encoded:
+            self._encoded[split] = self.encoder.encode(self.samples(split))
+        return self._encoded[split]
+
+    def _rank(self) -> tuple[int, int]:
+        trainer = getattr(self, "trainer", None)
+        return (int(trainer.global_rank), int(trainer.world_size)) if trainer is not None else (0, 1)
 
     # -- loaders ------------------------------------------------------------------------------
     def train_dataloader(self) -> DataLoader:
         samples = self.samples("train")
         sampler = TaskMixtureSampler(samples["task"].to_list(), self.weights, seed=self.seed)
+        if self.encoder is not None:
+            rank, world = self._rank()
+            self.train_batch_sampler = LengthGroupedBatchSampler(
+                sampler, self.encoded("train").lengths, self.batch_size, self.group_batches,
+                shuffle=True, seed=self.seed, rank=rank, world_size=world,
+            )
+            return DataLoader(
+                EncodedDataset(self.encoded("train")), batch_sampler=self.train_batch_sampler,
+                num_workers=self.num_workers, collate_fn=self.encoder.collate,
+            )
         return DataLoader(
             SampleDataset(samples), batch_size=self.batch_size, sampler=sampler,
             num_workers=self.num_workers, collate_fn=self.collate_fn,
         )
 
     def _eval_loader(self, split: str) -> DataLoader:
+        if self.encoder is not None:
+            encoded = self.encoded(split)
+            rank, world = self._rank()
+            batches = LengthGroupedBatchSampler(
+                range(len(encoded)), encoded.lengths, self.batch_size, group_batches=len(encoded) + 1,
+                shuffle=False, rank=rank, world_size=world,
+            )
+            return DataLoader(EncodedDataset(encoded), batch_sampler=batches, num_workers=self.num_workers, collate_fn=self.encoder.collate)
         return DataLoader(
             SampleDataset(self.samples(split)), batch_size=self.batch_size, shuffle=False,
             num_workers=self.num_workers, collate_fn=self.collate_fn,
@@ -201,4 +331,4 @@ def default_codes(locations: pl.DataFrame) -> pl.DataFrame:
     return locations.select("loc_id", code=pl.format("<loc_{}>", "loc_id"))
 
 
-__all__ = ["MobilityDataModule", "SampleDataset", "TaskMixtureSampler", "default_codes"]
+__all__ = ["EncodedDataset", "LengthGroupedBatchSampler", "MobilityDataModule", "SampleDataset", "TaskMixtureSampler", "default_codes"]

@@ -152,6 +152,110 @@ def load_tokenizer(llm_cfg: Any, cache_dir: str | Path):
     return tok
 
 
+def random_model_dir(llm_cfg: Any, cache_dir: str | Path, vocab_size: int, seed: int = 0) -> Path:
+    """Save the ``random`` model once as a plain HF folder (keyed by its config and seed), so that it
+    loads through ``from_pretrained`` like every other model: quantisation included."""
+    from datamodules.artifacts import fingerprint
+
+    spec = {k: _get(llm_cfg, k) for k in ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                                          "num_key_value_heads", "max_position_embeddings")}
+    target = Path(cache_dir) / "models" / f"{_get(llm_cfg, 'name')}-{fingerprint([spec, vocab_size, seed])}"
+    if (target / "config.json").is_file():
+        return target
+    model = load_model(llm_cfg, cache_dir, vocab_size=vocab_size, seed=seed, dtype=torch.float32)
+    tmp = target.parent / f".tmp-{target.name}-{uuid.uuid4().hex[:8]}"
+    try:
+        model.save_pretrained(tmp)
+        if not target.exists():
+            os.replace(tmp, target)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+def quantization_config(kind: str, compute_dtype: torch.dtype):
+    """``BitsAndBytesConfig`` for ``nf4`` (QLoRA: NF4 + double quantisation), ``int8``, or None for ``none``."""
+    if kind in ("none", None):
+        return None
+    from transformers import BitsAndBytesConfig
+
+    if kind == "nf4":
+        return BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=compute_dtype
+        )
+    if kind == "int8":
+        return BitsAndBytesConfig(load_in_8bit=True)
+    raise ValueError(f"align.quantization={kind!r}; choose nf4, int8 or none")
+
+
+def build_peft_model(llm_cfg: Any, align_cfg: Any, cache_dir: str | Path, new_tokens: list[str], seed: int = 0):
+    """The configured LLM with location tokens added and LoRA adapters attached.
+
+    Steps: load (quantised per ``align.quantization``) → add ``new_tokens`` to the tokenizer →
+    resize the embeddings → ``prepare_model_for_kbit_training`` when quantised → LoRA on
+    ``align.lora.target_modules``; the new rows train either as whole ``embed_tokens``/``lm_head``
+    copies (``align.new_tokens=modules``, the paper's ``modules_to_save``) or as the new rows only
+    (``rows``, peft's ``trainable_token_indices``: a few MB instead of two vocab-sized matrices).
+
+    Returns:
+        ``(peft_model, tokenizer, info)``; ``info`` has the base model path, the ids of the new
+        tokens and the trainable parameter count.
+    """
+    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+    from transformers import AutoModelForCausalLM
+
+    tokenizer = load_tokenizer(llm_cfg, cache_dir)
+    base_vocab = len(tokenizer)
+    if _get(llm_cfg, "source") == "random":
+        path = str(random_model_dir(llm_cfg, cache_dir, vocab_size=base_vocab, seed=seed))
+    else:
+        path = model_path(llm_cfg, cache_dir)
+    compute_dtype = _DTYPES[str(_get(align_cfg, "compute_dtype", "float32"))]
+    quant = str(_get(align_cfg, "quantization", "none"))
+    kwargs: dict[str, Any] = {}
+    if (qc := quantization_config(quant, compute_dtype)) is not None:
+        kwargs["quantization_config"] = qc
+    # Master weights in float32 unless asked otherwise: LoRA/optimizer state must not be bf16.
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=_DTYPES[str(_get(align_cfg, "dtype", "float32"))], **kwargs)
+    added = tokenizer.add_tokens(list(new_tokens), special_tokens=False)
+    new_ids = tokenizer.convert_tokens_to_ids(list(new_tokens))
+    if added:
+        # mean_resizing: new rows drawn around the old embeddings' mean, so they start "in distribution".
+        # Seeded: a resumed run (whose checkpoint holds only trainable deltas) must rebuild the same rows.
+        with torch.random.fork_rng():
+            torch.manual_seed(seed)
+            model.resize_token_embeddings(len(tokenizer), mean_resizing=bool(_get(align_cfg, "mean_resizing", True)))
+    checkpointing = bool(_get(align_cfg, "gradient_checkpointing", False))
+    if quant != "none":
+        model = prepare_model_for_kbit_training(
+            model, use_gradient_checkpointing=checkpointing, gradient_checkpointing_kwargs={"use_reentrant": False}
+        )
+    elif checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.enable_input_require_grads()
+    if checkpointing:
+        model.config.use_cache = False
+    lora = _get(align_cfg, "lora")
+    lora_kwargs: dict[str, Any] = dict(
+        r=int(_get(lora, "r")), lora_alpha=int(_get(lora, "alpha")), lora_dropout=float(_get(lora, "dropout", 0.0)),
+        target_modules=list(_get(lora, "target_modules")), task_type="CAUSAL_LM",
+    )
+    mode = str(_get(align_cfg, "new_tokens", "modules"))
+    if mode == "modules":
+        lora_kwargs["modules_to_save"] = ["embed_tokens", "lm_head"]
+    elif mode == "rows":
+        lora_kwargs["trainable_token_indices"] = {"embed_tokens": sorted(set(new_ids))}
+    elif mode != "frozen":
+        raise ValueError(f"align.new_tokens={mode!r}; choose modules, rows or frozen")
+    peft_model = get_peft_model(model, LoraConfig(**lora_kwargs))
+    trainable = sum(p.numel() for p in peft_model.parameters() if p.requires_grad)
+    info = {"base_model": path, "base_vocab": base_vocab, "new_token_ids": new_ids, "trainable_params": int(trainable),
+            "quantization": quant, "new_tokens_mode": mode}
+    log.info("LLM %s (%s, new tokens: %s): %d new tokens, %d trainable parameters",
+             _get(llm_cfg, "name"), quant, mode, added, trainable)
+    return peft_model, tokenizer, info
+
+
 def load_model(llm_cfg: Any, cache_dir: str | Path, vocab_size: int | None = None, seed: int = 0, **kwargs: Any):
     """The configured causal LM (unquantised; quantisation is the alignment stage's business).
 

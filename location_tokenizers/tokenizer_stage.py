@@ -157,15 +157,22 @@ def _train_rqvae(cfg: DictConfig, embeddings: np.ndarray, out: Path) -> tuple[Co
     return codes, figures, logger
 
 
-def run_tokenizer_stage(cfg: DictConfig) -> dict[str, Any]:
-    """Run (or skip, when its artefacts match the config) the tokenizer stage."""
+def run_tokenizer_stage(cfg: DictConfig, force: bool | None = None) -> dict[str, Any]:
+    """Run (or skip, when its artefacts match the config) the tokenizer stage.
+
+    Args:
+        cfg: The composed config.
+        force: Recompute even when the artefacts match (default: ``cfg.force``). Later stages
+            pass False: ``force`` applies to the stage that was asked for.
+    """
+    force = bool(cfg.get("force", False)) if force is None else force
     from location_tokenizers.embed import embed_texts
 
     # The data it needs: reused when present (force applies to this stage, not again to data).
     run_data_stage(cfg, force=False)
     out = tokenizer_dir(cfg)
     fp = tokenizer_fingerprint(cfg)
-    if (old := reusable(out, "metrics.json", TOKENIZER_FILES, fp, bool(cfg.get("force", False)))) is not None:
+    if (old := reusable(out, "metrics.json", TOKENIZER_FILES, fp, force)) is not None:
         log.info("tokenizer: artefacts in %s match the config; skipping (force=true recomputes)", out)
         return old
     t0 = time.perf_counter()

@@ -22,13 +22,13 @@ def test_experiment_composes(experiment: str, tmp_path) -> None:
     cfg = compose_cfg([f"experiment={experiment}", "data.root=/some/where", f"paths.artifacts={tmp_path}"])
     # Resolving everything proves no interpolation is broken and nothing required is left unset.
     container = OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)
-    for group in ("data", "llm", "tokenizer", "objectives", "trainer", "logger", "paths"):
+    for group in ("data", "llm", "tokenizer", "objectives", "align", "eval", "trainer", "logger", "paths"):
         assert group in container, group
     assert container["run_name"] == experiment
     assert container["data"]["root"] == "/some/where"
 
 
-@pytest.mark.parametrize("group", ["data", "llm", "tokenizer", "objectives", "trainer", "logger"])
+@pytest.mark.parametrize("group", ["data", "llm", "tokenizer", "objectives", "align", "eval", "trainer", "logger"])
 def test_every_group_option_composes(group: str) -> None:
     options = sorted(p.stem for p in (CONFIG_DIR / group).glob("*.yaml") if not p.stem.startswith("_"))
     assert options, group

@@ -1,0 +1,97 @@
+"""Seconds per training step and peak memory of the alignment step on this machine.
+
+SmolLM2-135M, batch 8 x 256 tokens (random ids; the last 32 of each row labelled, about a
+next-location answer plus some), LoRA r=128/alpha=256 on q,k,v,o, AdamW. Each setting runs in its own
+process so that its peak RSS is its own; settings run one after another in one invocation, so
+their ratios are comparable even when the machine's absolute speed drifts.
+
+    .venv/bin/python benchmarks/bench_align.py [--steps 3] [--llm smollm2_135m] [--only NAME]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+SETTINGS = {
+    # name: (align overrides, autocast bf16)
+    "fp32 LoRA": (["align.quantization=none", "align.gradient_checkpointing=false"], False),
+    "bf16-autocast LoRA": (["align.quantization=none", "align.gradient_checkpointing=false"], True),
+    "NF4 QLoRA + checkpointing": (["align.quantization=nf4", "align.gradient_checkpointing=true"], False),
+    "NF4 QLoRA + checkpointing, bf16 compute": (
+        ["align.quantization=nf4", "align.gradient_checkpointing=true", "align.compute_dtype=bfloat16"], True),
+}
+
+
+def one(name: str, steps: int, llm: str, new_tokens: str) -> dict:
+    import torch
+
+    from lightning_modules.alignment_module import AlignmentModule
+    from lightning_modules.llm import build_peft_model
+    from location_tokenizers.codes import all_code_tokens
+    from tests.conftest import compose_cfg
+
+    overrides, autocast = SETTINGS[name]
+    cfg = compose_cfg([f"llm={llm}", f"align.new_tokens={new_tokens}", *overrides])
+    torch.manual_seed(0)
+    model, tok, info = build_peft_model(cfg.llm, cfg.align, cfg.paths.cache, all_code_tokens(4, 64), seed=0)
+    module = AlignmentModule(model, tasks=["next"])
+    model.train()
+    ids = torch.randint(0, len(tok), (8, 256))
+    labels = torch.full_like(ids, -100)
+    labels[:, -32:] = ids[:, -32:]
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels, "task": ["next"] * 8}
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+    times = []
+    for _ in range(steps + 1):  # the first step warms up allocators and kernels
+        t0 = time.perf_counter()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            loss = module.model_step(batch)["loss"]
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        times.append(time.perf_counter() - t0)
+    return {
+        "setting": name, "new_tokens": new_tokens, "s_per_step": round(sorted(times[1:])[len(times[1:]) // 2], 2),
+        "peak_rss_gb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2),
+        "trainable_params": info["trainable_params"], "loss": round(float(loss), 3),
+    }
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--steps", type=int, default=3)
+    ap.add_argument("--llm", default="smollm2_135m")
+    ap.add_argument("--new-tokens", default="modules", choices=["modules", "rows"])
+    ap.add_argument("--only")
+    ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.child:
+        print(json.dumps(one(args.only, args.steps, args.llm, args.new_tokens)))
+        return
+    rows = []
+    for name in [args.only] if args.only else SETTINGS:
+        cmd = [sys.executable, __file__, "--child", "--only", name, "--steps", str(args.steps), "--llm", args.llm,
+               "--new-tokens", args.new_tokens]
+        out = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO)
+        if out.returncode:
+            print(out.stderr[-3000:], file=sys.stderr)
+            raise SystemExit(f"{name} failed")
+        rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
+        print(json.dumps(rows[-1]), flush=True)
+    print(f"\n{args.llm}, batch 8 x 256, LoRA r=128 on q,k,v,o, new tokens: {args.new_tokens}")
+    print("| setting | s/step | peak RSS (GB) | trainable params |\n|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['setting']} | {r['s_per_step']} | {r['peak_rss_gb']} | {r['trainable_params']:,} |")
+
+
+if __name__ == "__main__":
+    main()

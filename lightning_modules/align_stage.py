@@ -1,0 +1,253 @@
+"""``stage=align``: (Q)LoRA alignment of the LLM with the location tokens.
+
+Folder ``<paths.artifacts>/<data.name>/<run_name>/`` (beside ``tb/``, the TensorBoard logs):
+
+* ``checkpoints/last.ckpt`` — trainable parameters + optimizer state, written every
+  ``align.checkpoint_every_n_steps`` steps and at each epoch end; a rerun of the same config
+  resumes from it (a different config never does: ``checkpoints/fingerprint`` must match);
+* ``model/`` — written atomically at the end: the adapter (``save_pretrained``), the tokenizer
+  with the location tokens, the code table (``codes.parquet``, ``index.json``) and
+  ``qtmob.json`` (base model, chat layout). Plain transformers + peft reload it (README);
+* ``align.json`` — fingerprint, losses, steps, seconds, throughput, peak memory.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import resource
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+import polars as pl
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from datamodules.artifacts import atomic_dir, fingerprint, reusable, write_json_atomic
+from datamodules.data_stage import data_dir, data_fingerprint, run_data_stage
+from datamodules.dataset import sample_config
+from datamodules.samples import SYSTEM_PROMPT
+from location_tokenizers.codes import CodeTable, all_code_tokens
+from location_tokenizers.tokenizer_stage import load_codes, run_tokenizer_stage, tokenizer_fingerprint
+
+log = logging.getLogger(__name__)
+
+ALIGN_FILES = ("model/adapter_config.json", "model/tokenizer_config.json", "model/codes.parquet", "model/qtmob.json")
+
+
+def run_dir(cfg: DictConfig) -> Path:
+    """``<paths.artifacts>/<data.name>/<run_name>``."""
+    return Path(cfg.paths.artifacts) / str(cfg.data.name) / str(cfg.run_name)
+
+
+def align_fingerprint(cfg: DictConfig) -> str:
+    """Everything that determines the aligned model."""
+    part = lambda node: OmegaConf.to_container(node, resolve=True)  # noqa: E731
+    trainer = {k: cfg.trainer.get(k) for k in ("max_epochs", "max_steps", "precision", "accumulate_grad_batches", "gradient_clip_val")}
+    return fingerprint({
+        "data": data_fingerprint(cfg), "tokenizer": tokenizer_fingerprint(cfg), "llm": part(cfg.llm),
+        "align": {k: v for k, v in part(cfg.align).items() if k not in ("num_workers", "num_generations")},
+        "objectives": part(cfg.objectives), "trainer": trainer, "seed": int(cfg.seed),
+    })
+
+
+def greedy_generate(model: torch.nn.Module, encoder: Any, prompts: list[str], max_new_tokens: int = 48) -> list[str]:
+    """Unconstrained greedy continuations of chat-formatted prompts (for the TensorBoard samples)."""
+    was_training = model.training
+    model.eval()
+    try:
+        batch = encoder.prompt_batch(prompts, device=next(model.parameters()).device)
+        with torch.no_grad():
+            out = model.generate(
+                **batch, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=encoder.pad_id,
+                eos_token_id=encoder.tokenizer.convert_tokens_to_ids(encoder.end) if encoder.end else None,
+            )
+        new = out[:, batch["input_ids"].shape[1] :]
+        return [encoder.tokenizer.decode(row, skip_special_tokens=False).replace(encoder.tokenizer.pad_token, "") for row in new]
+    finally:
+        model.train(was_training)
+
+
+def next_location_evaluator(cfg: DictConfig, dm: Any, encoder: Any, tokenizer: Any, model: Any, table: CodeTable):
+    """``val/acc@1`` (and acc@5) of next-location prediction with constrained beam search on a fixed
+    set of ``eval.val_cases`` validation samples; None when there are none."""
+    from lightning_modules.evaluation import rank_prompts, score
+    from location_tokenizers.trie import CodeTrie
+
+    n = int(cfg.eval.get("val_cases", 0) or 0)
+    if n <= 0 or "next" not in cfg.objectives.tasks:
+        return None
+    valid = dm.samples("valid").filter((pl.col("task") == "next") & pl.col("target_loc").is_not_null()).head(n)
+    if valid.is_empty():
+        return None
+    prompts = encoder.prompt_texts(valid)
+    target = valid["target_loc"].to_numpy()
+    trie = CodeTrie(table, tokenizer, vocab_size=int(model.config.vocab_size))
+    beams = int(cfg.eval.get("val_beams", 5))
+
+    def evaluate(m: torch.nn.Module) -> dict[str, float]:
+        was_training = m.training
+        m.eval()
+        try:
+            locs, _ = rank_prompts(m, encoder, trie.to(next(m.parameters()).device), prompts, beams, int(cfg.eval.batch_size))
+        finally:
+            m.train(was_training)
+        metrics = score(locs, target, beams)
+        return {"acc@1": metrics["acc@1"], "acc@5": metrics["acc@5"]} if beams >= 5 else {"acc@1": metrics["acc@1"]}
+
+    return evaluate
+
+
+def save_aligned(folder: Path, model: Any, tokenizer: Any, table: CodeTable, info: dict[str, Any], encoder: Any) -> None:
+    """Adapter + tokenizer + code table + ``qtmob.json`` in one folder."""
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    table.write_parquet(folder / "codes.parquet")
+    table.to_index_json(folder / "index.json")
+    meta = {
+        **{k: v for k, v in info.items() if k != "new_token_ids"},
+        "vocab_size": len(tokenizer),
+        "system_prompt": encoder.system_prompt,
+        "chat": {"head": encoder.head, "tail": encoder.tail, "end": encoder.end},
+    }
+    (folder / "qtmob.json").write_text(json.dumps(meta, indent=2) + "\n")
+
+
+def load_aligned(folder: str | Path, base_model: str | None = None, **kwargs: Any) -> tuple[Any, Any, dict[str, Any]]:
+    """Reload an aligned model with plain transformers + peft: base → resize → adapter.
+
+    Args:
+        folder: The stage's ``model/`` folder.
+        base_model: Base model folder or hub id (default: the one recorded in ``qtmob.json``).
+        **kwargs: Passed to the base model's ``from_pretrained`` (``dtype``, ``quantization_config``).
+    """
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    folder = Path(folder)
+    meta = json.loads((folder / "qtmob.json").read_text())
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    base = AutoModelForCausalLM.from_pretrained(base_model or meta["base_model"], **kwargs)
+    base.resize_token_embeddings(len(tokenizer), mean_resizing=False)
+    return PeftModel.from_pretrained(base, folder), tokenizer, meta
+
+
+def _peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def build_alignment(cfg: DictConfig, table: CodeTable | None = None) -> dict[str, Any]:
+    """Model, tokenizer, encoder, data module and LightningModule of the configured alignment run.
+
+    Shared by the stage, the tests and the benchmarks, so that they exercise the same objects.
+    """
+    from datamodules.mobility_datamodule import MobilityDataModule
+    from lightning_modules.alignment_module import AlignmentModule
+    from lightning_modules.chat_encoding import ChatEncoder
+    from lightning_modules.llm import build_peft_model
+
+    a = cfg.align
+    table = load_codes(cfg) if table is None else table
+    tokens = all_code_tokens(table.num_levels, table.codebook_size)
+    model, tokenizer, info = build_peft_model(cfg.llm, a, cfg.paths.cache, tokens, seed=int(cfg.seed))
+    encoder = ChatEncoder(tokenizer, SYSTEM_PROMPT, max_length=int(a.max_length))
+    weights = cfg.objectives.get("weights")
+    dm = MobilityDataModule(
+        data_dir(cfg), codes=table.strings(), tasks=list(cfg.objectives.tasks),
+        weights=OmegaConf.to_container(weights) if weights else None, batch_size=int(a.batch_size),
+        num_workers=int(a.get("num_workers", 0)), sample_cfg=sample_config(cfg.data), seed=int(cfg.seed),
+        encoder=encoder, eval_per_task=a.get("eval_per_task"), group_batches=int(a.get("group_batches", 64)),
+    )
+    n_gen = int(a.get("num_generations", 0))
+    prompts: list[tuple[str, str]] = []
+    if n_gen:
+        valid = dm.samples("valid")
+        picked = valid.filter(pl.col("task") == "next").head(n_gen) if "next" in valid["task"] else valid.head(n_gen)
+        prompts = list(zip(encoder.prompt_texts(picked), picked["target"].to_list()))
+    module = AlignmentModule(
+        model, tasks=list(cfg.objectives.tasks), lr=float(a.lr), weight_decay=float(a.weight_decay),
+        warmup_ratio=float(a.warmup_ratio), min_lr_ratio=float(a.get("min_lr_ratio", 0.0)),
+        generation_prompts=prompts, generation_fn=lambda m, p: greedy_generate(m, encoder, p),
+        evaluator=next_location_evaluator(cfg, dm, encoder, tokenizer, model, table),
+    )
+    return {"model": model, "tokenizer": tokenizer, "info": info, "encoder": encoder, "datamodule": dm,
+            "module": module, "table": table}
+
+
+def make_trainer(cfg: DictConfig, out: Path, **overrides: Any):
+    """The Lightning Trainer of the alignment stage (TensorBoard, LR monitor, resumable last.ckpt)."""
+    import lightning as L
+    from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
+    from lightning.pytorch.loggers import TensorBoardLogger
+
+    t = cfg.trainer
+    logger = TensorBoardLogger(save_dir=str(cfg.logger.save_dir), name="align", default_hp_metric=False)
+    checkpoint = ModelCheckpoint(
+        dirpath=out / "checkpoints", save_last=True, save_top_k=0,
+        every_n_train_steps=int(cfg.align.get("checkpoint_every_n_steps", 50)) or None, save_on_train_epoch_end=True,
+    )
+    kwargs: dict[str, Any] = dict(
+        accelerator=str(t.accelerator), devices=t.devices, precision=t.precision, max_epochs=int(t.max_epochs),
+        max_steps=int(t.max_steps), accumulate_grad_batches=int(t.accumulate_grad_batches),
+        gradient_clip_val=t.gradient_clip_val, log_every_n_steps=int(t.log_every_n_steps),
+        val_check_interval=t.val_check_interval, logger=logger,
+        callbacks=[checkpoint, LearningRateMonitor(logging_interval="step")],
+        enable_model_summary=False, num_sanity_val_steps=0, deterministic=False,
+        limit_val_batches=t.get("limit_val_batches", 1.0),
+    )
+    kwargs.update(overrides)
+    return L.Trainer(**kwargs)
+
+
+def run_align_stage(cfg: DictConfig, force: bool | None = None) -> dict[str, Any]:
+    """Run (or skip, or resume) the alignment stage."""
+    import lightning as L
+
+    force = bool(cfg.get("force", False)) if force is None else force
+    run_data_stage(cfg, force=False)
+    run_tokenizer_stage(cfg, force=False)
+    out = run_dir(cfg)
+    fp = align_fingerprint(cfg)
+    if (old := reusable(out, "align.json", ALIGN_FILES, fp, force)) is not None:
+        log.info("align: artefacts in %s match the config; skipping (force=true recomputes)", out)
+        return old
+    ckpt_dir = out / "checkpoints"
+    stamp = ckpt_dir / "fingerprint"
+    resume = None
+    if not force and (ckpt_dir / "last.ckpt").is_file() and stamp.is_file() and stamp.read_text().strip() == fp:
+        resume = str(ckpt_dir / "last.ckpt")
+        log.info("align: resuming from %s", resume)
+    elif ckpt_dir.exists():
+        shutil.rmtree(ckpt_dir)  # another config's (or a forced run's) checkpoints: never resume from them
+    ckpt_dir.mkdir(parents=True, exist_ok=True)
+    stamp.write_text(fp + "\n")
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
+
+    L.seed_everything(int(cfg.seed), workers=True, verbose=False)
+    t0 = time.perf_counter()
+    parts = build_alignment(cfg)
+    dm, module = parts["datamodule"], parts["module"]
+    train_samples = cfg.align.get("train_samples")
+    trainer = make_trainer(cfg, out, **({"limit_train_batches": int(train_samples) // int(cfg.align.batch_size)} if train_samples else {}))
+    trainer.fit(module, datamodule=dm, ckpt_path=resume)
+    seconds = time.perf_counter() - t0
+    metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
+    result = {
+        "fingerprint": fp, "run_dir": str(out), "model_dir": str(out / "model"), "llm": str(cfg.llm.name),
+        "steps": int(trainer.global_step), "epochs": int(trainer.current_epoch), "seconds": round(seconds, 1),
+        "resumed_from": resume, "metrics": metrics, "peak_rss_mb": round(_peak_rss_mb(), 1),
+        "truncated_samples": int(dm.encoded("train").truncated), "train_samples": len(dm.encoded("train")),
+        **{k: v for k, v in parts["info"].items() if k != "new_token_ids"},
+    }
+    if trainer.global_rank == 0:
+        with atomic_dir(out / "model") as tmp:
+            save_aligned(tmp, parts["model"], parts["tokenizer"], parts["table"], parts["info"], parts["encoder"])
+        write_json_atomic(out / "align.json", result)
+    log.info("align: %d steps in %.0f s, train loss %.3f -> %s", result["steps"], seconds, metrics.get("train/loss", float("nan")), out)
+    return result
+
+
+__all__ = ["align_fingerprint", "build_alignment", "load_aligned", "make_trainer", "run_align_stage", "run_dir", "save_aligned"]

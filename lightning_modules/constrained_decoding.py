@@ -1,0 +1,146 @@
+"""Decoding constrained to valid location codes: batched beam search and exact scoring.
+
+**Beam search** (:func:`beam_search`): the prompts are prefilled once; the KV cache is then
+repeated to the beams (Hugging Face's beam search copies every prompt ``num_beams`` times *before*
+prefilling, which costs ``num_beams`` times the prompt compute). Each of the ``L`` steps gathers
+the log-probabilities of that level's ``K`` code tokens, masks the codes the trie does not allow
+after each beam's prefix (a tensor lookup, no Python callback per beam), and keeps the best
+``num_beams`` of ``num_beams × K`` candidates per prompt. It is deterministic: no sampling
+(QT-Mob's official evaluation samples inside beam search, so its numbers move between runs).
+
+Scores are exactly those of ``generate(num_beams=B, do_sample=False, prefix_allowed_tokens_fn=...)``:
+log-softmax over the full vocabulary, then masking, summed over the code's tokens. All codes
+have the same length, so length normalisation cannot change the ranking.
+
+**Exact scoring** (:func:`exact_scores`): the log-probability of every valid code by teacher
+forcing, for catalogues small enough; it tells how often beam search misses the true top-k.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from location_tokenizers.trie import CodeTrie
+
+
+@dataclass
+class Ranked:
+    """Ranked locations per prompt.
+
+    Attributes:
+        loc_ids: ``(B, R)`` location ids, best first (``-1`` where fewer than ``R`` exist).
+        scores: ``(B, R)`` summed log-probabilities of their codes (``-inf`` for ``-1``).
+    """
+
+    loc_ids: Tensor
+    scores: Tensor
+
+
+def _positions(attention_mask: Tensor) -> Tensor:
+    """Position ids that ignore left padding (as ``generate`` computes them)."""
+    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
+@torch.no_grad()
+def beam_search(model: torch.nn.Module, input_ids: Tensor, attention_mask: Tensor, trie: CodeTrie, num_beams: int = 15) -> Ranked:
+    """Constrained beam search over the code trie for a batch of left-padded prompts.
+
+    Args:
+        model: A causal LM (plain or peft-wrapped) returning ``logits`` and ``past_key_values``.
+        input_ids: ``(B, T)`` left-padded prompt ids (ending where the code starts).
+        attention_mask: ``(B, T)``.
+        trie: Valid codes (on the model's device).
+        num_beams: Beams kept per prompt; also the number of ranked locations returned.
+
+    Returns:
+        The ``num_beams`` best complete codes per prompt as location ids with their scores.
+    """
+    b, nb, k = input_ids.shape[0], int(num_beams), trie.codebook_size
+    device = input_ids.device
+    pos = _positions(attention_mask)
+    out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=pos, use_cache=True, logits_to_keep=1)
+    cache = out.past_key_values
+    logp = out.logits[:, -1].float().log_softmax(-1).repeat_interleave(nb, dim=0)  # (B*nb, V)
+    cache.batch_repeat_interleave(nb)
+    mask = attention_mask.repeat_interleave(nb, dim=0)
+    last_pos = pos[:, -1].repeat_interleave(nb, dim=0)
+    # One live beam per prompt at the start (the others -inf), as in HF's beam search.
+    beam_scores = torch.full((b, nb), float("-inf"), device=device)
+    beam_scores[:, 0] = 0.0
+    beam_scores = beam_scores.view(-1)
+    node = trie.root(b * nb, device=device)
+    offsets = (torch.arange(b, device=device) * nb).unsqueeze(1)
+    for level in range(trie.num_levels):
+        token_ids = trie.level_token_ids[level].to(device)  # (K,) code -> token id (-1: no token)
+        children = trie._children(node, level).to(device)  # (B*nb, K)
+        cand = logp.gather(1, token_ids.clamp(min=0).expand(logp.shape[0], k))
+        cand = torch.where(children >= 0, cand + beam_scores.unsqueeze(1), torch.full_like(cand, float("-inf")))
+        top, flat = cand.view(b, nb * k).topk(nb, dim=1)
+        src = (offsets + flat // k).view(-1)  # which beam each survivor extends
+        code = (flat % k).view(-1)
+        node = children[src, code]
+        beam_scores = top.view(-1)
+        node = torch.where(torch.isfinite(beam_scores), node, torch.full_like(node, -1))
+        if level + 1 < trie.num_levels:
+            cache.reorder_cache(src)
+            mask = torch.cat([mask[src], torch.ones_like(mask[:, :1])], dim=1)
+            last_pos = last_pos[src] + 1
+            step = token_ids[code].clamp(min=0).unsqueeze(1)
+            out = model(input_ids=step, attention_mask=mask, position_ids=last_pos.unsqueeze(1), past_key_values=cache, use_cache=True)
+            logp = out.logits[:, -1].float().log_softmax(-1)
+    loc = trie.leaf_to_loc(node).to(device).view(b, nb)
+    return Ranked(loc_ids=loc, scores=beam_scores.view(b, nb))
+
+
+@torch.no_grad()
+def exact_scores(
+    model: torch.nn.Module, input_ids: Tensor, attention_mask: Tensor, code_token_ids: Tensor, chunk: int = 256
+) -> Tensor:
+    """Log-probability of every code for every prompt, by teacher forcing.
+
+    Args:
+        model: A causal LM.
+        input_ids: ``(B, T)`` left-padded prompts.
+        attention_mask: ``(B, T)``.
+        code_token_ids: ``(N, L)`` token ids of all N valid codes.
+        chunk: Codes scored per forward pass.
+
+    Returns:
+        ``(B, N)`` summed log-probabilities.
+    """
+    n, levels = code_token_ids.shape
+    device = input_ids.device
+    codes = code_token_ids.to(device)
+    result = torch.empty(input_ids.shape[0], n, device=device)
+    for row in range(input_ids.shape[0]):
+        keep = attention_mask[row].bool()
+        ids = input_ids[row, keep].unsqueeze(0)
+        out = model(input_ids=ids, use_cache=True)
+        first = out.logits[0, -1].float().log_softmax(-1)[codes[:, 0]]  # (N,)
+        t = ids.shape[1]
+        for start in range(0, n, chunk):
+            part = codes[start : start + chunk]
+            c = part.shape[0]
+            cache = copy.deepcopy(out.past_key_values)
+            cache.batch_repeat_interleave(c)
+            step = model(
+                input_ids=part[:, :-1], past_key_values=cache, use_cache=True,
+                attention_mask=torch.ones(c, t + levels - 1, dtype=torch.long, device=device),
+                position_ids=(t + torch.arange(levels - 1, device=device)).expand(c, -1),
+            )
+            rest = step.logits.float().log_softmax(-1).gather(2, part[:, 1:].unsqueeze(2)).squeeze(2).sum(1)
+            result[row, start : start + c] = first[start : start + c] + rest
+    return result
+
+
+def rank_exact(scores: Tensor, loc_ids: Tensor, top: int) -> Ranked:
+    """Top ``top`` locations of :func:`exact_scores` (ties broken by position, i.e. stably)."""
+    values, idx = scores.topk(min(top, scores.shape[1]), dim=1)
+    return Ranked(loc_ids=loc_ids.to(scores.device)[idx], scores=values)
+
+
+__all__ = ["Ranked", "beam_search", "exact_scores", "rank_exact"]

@@ -1,0 +1,192 @@
+"""Alignment stage: chat encoding, label masking, batching, trainable parameters, NF4 on CPU,
+learning on a fixed batch, trainable-only checkpoints, and a saved folder that plain
+transformers + peft reload to the same logits."""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+
+import numpy as np
+import pytest
+import torch
+
+from datamodules.mobility_datamodule import LengthGroupedBatchSampler, TaskMixtureSampler
+from lightning_modules.alignment_module import OBJECTIVE
+from tests.conftest import compose_cfg
+
+
+@pytest.fixture(scope="module")
+def smoke_art(tmp_path_factory, model_cache):
+    """Data and tokenizer artefacts of experiment=smoke (tiny random LLM, synthetic city)."""
+    from datamodules.data_stage import run_data_stage
+    from location_tokenizers.tokenizer_stage import run_tokenizer_stage
+
+    art = tmp_path_factory.mktemp("align_art")
+    cfg = compose_cfg(["experiment=smoke", f"paths.artifacts={art}", f"paths.cache={model_cache}", "tokenizer.progress_bar=false"])
+    run_data_stage(cfg)
+    run_tokenizer_stage(cfg)
+    return art
+
+
+def smoke_cfg(art, model_cache, *overrides: str):
+    return compose_cfg(["experiment=smoke", f"paths.artifacts={art}", f"paths.cache={model_cache}", *overrides])
+
+
+@pytest.fixture(scope="module")
+def parts(smoke_art, model_cache):
+    from lightning_modules.align_stage import build_alignment
+
+    return build_alignment(smoke_cfg(smoke_art, model_cache))
+
+
+def test_labels_cover_the_answer_only(parts) -> None:
+    enc, dm, tok = parts["encoder"], parts["datamodule"], parts["tokenizer"]
+    samples = dm.samples("train")
+    encoded = dm.encoded("train")
+    rows = [0, len(samples) // 2, len(samples) - 1]
+    batch = enc.collate([(*encoded.sample(i), i, encoded.task[i]) for i in rows])
+    for r, i in enumerate(rows):
+        labelled = batch["labels"][r][batch["labels"][r] != -100]
+        text = tok.decode(labelled)
+        assert text == samples["target"][i] + enc.end, "labels must be exactly the answer and the end-of-turn token"
+        mask = batch["attention_mask"][r].bool()
+        prompt = tok.decode(batch["input_ids"][r][mask][: len(batch["input_ids"][r][mask]) - len(labelled)])
+        assert prompt.startswith(enc.head) and prompt.endswith(samples["response_prefix"][i])
+        assert (batch["labels"][r][~mask] == -100).all()
+
+
+def test_chat_template_and_code_tokens_are_single_tokens(parts) -> None:
+    tok, table = parts["tokenizer"], parts["table"]
+    code = table.strings()["code"][0]
+    ids = tok(code, add_special_tokens=False)["input_ids"]
+    assert len(ids) == table.num_levels, f"{code} should be {table.num_levels} tokens, got {tok.convert_ids_to_tokens(ids)}"
+    assert parts["encoder"].head.startswith("<|im_start|>system")
+
+
+def test_only_intended_parameters_train(smoke_art, model_cache, parts) -> None:
+    from lightning_modules.align_stage import build_alignment
+
+    def trainable(model):
+        return [n for n, p in model.named_parameters() if p.requires_grad]
+
+    rows = trainable(parts["model"])
+    assert rows and all(("lora_" in n) or ("trainable_tokens_delta" in n) for n in rows)
+    assert sum("trainable_tokens_delta" in n for n in rows) == 1
+    targets = set(parts["model"].peft_config["default"].target_modules)
+    assert {n.split(".")[-4] for n in rows if "lora_" in n} == targets
+    modules = build_alignment(smoke_cfg(smoke_art, model_cache, "align.new_tokens=modules"))["model"]
+    names = trainable(modules)
+    assert {n for n in names if "lora_" not in n} == {
+        "base_model.model.model.embed_tokens.modules_to_save.default.weight",
+        "base_model.model.lm_head.modules_to_save.default.weight",
+    }
+    # The base weights themselves stay frozen in both modes.
+    assert not any(n.endswith("base_layer.weight") for n in rows + names)
+
+
+def test_task_mixture_proportions_hold_through_length_grouping() -> None:
+    tasks = ["next"] * 700 + ["recovery_single"] * 200 + ["translation"] * 100
+    lengths = np.random.default_rng(0).integers(50, 900, size=len(tasks))
+    natural = LengthGroupedBatchSampler(TaskMixtureSampler(tasks, seed=3), lengths, batch_size=8, group_batches=16)
+    drawn = [i for b in natural for i in b]
+    assert sorted(drawn) == list(range(len(tasks))), "natural proportions: every sample exactly once per epoch"
+    weights = {"next": 1.0, "recovery_single": 1.0, "translation": 2.0}
+    mixed = LengthGroupedBatchSampler(TaskMixtureSampler(tasks, weights, num_samples=8000, seed=3), lengths, 8, 16)
+    counts = Counter(tasks[i] for b in mixed for i in b)
+    for task, w in weights.items():
+        assert counts[task] / 8000 == pytest.approx(w / 4, abs=0.02)
+
+
+def test_length_grouping_keeps_padding_low(parts) -> None:
+    dm = parts["datamodule"]
+    loader = dm.train_dataloader()
+    real = total = 0
+    for batch in loader:
+        real += int(batch["attention_mask"].sum())
+        total += batch["attention_mask"].numel()
+    assert 1 - real / total < 0.10, f"padding share {1 - real / total:.3f}"
+
+
+def test_ddp_ranks_split_batches() -> None:
+    lengths = np.arange(100)
+    ranks = [LengthGroupedBatchSampler(TaskMixtureSampler(["next"] * 100, seed=1), lengths, 4, 5, rank=r, world_size=2) for r in (0, 1)]
+    a, b = ([i for batch in s for i in batch] for s in ranks)
+    assert len(list(ranks[0])) == len(list(ranks[1])) == len(ranks[0]) and not set(a) & set(b)
+
+
+def test_loss_falls_on_a_fixed_batch(parts) -> None:
+    module, dm = parts["module"], parts["datamodule"]
+    torch.manual_seed(0)
+    batch = next(iter(dm.train_dataloader()))
+    params = [p for p in module.model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=5e-3)
+    module.model.train()
+    losses = []
+    for _ in range(25):
+        loss = module.model_step(batch)["loss"]
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(float(loss))
+    assert losses[-1] < 0.5 * losses[0], losses
+
+
+def test_model_step_matches_the_hf_loss(parts) -> None:
+    """Applying the head at answer positions only gives the same loss as the full forward."""
+    module, dm = parts["module"], parts["datamodule"]
+    batch = next(iter(dm.val_dataloader()))
+    module.model.eval()
+    with torch.no_grad():
+        ours = module.model_step(batch)
+        hf = module.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"]).loss
+    assert float(ours["loss"]) == pytest.approx(float(hf), rel=1e-4)
+    assert set(batch["task"]) <= set(OBJECTIVE)
+
+
+def test_nf4_path_runs_on_cpu(smoke_art, model_cache) -> None:
+    import bitsandbytes as bnb
+
+    from lightning_modules.align_stage import build_alignment
+
+    p = build_alignment(smoke_cfg(smoke_art, model_cache, "align.quantization=nf4", "align.gradient_checkpointing=true"))
+    layers = [m for m in p["model"].modules() if isinstance(m, bnb.nn.Linear4bit)]
+    assert layers and layers[0].weight.quant_type == "nf4" and layers[0].weight.quant_state.nested
+    module, dm = p["module"], p["datamodule"]
+    module.model.train()
+    batch = next(iter(dm.train_dataloader()))
+    loss = module.model_step(batch)["loss"]
+    loss.backward()
+    grads = [q.grad for q in module.model.parameters() if q.requires_grad]
+    assert torch.isfinite(loss) and all(g is not None and torch.isfinite(g).all() for g in grads)
+
+
+def test_stage_saves_a_folder_that_plain_peft_reloads(smoke_art, model_cache) -> None:
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from lightning_modules.align_stage import build_alignment, run_align_stage
+
+    cfg = smoke_cfg(smoke_art, model_cache, "align.train_samples=32", "align.num_generations=1", "run_name=reload")
+    result = run_align_stage(cfg)
+    folder = smoke_art / "synthetic" / "reload" / "model"
+    assert result["steps"] == 4 and (folder / "adapter_model.safetensors").is_file()
+    ckpt = torch.load(smoke_art / "synthetic" / "reload" / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    assert all(("lora_" in k) or ("trainable_tokens" in k) for k in ckpt["state_dict"]), "checkpoint holds trainable parameters only"
+    # Reload with transformers + peft alone, as a user of the folder would.
+    meta = json.loads((folder / "qtmob.json").read_text())
+    tok = AutoTokenizer.from_pretrained(folder)
+    base = AutoModelForCausalLM.from_pretrained(meta["base_model"], dtype=torch.float32)
+    base.resize_token_embeddings(len(tok), mean_resizing=False)
+    reloaded = PeftModel.from_pretrained(base, folder).eval()
+    # The trained model: rebuild and load the final weights from the checkpoint.
+    trained = build_alignment(cfg)["module"]
+    trained.load_state_dict(ckpt["state_dict"], strict=False)
+    trained.model.eval()
+    ids = tok(["<|im_start|>user\nWhere next? " + "".join(next(iter(json.loads((folder / "index.json").read_text()).values())))], return_tensors="pt")
+    with torch.no_grad():
+        a = reloaded(**ids).logits
+        b = trained.model(**ids).logits
+    torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+    # A second run of the same config reuses the artefacts.
+    assert run_align_stage(cfg)["fingerprint"] == result["fingerprint"]
