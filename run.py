@@ -16,6 +16,8 @@ from omegaconf import DictConfig, OmegaConf
 
 from datamodules.data_stage import run_data_stage
 from datamodules.errors import DataError
+from lightning_modules.align_stage import run_align_stage
+from lightning_modules.evaluation import results_markdown, run_baselines_stage, run_test_stage
 from lightning_modules.llm import ModelUnavailableError
 from location_tokenizers.tokenizer_stage import run_tokenizer_stage
 
@@ -25,6 +27,12 @@ log = logging.getLogger("qtmob")
 STAGES: dict[str, Callable[[DictConfig], Any]] = {
     "data": run_data_stage,
     "tokenizer": run_tokenizer_stage,
+    "align": run_align_stage,
+    "test": run_test_stage,
+}
+# Stages that run only when asked for by name (not part of stage=all).
+ON_DEMAND: dict[str, Callable[[DictConfig], Any]] = {
+    "baselines": run_baselines_stage,
 }
 
 
@@ -38,10 +46,11 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         ``{stage: result}`` for every stage that ran.
     """
     stage = str(cfg.stage)
-    if stage != "all" and stage not in STAGES:
-        raise DataError(f"stage={stage!r} is not one of: all, {', '.join(STAGES)}")
+    known = {**STAGES, **ON_DEMAND}
+    if stage != "all" and stage not in known:
+        raise DataError(f"stage={stage!r} is not one of: all, {', '.join(known)}")
     names = list(STAGES) if stage == "all" else [stage]
-    return {name: STAGES[name](cfg) for name in names}
+    return {name: known[name](cfg) for name in names}
 
 
 @hydra.main(config_path="experiments", config_name="run", version_base=None)
@@ -67,6 +76,16 @@ def main(cfg: DictConfig) -> None:
             f"codes used per level {m['usage_per_level']}, mean km within level-1 groups {m['mean_km_same_l1']:.2f} "
             f"(random pairs {m['mean_km_random']:.2f}), category purity of level-1+2 groups {m['category_purity_l12']:.3f}"
         )
+    if "align" in results:
+        a = results["align"]
+        losses = ", ".join(f"{k.split('/', 1)[1]} {v:.3f}" for k, v in sorted(a["metrics"].items()) if k.startswith("val/loss"))
+        print(
+            f"align [{a['llm']}, {a['quantization']}, new tokens: {a['new_tokens_mode']}]: {a['steps']} steps in {a['seconds']:.0f} s, "
+            f"{a['trainable_params']:,} trainable parameters; validation {losses or 'not run'} -> {a['model_dir']}"
+        )
+    for name in ("baselines", "test"):
+        if name in results:
+            print(results_markdown(results[name]))
 
 
 if __name__ == "__main__":

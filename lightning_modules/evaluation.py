@@ -1,0 +1,274 @@
+"""``stage=test`` and ``stage=baselines``: ranked predictions, metrics, results files.
+
+Cases (``eval.tasks``): next-location = the last visit of each test trajectory; recovery = the
+single-mask test samples (seeded by ``data.samples.seed``). The aligned LLM ranks locations by
+constrained beam search over the code trie; every baseline ranks the *same* cases, and one
+:class:`~lightning_modules.metrics.RankingMetrics` scores them all.
+
+Files (``<paths.artifacts>/<data.name>/<run_name>/``): ``results.json`` (metrics per model and task,
+case counts, seconds, beam-vs-exact agreement) and ``results.md`` (the same as a table).
+``stage=baselines`` writes the count baselines alone to ``<paths.artifacts>/<data.name>/baselines/``
+in the same format, without any LLM.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import polars as pl
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from datamodules.artifacts import atomic_dir, fingerprint, reusable, write_json_atomic
+from datamodules.data_stage import data_dir, data_fingerprint, run_data_stage
+from datamodules.dataset import sample_config
+from datamodules.errors import DataError
+from datamodules.samples import render_samples
+from lightning_modules.baselines import CountBaselines, GRUBaseline, eval_cases
+from lightning_modules.metrics import RankingMetrics
+
+log = logging.getLogger(__name__)
+
+METRIC_ORDER = ("acc@1", "acc@5", "acc@10", "ndcg@5", "ndcg@10", "mrr")
+TASK_LABEL = {"next": "next-location", "recovery_single": "recovery"}
+
+
+def _read(cfg: DictConfig, name: str) -> pl.DataFrame:
+    path = data_dir(cfg) / name
+    if not path.is_file():
+        raise DataError(f"{path} not found: run the data stage first")
+    return pl.read_parquet(path)
+
+
+def test_index(cfg: DictConfig) -> pl.DataFrame:
+    """The evaluated test samples (``eval.tasks``; first ``eval.max_cases`` per task when set)."""
+    tasks = list(cfg.eval.tasks)
+    unknown = set(tasks) - set(TASK_LABEL)
+    if unknown:
+        raise DataError(f"eval.tasks {sorted(unknown)} cannot be ranked; choose from {list(TASK_LABEL)}")
+    index = _read(cfg, "sample_index.parquet").filter((pl.col("split") == "test") & pl.col("task").is_in(tasks))
+    if cfg.eval.get("max_cases"):
+        index = index.filter(pl.int_range(pl.len()).over("task") < int(cfg.eval.max_cases))
+    return index
+
+
+def score(ranked: np.ndarray | torch.Tensor, target: np.ndarray, top_k: int) -> dict[str, float]:
+    """Metrics of ranked lists against targets (cut to ``top_k``)."""
+    metric = RankingMetrics()
+    metric.update(torch.as_tensor(np.asarray(ranked)[:, :top_k]), torch.as_tensor(np.asarray(target)))
+    return {k: round(float(v), 6) for k, v in metric.compute().items()}
+
+
+def score_by_task(ranked: np.ndarray, cases: pl.DataFrame, top_k: int) -> dict[str, dict[str, float]]:
+    """``{task: metrics}`` over the cases of each task."""
+    out = {}
+    for task in cases["task"].unique(maintain_order=True).to_list():
+        rows = np.flatnonzero(cases["task"].to_numpy() == task)
+        out[task] = score(ranked[rows], cases["target_loc"].to_numpy()[rows], top_k)
+    return out
+
+
+def baseline_rankings(cfg: DictConfig, cases: pl.DataFrame, checkins: pl.DataFrame, loc_ids: np.ndarray,
+                      with_gru: bool, logger: Any = None) -> tuple[dict[str, np.ndarray], dict[str, float]]:
+    """Rankings of every baseline on ``cases`` and the seconds each took (fit + rank)."""
+    train = checkins.filter(pl.col("split") == "train")
+    top = int(cfg.eval.top_k)
+    rankings, seconds = {}, {}
+    t0 = time.perf_counter()
+    counts = CountBaselines(train, size=top)
+    for name in counts.names:
+        rankings[name] = counts.rank(name, cases)
+    seconds["count_baselines"] = round(time.perf_counter() - t0, 3)
+    if with_gru:
+        t0 = time.perf_counter()
+        gru = GRUBaseline(train, loc_ids, epochs=int(cfg.eval.gru.epochs), dim=int(cfg.eval.gru.dim), size=top,
+                          seed=int(cfg.seed), logger=logger)
+        rankings["gru"] = gru.rank(cases)
+        seconds["gru"] = round(time.perf_counter() - t0, 3)
+    return rankings, seconds
+
+
+def results_markdown(results: dict[str, Any]) -> str:
+    """``results.md``: one row per model and task."""
+    lines = [
+        f"# Results: {results['dataset']} / {results.get('run', 'baselines')}",
+        "",
+        "Cases: " + ", ".join(f"{TASK_LABEL.get(t, t)} {n}" for t, n in results["cases"].items()),
+        "",
+        "| model | task | " + " | ".join(METRIC_ORDER) + " |",
+        "|---|---|" + "---|" * len(METRIC_ORDER),
+    ]
+    for model, per_task in results["metrics"].items():
+        for task, m in per_task.items():
+            lines.append(f"| {model} | {TASK_LABEL.get(task, task)} | " + " | ".join(f"{m[k]:.4f}" for k in METRIC_ORDER) + " |")
+    if results.get("exact"):
+        lines += ["", "Beam search vs exact scoring of every code: " + ", ".join(
+            f"{TASK_LABEL.get(t, t)}: top-1 differs in {e['top1_miss_rate']:.1%} of {e['cases']} cases, "
+            f"{e['top10_recall']:.1%} of the exact top-10 found" for t, e in results["exact"].items())]
+    return "\n".join(lines) + "\n"
+
+
+def _write(out: Path, results: dict[str, Any]) -> None:
+    with atomic_dir(out / ".results") as tmp:  # both files appear together or not at all
+        write_json_atomic(tmp / "results.json", results)
+        (tmp / "results.md").write_text(results_markdown(results))
+    for name in ("results.md", "results.json"):
+        (out / ".results" / name).replace(out / name)
+    (out / ".results").rmdir()
+
+
+def run_baselines_stage(cfg: DictConfig) -> dict[str, Any]:
+    """The count baselines alone (no LLM), in the results format, in seconds."""
+    run_data_stage(cfg, force=False)
+    t0 = time.perf_counter()
+    index = test_index(cfg)
+    checkins = _read(cfg, "checkins.parquet")
+    cases = eval_cases(index, checkins)
+    if cases.is_empty():
+        raise DataError(f"no test cases for eval.tasks={list(cfg.eval.tasks)} in {data_dir(cfg)}")
+    rankings, seconds = baseline_rankings(cfg, cases, checkins, np.empty(0), with_gru=False)
+    results = {
+        "fingerprint": fingerprint({"data": data_fingerprint(cfg), "eval": OmegaConf.to_container(cfg.eval, resolve=True)}),
+        "dataset": str(cfg.data.name), "run": "baselines",
+        "cases": {t: int(n) for t, n in cases.group_by("task", maintain_order=True).len().iter_rows()},
+        "metrics": {name: score_by_task(r, cases, int(cfg.eval.top_k)) for name, r in rankings.items()},
+        "seconds": {**seconds, "total": round(time.perf_counter() - t0, 3)},
+    }
+    out = Path(cfg.paths.artifacts) / str(cfg.data.name) / "baselines"
+    out.mkdir(parents=True, exist_ok=True)
+    _write(out, results)
+    return results
+
+
+# ------------------------------------------------------------------------------------ the LLM
+def load_for_eval(cfg: DictConfig, folder: Path):
+    """The aligned model from its saved folder, quantised as it was trained, in eval mode."""
+    from lightning_modules.align_stage import load_aligned
+    from lightning_modules.llm import _DTYPES, quantization_config
+
+    a = cfg.align
+    kwargs: dict[str, Any] = {"dtype": _DTYPES[str(a.get("dtype", "float32"))]}
+    qc = quantization_config(str(a.quantization), _DTYPES[str(a.get("compute_dtype", "float32"))])
+    if qc is not None:
+        kwargs["quantization_config"] = qc
+    model, tokenizer, meta = load_aligned(folder, **kwargs)
+    model.eval()
+    return model, tokenizer, meta
+
+
+def rank_prompts(model: torch.nn.Module, encoder: Any, trie: Any, prompts: list[str], num_beams: int,
+                 batch_size: int) -> tuple[np.ndarray, np.ndarray]:
+    """Constrained beam search over ``prompts`` in length-sorted batches; rows in input order."""
+    from lightning_modules.constrained_decoding import beam_search
+
+    order = np.argsort([-len(p) for p in prompts], kind="stable")
+    locs = np.full((len(prompts), num_beams), -1, dtype=np.int64)
+    scores = np.full((len(prompts), num_beams), -np.inf)
+    device = next(model.parameters()).device
+    for start in range(0, len(prompts), batch_size):
+        rows = order[start : start + batch_size]
+        batch = encoder.prompt_batch([prompts[i] for i in rows], device=device)
+        ranked = beam_search(model, batch["input_ids"], batch["attention_mask"], trie, num_beams=num_beams)
+        locs[rows] = ranked.loc_ids.cpu().numpy()
+        scores[rows] = ranked.scores.cpu().numpy()
+    return locs, scores
+
+
+def exact_agreement(model: torch.nn.Module, encoder: Any, trie: Any, table: Any, tokenizer: Any, prompts: list[str],
+                    beam_locs: np.ndarray) -> dict[str, float]:
+    """How often beam search misses the exact ranking (teacher-forced scores of every code)."""
+    from lightning_modules.constrained_decoding import exact_scores, rank_exact
+    from location_tokenizers.codes import level_token
+
+    tokens = [[level_token(lv, int(c)) for lv, c in enumerate(row)] for row in table.codes.tolist()]
+    code_ids = torch.tensor([tokenizer.convert_tokens_to_ids(t) for t in tokens], dtype=torch.long)
+    device = next(model.parameters()).device
+    miss, recall = [], []
+    for i, prompt in enumerate(prompts):
+        batch = encoder.prompt_batch([prompt], device=device)
+        exact = rank_exact(exact_scores(model, batch["input_ids"], batch["attention_mask"], code_ids),
+                           torch.as_tensor(table.loc_ids), top=10).loc_ids[0].cpu().numpy()
+        miss.append(float(exact[0] != beam_locs[i, 0]))
+        recall.append(len(set(exact.tolist()) & set(beam_locs[i].tolist())) / len(exact))
+    return {"cases": len(prompts), "top1_miss_rate": float(np.mean(miss)), "top10_recall": float(np.mean(recall))}
+
+
+def test_fingerprint(cfg: DictConfig) -> str:
+    from lightning_modules.align_stage import align_fingerprint
+
+    return fingerprint({"align": align_fingerprint(cfg), "eval": OmegaConf.to_container(cfg.eval, resolve=True)})
+
+
+def run_test_stage(cfg: DictConfig, force: bool | None = None) -> dict[str, Any]:
+    """Evaluate the aligned model and every baseline on the same test cases."""
+    from lightning.pytorch.loggers import TensorBoardLogger
+
+    from lightning_modules.align_stage import run_align_stage, run_dir
+    from lightning_modules.chat_encoding import ChatEncoder
+    from location_tokenizers.codes import CodeTable
+    from location_tokenizers.trie import CodeTrie
+
+    force = bool(cfg.get("force", False)) if force is None else force
+    run_align_stage(cfg, force=False)
+    out = run_dir(cfg)
+    fp = test_fingerprint(cfg)
+    if (old := reusable(out, "results.json", ("results.json", "results.md"), fp, force)) is not None:
+        log.info("test: results in %s match the config; skipping (force=true recomputes)", out)
+        return old
+    t0 = time.perf_counter()
+    torch.manual_seed(int(cfg.seed))
+    model, tokenizer, meta = load_for_eval(cfg, out / "model")
+    table = CodeTable.read_parquet(out / "model" / "codes.parquet")
+    encoder = ChatEncoder(tokenizer, meta["system_prompt"], max_length=int(cfg.align.max_length))
+    trie = CodeTrie(table, tokenizer, vocab_size=int(model.config.vocab_size))
+    index = test_index(cfg)
+    checkins = _read(cfg, "checkins.parquet")
+    samples = render_samples(index, checkins, table.strings(), _read(cfg, "locations.parquet"),
+                             _read(cfg, "profiles.parquet"), sample_config(cfg.data))
+    cases = eval_cases(index, checkins).join(samples.select("sample_id", "prompt", "response_prefix"), on="sample_id", how="left")
+    if cases.is_empty():
+        raise DataError(f"no test cases for eval.tasks={list(cfg.eval.tasks)} in {data_dir(cfg)}")
+    prompts = encoder.prompt_texts(cases)
+    e = cfg.eval
+    t_llm = time.perf_counter()
+    locs, _ = rank_prompts(model, encoder, trie, prompts, int(e.num_beams), int(e.batch_size))
+    llm_seconds = time.perf_counter() - t_llm
+    logger = TensorBoardLogger(save_dir=str(cfg.logger.save_dir), name="test", default_hp_metric=False)
+    rankings, seconds = baseline_rankings(cfg, cases, checkins, table.loc_ids, with_gru=True, logger=logger)
+    top = int(e.top_k)
+    model_name = f"QT-Mob ({cfg.llm.name})"
+    metrics = {model_name: score_by_task(locs, cases, top)}
+    metrics.update({name: score_by_task(r, cases, top) for name, r in rankings.items()})
+    exact = {}
+    if len(table) <= int(e.exact_max_locations) and int(e.exact_cases) > 0:
+        for task in cases["task"].unique(maintain_order=True).to_list():
+            rows = np.flatnonzero(cases["task"].to_numpy() == task)[: int(e.exact_cases)]
+            exact[task] = exact_agreement(model, encoder, trie, table, tokenizer, [prompts[i] for i in rows], locs[rows])
+    results = {
+        "fingerprint": fp, "dataset": str(cfg.data.name), "run": str(cfg.run_name), "llm": str(cfg.llm.name),
+        "tokenizer": str(cfg.tokenizer.name), "num_beams": int(e.num_beams),
+        "cases": {t: int(n) for t, n in cases.group_by("task", maintain_order=True).len().iter_rows()},
+        "metrics": metrics, "exact": exact,
+        "seconds": {"llm_ranking": round(llm_seconds, 2), "llm_per_case": round(llm_seconds / cases.height, 4), **seconds,
+                    "total": round(time.perf_counter() - t0, 2)},
+    }
+    _write(out, results)
+    flat = {f"test/{task}/{k}": v for task, m in metrics[model_name].items() for k, v in m.items()}
+    for name, per_task in metrics.items():
+        if name != model_name:
+            flat.update({f"test_baselines/{name}/{task}/{k}": v for task, m in per_task.items() for k, v in m.items()})
+    logger.log_hyperparams({"llm": str(cfg.llm.name), "tokenizer": str(cfg.tokenizer.name), "quantization": str(cfg.align.quantization),
+                            "new_tokens": str(cfg.align.new_tokens), "lora_r": int(cfg.align.lora.r), "num_beams": int(e.num_beams),
+                            "tasks": ",".join(cfg.objectives.tasks)}, metrics={k: v for k, v in flat.items() if k.startswith("test/")})
+    logger.log_metrics(flat, step=0)
+    logger.experiment.add_text("test/results", results_markdown(results), global_step=0)
+    logger.finalize("success")
+    log.info("test: %d cases, LLM ranking %.1f s -> %s", cases.height, llm_seconds, out / "results.md")
+    return results
+
+
+__all__ = ["results_markdown", "run_baselines_stage", "run_test_stage", "score", "test_index"]
