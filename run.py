@@ -17,7 +17,7 @@ from omegaconf import DictConfig, OmegaConf
 from datamodules.data_stage import run_data_stage
 from datamodules.errors import DataError
 from lightning_modules.align_stage import run_align_stage
-from lightning_modules.evaluation import results_markdown, run_baselines_stage, run_test_stage
+from lightning_modules.evaluation import results_markdown, run_baselines_stage, run_predict_stage, run_test_stage
 from lightning_modules.llm import ModelUnavailableError
 from location_tokenizers.tokenizer_stage import run_tokenizer_stage
 
@@ -33,6 +33,7 @@ STAGES: dict[str, Callable[[DictConfig], Any]] = {
 # Stages that run only when asked for by name (not part of stage=all).
 ON_DEMAND: dict[str, Callable[[DictConfig], Any]] = {
     "baselines": run_baselines_stage,
+    "predict": run_predict_stage,
 }
 
 

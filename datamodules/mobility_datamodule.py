@@ -230,6 +230,8 @@ class MobilityDataModule(L.LightningDataModule):
         self._samples: dict[str, pl.DataFrame] = {}
         self._encoded: dict[str, Any] = {}
         self.train_batch_sampler: LengthGroupedBatchSampler | None = None
+        # Batches of the current epoch already trained before a restart (set when resuming).
+        self.resume_skip = 0
 
     # -- tables -------------------------------------------------------------------------------
     def _read(self, name: str) -> pl.DataFrame:
@@ -290,6 +292,8 @@ class MobilityDataModule(L.LightningDataModule):
                 sampler, self.encoded("train").lengths, self.batch_size, self.group_batches,
                 shuffle=True, seed=self.seed, rank=rank, world_size=world,
             )
+            # A checkpoint from an epoch's end (skip == the epoch's length) resumes at the next epoch's start.
+            self.train_batch_sampler.skip = self.resume_skip if self.resume_skip < len(self.train_batch_sampler) else 0
             return DataLoader(
                 EncodedDataset(self.encoded("train")), batch_sampler=self.train_batch_sampler,
                 num_workers=self.num_workers, collate_fn=self.encoder.collate,

@@ -233,6 +233,8 @@ def run_align_stage(cfg: DictConfig, force: bool | None = None) -> dict[str, Any
     train_samples = cfg.align.get("train_samples")
     trainer = make_trainer(cfg, out, **({"limit_train_batches": int(train_samples) // int(cfg.align.batch_size)} if train_samples else {}))
     trainer.fit(module, datamodule=dm, ckpt_path=resume)
+    if trainer.interrupted:  # Ctrl-C: Lightning returns normally; an unfinished model must not look final
+        raise KeyboardInterrupt(f"alignment interrupted at step {trainer.global_step}; rerun the same command to resume from {ckpt_dir / 'last.ckpt'}")
     seconds = time.perf_counter() - t0
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
     result = {

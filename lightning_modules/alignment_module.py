@@ -201,6 +201,14 @@ class AlignmentModule(L.LightningModule):
         checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in keep}
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        # Resuming from a mid-epoch checkpoint: Lightning restarts the epoch's data iterator, so the
+        # data module's batch sampler skips the batches already trained (``processed`` counts the
+        # batch whose end triggered the save) and the run continues exactly where it stopped.
+        progress = checkpoint.get("loops", {}).get("fit_loop", {}).get("epoch_loop.batch_progress", {})
+        done = int(progress.get("current", {}).get("processed", 0) or 0)
+        datamodule = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
+        if datamodule is not None and hasattr(datamodule, "resume_skip"):
+            datamodule.resume_skip = done
         missing = self.trainable_keys() - set(checkpoint["state_dict"])
         if missing:
             raise RuntimeError(

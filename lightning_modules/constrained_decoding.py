@@ -63,7 +63,7 @@ def beam_search(model: torch.nn.Module, input_ids: Tensor, attention_mask: Tenso
     device = input_ids.device
     pos = _positions(attention_mask)
     out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=pos, use_cache=True, logits_to_keep=1)
-    cache = out.past_key_values
+    cache = out.cache
     logp = out.logits[:, -1].float().log_softmax(-1).repeat_interleave(nb, dim=0)  # (B*nb, V)
     cache.batch_repeat_interleave(nb)
     mask = attention_mask.repeat_interleave(nb, dim=0)
@@ -90,7 +90,7 @@ def beam_search(model: torch.nn.Module, input_ids: Tensor, attention_mask: Tenso
             mask = torch.cat([mask[src], torch.ones_like(mask[:, :1])], dim=1)
             last_pos = last_pos[src] + 1
             step = token_ids[code].clamp(min=0).unsqueeze(1)
-            out = model(input_ids=step, attention_mask=mask, position_ids=last_pos.unsqueeze(1), past_key_values=cache, use_cache=True)
+            out = model(input_ids=step, attention_mask=mask, position_ids=last_pos.unsqueeze(1), cache=cache, use_cache=True)
             logp = out.logits[:, -1].float().log_softmax(-1)
     loc = trie.leaf_to_loc(node).to(device).view(b, nb)
     return Ranked(loc_ids=loc, scores=beam_scores.view(b, nb))
@@ -125,10 +125,10 @@ def exact_scores(
         for start in range(0, n, chunk):
             part = codes[start : start + chunk]
             c = part.shape[0]
-            cache = copy.deepcopy(out.past_key_values)
+            cache = copy.deepcopy(out.cache)
             cache.batch_repeat_interleave(c)
             step = model(
-                input_ids=part[:, :-1], past_key_values=cache, use_cache=True,
+                input_ids=part[:, :-1], cache=cache, use_cache=True,
                 attention_mask=torch.ones(c, t + levels - 1, dtype=torch.long, device=device),
                 position_ids=(t + torch.arange(levels - 1, device=device)).expand(c, -1),
             )

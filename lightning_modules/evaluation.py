@@ -271,4 +271,102 @@ def run_test_stage(cfg: DictConfig, force: bool | None = None) -> dict[str, Any]
     return results
 
 
-__all__ = ["results_markdown", "run_baselines_stage", "run_test_stage", "score", "test_index"]
+# ------------------------------------------------------------------------------------ predict
+_TIME_FORMATS = ("%Y-%m-%d %H:%M:%S", "%Y-%m-%dT%H:%M:%S", "%Y-%m-%d %H:%M", "%Y-%m-%dT%H:%M")
+
+
+def _parse_time(text: str):
+    from datetime import datetime
+
+    for fmt in _TIME_FORMATS:
+        try:
+            return datetime.strptime(text.strip(), fmt)
+        except ValueError:
+            continue
+    return None
+
+
+def read_user_checkins(path: str | Path, known_locations: set[int]) -> pl.DataFrame:
+    """A user's recent check-ins for ``stage=predict``: CSV with ``time`` (local, ISO) and ``loc_id``,
+    optionally ``user_id``. Every bad row is reported with its line number; none is dropped."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"eval.predict.input={path}: file not found")
+    try:
+        raw = pl.read_csv(path, infer_schema=False)
+    except Exception as exc:  # noqa: BLE001 - any parse failure becomes one clear message
+        raise DataError(f"{path}: not a readable CSV ({type(exc).__name__}: {str(exc).splitlines()[0]})") from None
+    missing = {"time", "loc_id"} - set(raw.columns)
+    if missing:
+        raise DataError(f"{path}, line 1: missing column(s) {sorted(missing)}; expected time,loc_id[,user_id], got {raw.columns}")
+    if raw.is_empty():
+        raise DataError(f"{path}: no check-ins")
+    problems, times, locs = [], [], []
+    for i, (t, loc) in enumerate(raw.select("time", "loc_id").iter_rows(), start=2):
+        when = _parse_time(t or "")
+        if when is None:
+            problems.append(f"line {i}: time {t!r} is not like 2012-04-03 18:00:09")
+        try:
+            loc_id = int(loc)
+        except (TypeError, ValueError):
+            problems.append(f"line {i}: loc_id {loc!r} is not an integer")
+            loc_id = None
+        if loc_id is not None and loc_id not in known_locations:
+            problems.append(f"line {i}: loc_id {loc_id} is not a location of this dataset")
+        times.append(when)
+        locs.append(loc_id)
+    if problems:
+        more = f" (and {len(problems) - 5} more)" if len(problems) > 5 else ""
+        raise DataError(f"{path}: {len(problems)} bad row(s): " + "; ".join(problems[:5]) + more)
+    users = raw["user_id"].to_list() if "user_id" in raw.columns else [None] * raw.height
+    if len({u for u in users if u}) > 1:
+        raise DataError(f"{path}: check-ins of several users ({sorted({u for u in users if u})[:3]}...); give one user's")
+    return pl.DataFrame({"local_time": times, "loc_id": locs, "user_id": [users[0] or "anonymous"] * raw.height}).sort("local_time")
+
+
+def run_predict_stage(cfg: DictConfig) -> dict[str, Any]:
+    """Top-k next locations for one user's recent check-ins (``eval.predict.input``), printed as CSV or JSON."""
+    from datetime import timedelta
+
+    from lightning_modules.align_stage import run_dir
+    from lightning_modules.chat_encoding import ChatEncoder
+    from lightning_modules.constrained_decoding import beam_search
+    from location_tokenizers.codes import CodeTable
+    from location_tokenizers.trie import CodeTrie
+    from datamodules.samples import INDEX_SCHEMA
+
+    p = cfg.eval.predict
+    if not p.get("input"):
+        raise DataError("stage=predict needs eval.predict.input=<csv with time,loc_id[,user_id]>")
+    folder = run_dir(cfg) / "model"
+    if not (folder / "qtmob.json").is_file():
+        raise DataError(f"{folder} has no aligned model: run stage=align (or the whole pipeline) with this config first")
+    table = CodeTable.read_parquet(folder / "codes.parquet")
+    visits = read_user_checkins(p.input, set(table.loc_ids.tolist()))
+    at = _parse_time(str(p.at)) if p.get("at") else visits["local_time"].max() + timedelta(hours=1)
+    if at is None:
+        raise DataError(f"eval.predict.at={p.at!r} is not like 2012-04-03 18:00:09")
+    n = visits.height
+    traj = pl.concat([visits, pl.DataFrame({"local_time": [at], "loc_id": [visits["loc_id"][-1]], "user_id": [visits["user_id"][0]]})])
+    traj = traj.with_columns(traj_id=pl.lit("predict"), utc_time=pl.col("local_time").dt.replace_time_zone("UTC"))
+    max_history = int(sample_config(cfg.data).max_history)
+    index = pl.DataFrame([{"task": "next", "split": "test", "traj_id": "predict", "user_id": visits["user_id"][0],
+                           "start": max(0, n - max_history), "end": n, "target_pos": n, "masked": None, "loc_id": None,
+                           "template": 0, "is_last": True}], schema=INDEX_SCHEMA)
+    locations = _read(cfg, "locations.parquet")
+    samples = render_samples(index, traj, table.strings(), locations, _read(cfg, "profiles.parquet"), sample_config(cfg.data))
+    model, tokenizer, meta = load_for_eval(cfg, folder)
+    encoder = ChatEncoder(tokenizer, meta["system_prompt"], max_length=int(cfg.align.max_length))
+    trie = CodeTrie(table, tokenizer, vocab_size=int(model.config.vocab_size))
+    top = int(p.top_k)
+    batch = encoder.prompt_batch(encoder.prompt_texts(samples), device=next(model.parameters()).device)
+    ranked = beam_search(model, batch["input_ids"], batch["attention_mask"], trie, num_beams=max(top, int(cfg.eval.num_beams)))
+    preds = pl.DataFrame({"rank": list(range(1, top + 1)), "loc_id": ranked.loc_ids[0, :top].tolist(),
+                          "log_prob": [round(float(x), 4) for x in ranked.scores[0, :top]]})
+    preds = preds.join(locations.select("loc_id", "lat", "lon", "category", "name"), on="loc_id", how="left").sort("rank")
+    text = preds.write_json() if str(p.format) == "json" else preds.write_csv()
+    print(text)
+    return {"at": str(at), "user_id": visits["user_id"][0], "predictions": preds.to_dicts()}
+
+
+__all__ = ["read_user_checkins", "results_markdown", "run_baselines_stage", "run_predict_stage", "run_test_stage", "score", "test_index"]

@@ -190,3 +190,54 @@ def test_stage_saves_a_folder_that_plain_peft_reloads(smoke_art, model_cache) ->
     torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
     # A second run of the same config reuses the artefacts.
     assert run_align_stage(cfg)["fingerprint"] == result["fingerprint"]
+
+
+@pytest.mark.slow
+def test_ten_smollm2_steps_on_nyc_samples(nyc_release, tmp_path, model_cache) -> None:
+    """SmolLM2-135M, NF4 + checkpointing, on the release's own samples and index (tokenizer=released)."""
+    from lightning_modules.align_stage import run_align_stage
+
+    cfg = compose_cfg([
+        "experiment=nyc_qlora_cpu", f"data.root={nyc_release}", f"paths.artifacts={tmp_path}", f"paths.cache={model_cache}",
+        "tokenizer=released", "align.quantization=nf4", "align.new_tokens=rows", "align.gradient_checkpointing=true",
+        "align.batch_size=2", "align.max_length=512", "align.eval_per_task=2", "align.num_generations=1",
+        "eval.val_cases=2", "trainer.max_steps=10", "trainer.val_check_interval=10", "trainer.log_every_n_steps=2",
+    ])
+    res = run_align_stage(cfg)
+    assert res["steps"] == 10 and res["llm"] == "smollm2_135m" and res["quantization"] == "nf4"
+    m = res["metrics"]
+    assert np.isfinite(m["train/loss"]) and np.isfinite(m["val/loss"]) and "val/acc@1" in m
+    assert res["train_samples"] > 80_000, "all NYC training samples are encoded"
+    assert (tmp_path / "nyc" / "nyc_qlora_cpu" / "model" / "adapter_model.safetensors").is_file()
+
+
+def test_a_crashed_run_resumes_from_last_ckpt_to_the_same_weights(smoke_art, model_cache, monkeypatch) -> None:
+    from lightning_modules import alignment_module
+    from lightning_modules.align_stage import build_alignment, run_align_stage
+
+    common = ["align.train_samples=64", "align.checkpoint_every_n_steps=3", "align.num_generations=0", "eval.val_cases=0"]
+    straight = run_align_stage(smoke_cfg(smoke_art, model_cache, *common, "run_name=straight"))
+    original = alignment_module.AlignmentModule.on_train_batch_end
+
+    def crash(self, outputs, batch, batch_idx):
+        original(self, outputs, batch, batch_idx)
+        if self.global_step == 5:
+            raise RuntimeError("simulated crash")
+
+    cfg = smoke_cfg(smoke_art, model_cache, *common, "run_name=crashed")
+    monkeypatch.setattr(alignment_module.AlignmentModule, "on_train_batch_end", crash)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        run_align_stage(cfg)
+    assert not (smoke_art / "synthetic" / "crashed" / "model").exists(), "no final model after a crash"
+    monkeypatch.setattr(alignment_module.AlignmentModule, "on_train_batch_end", original)
+    resumed = run_align_stage(cfg)
+    assert resumed["resumed_from"] and resumed["steps"] == straight["steps"] == 8
+
+    def weights(run):
+        ckpt = torch.load(smoke_art / "synthetic" / run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+        return ckpt["state_dict"]
+
+    a, b = weights("straight"), weights("crashed")
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-6)

@@ -223,3 +223,26 @@ def test_stage_test_is_deterministic(tested) -> None:
     cfg, res, _ = tested
     again = run_test_stage(cfg, force=True)
     assert again["metrics"] == res["metrics"]
+
+
+def test_stage_predict_ranks_next_locations_for_a_csv(tested, tmp_path, capsys) -> None:
+    from datamodules.errors import DataError
+    from lightning_modules.evaluation import run_predict_stage
+
+    cfg, _, art = tested
+    locs = pl.read_parquet(art / "synthetic" / "tokenizer" / "codes.parquet")["loc_id"].to_list()
+    good = tmp_path / "me.csv"
+    good.write_text(f"time,loc_id\n2024-03-01 08:10:00,{locs[0]}\n2024-03-01 12:30:00,{locs[1]}\n2024-03-01 18:05:00,{locs[2]}\n")
+    cfg.eval.predict.input = str(good)
+    out = run_predict_stage(cfg)
+    preds = out["predictions"]
+    assert [p["rank"] for p in preds] == list(range(1, 11)) and all(p["loc_id"] in locs for p in preds)
+    assert all(p["lat"] is not None and p["category"] for p in preds)
+    assert out["at"] == "2024-03-01 19:05:00"
+    printed = capsys.readouterr().out
+    assert printed.startswith("rank,loc_id,log_prob,lat,lon,category,name")
+    bad = tmp_path / "bad.csv"
+    bad.write_text(f"time,loc_id\n2024-03-01 08:10:00,{locs[0]}\nyesterday,{locs[1]}\n2024-03-01 18:05:00,999999\n")
+    cfg.eval.predict.input = str(bad)
+    with pytest.raises(DataError, match=r"bad.csv: 2 bad row\(s\): line 3: time 'yesterday'.*line 4: loc_id 999999"):
+        run_predict_stage(cfg)
