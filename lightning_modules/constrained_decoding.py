@@ -98,7 +98,7 @@ def beam_search(model: torch.nn.Module, input_ids: Tensor, attention_mask: Tenso
 
 @torch.no_grad()
 def exact_scores(
-    model: torch.nn.Module, input_ids: Tensor, attention_mask: Tensor, code_token_ids: Tensor, chunk: int = 256
+    model: torch.nn.Module, input_ids: Tensor, attention_mask: Tensor, code_token_ids: Tensor, chunk: int = 64
 ) -> Tensor:
     """Log-probability of every code for every prompt, by teacher forcing.
 
