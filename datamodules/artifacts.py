@@ -10,12 +10,15 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import logging
 import os
 import shutil
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+
+log = logging.getLogger(__name__)
 
 
 @contextlib.contextmanager
@@ -67,10 +70,11 @@ def fingerprint(obj: Any) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
-def reusable(out: Path, result_file: str, files: tuple[str, ...], fp: str, force: bool) -> dict[str, Any] | None:
+def reusable(out: Path, result_file: str, files: tuple[str, ...], fp: str, force: bool, stage: str | None = None) -> dict[str, Any] | None:
     """The stored result of a stage whose artefacts match its config, else None.
 
     Args:
+        stage: Name to log the skip under (nothing is logged without it).
         out: The stage's folder.
         result_file: The JSON written last (it carries the ``fingerprint``).
         files: Every artefact that must exist.
@@ -82,5 +86,7 @@ def reusable(out: Path, result_file: str, files: tuple[str, ...], fp: str, force
         return None
     old = json.loads(path.read_text())
     if old.get("fingerprint") == fp and all((Path(out) / f).is_file() for f in files):
+        if stage:
+            log.info("%s: artefacts in %s match the config; skipping (force=true recomputes)", stage, out)
         return old
     return None

@@ -78,8 +78,7 @@ def run_data_stage(cfg: DictConfig, force: bool | None = None) -> dict[str, Any]
     out = data_dir(cfg)
     fp = data_fingerprint(cfg)
     force = bool(cfg.get("force", False)) if force is None else force
-    if (old := reusable(out, "summary.json", DATA_FILES, fp, force)) is not None:
-        log.info("data: artefacts in %s match the config; skipping (force=true recomputes)", out)
+    if (old := reusable(out, "summary.json", DATA_FILES, fp, force, "data")) is not None:
         return old
     t0 = time.perf_counter()
     data = load_dataset(cfg.data)

@@ -210,8 +210,7 @@ def run_align_stage(cfg: DictConfig, force: bool | None = None) -> dict[str, Any
     run_tokenizer_stage(cfg, force=False)
     out = run_dir(cfg)
     fp = align_fingerprint(cfg)
-    if (old := reusable(out, "align.json", ALIGN_FILES, fp, force)) is not None:
-        log.info("align: artefacts in %s match the config; skipping (force=true recomputes)", out)
+    if (old := reusable(out, "align.json", ALIGN_FILES, fp, force, "align")) is not None:
         return old
     ckpt_dir = out / "checkpoints"
     stamp = ckpt_dir / "fingerprint"

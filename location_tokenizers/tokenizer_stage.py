@@ -172,8 +172,7 @@ def run_tokenizer_stage(cfg: DictConfig, force: bool | None = None) -> dict[str,
     run_data_stage(cfg, force=False)
     out = tokenizer_dir(cfg)
     fp = tokenizer_fingerprint(cfg)
-    if (old := reusable(out, "metrics.json", TOKENIZER_FILES, fp, force)) is not None:
-        log.info("tokenizer: artefacts in %s match the config; skipping (force=true recomputes)", out)
+    if (old := reusable(out, "metrics.json", TOKENIZER_FILES, fp, force, "tokenizer")) is not None:
         return old
     t0 = time.perf_counter()
     locations = pl.read_parquet(data_dir(cfg) / "locations.parquet")
