@@ -59,7 +59,8 @@ def test_index(cfg: DictConfig) -> pl.DataFrame:
 def score(ranked: np.ndarray | torch.Tensor, target: np.ndarray, top_k: int) -> dict[str, float]:
     """Metrics of ranked lists against targets (cut to ``top_k``)."""
     metric = RankingMetrics()
-    metric.update(torch.as_tensor(np.asarray(ranked)[:, :top_k]), torch.as_tensor(np.asarray(target)))
+    # Copies: Polars hands out read-only arrays, which torch refuses to wrap without a warning.
+    metric.update(torch.tensor(np.array(ranked)[:, :top_k], dtype=torch.long), torch.tensor(np.array(target), dtype=torch.long))
     return {k: round(float(v), 6) for k, v in metric.compute().items()}
 
 
