@@ -241,3 +241,28 @@ def test_a_crashed_run_resumes_from_last_ckpt_to_the_same_weights(smoke_art, mod
     assert a.keys() == b.keys()
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-6)
+
+
+def test_int8_path_runs_on_cpu(smoke_art, model_cache) -> None:
+    import bitsandbytes as bnb
+
+    from lightning_modules.align_stage import build_alignment
+
+    p = build_alignment(smoke_cfg(smoke_art, model_cache, "align.quantization=int8"))
+    assert any(isinstance(m, bnb.nn.Linear8bitLt) for m in p["model"].modules())
+    batch = next(iter(p["datamodule"].train_dataloader()))
+    p["module"].model.train()
+    loss = p["module"].model_step(batch)["loss"]
+    loss.backward()
+    assert torch.isfinite(loss)
+
+
+@pytest.mark.parametrize("llm", ["llama3_2_1b", "qwen2_5_1_5b", "tinyllama"])
+def test_hub_models_fail_at_once_offline_naming_the_alternative(llm, tmp_path, monkeypatch) -> None:
+    from lightning_modules.llm import ModelUnavailableError, model_path
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # as on a machine without internet, whatever this one has
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_OFFLINE", True)
+    cfg = compose_cfg([f"llm={llm}", f"paths.cache={tmp_path}"])
+    with pytest.raises(ModelUnavailableError, match=rf"{cfg.llm.hf_id}.*llm=smollm2_135m.*llm=tiny_random"):
+        model_path(cfg.llm, cfg.paths.cache)
