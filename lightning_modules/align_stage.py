@@ -26,7 +26,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from datamodules.artifacts import atomic_dir, fingerprint, reusable, write_json_atomic
-from datamodules.data_stage import data_dir, data_fingerprint, run_data_stage
+from datamodules.data_stage import data_dir, data_fingerprint
 from datamodules.dataset import sample_config
 from datamodules.samples import SYSTEM_PROMPT
 from location_tokenizers.codes import CodeTable, all_code_tokens
@@ -206,8 +206,7 @@ def run_align_stage(cfg: DictConfig, force: bool | None = None) -> dict[str, Any
     import lightning as L
 
     force = bool(cfg.get("force", False)) if force is None else force
-    run_data_stage(cfg, force=False)
-    run_tokenizer_stage(cfg, force=False)
+    run_tokenizer_stage(cfg, force=False)  # it runs (or reuses) the data stage first
     out = run_dir(cfg)
     fp = align_fingerprint(cfg)
     if (old := reusable(out, "align.json", ALIGN_FILES, fp, force, "align")) is not None:

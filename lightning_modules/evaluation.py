@@ -23,7 +23,7 @@ import polars as pl
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from datamodules.artifacts import atomic_dir, fingerprint, reusable, write_json_atomic
+from datamodules.artifacts import fingerprint, reusable, write_json_atomic
 from datamodules.data_stage import data_dir, data_fingerprint, run_data_stage
 from datamodules.dataset import sample_config
 from datamodules.errors import DataError
@@ -114,12 +114,12 @@ def results_markdown(results: dict[str, Any]) -> str:
 
 
 def _write(out: Path, results: dict[str, Any]) -> None:
-    with atomic_dir(out / ".results") as tmp:  # both files appear together or not at all
-        write_json_atomic(tmp / "results.json", results)
-        (tmp / "results.md").write_text(results_markdown(results))
-    for name in ("results.md", "results.json"):
-        (out / ".results" / name).replace(out / name)
-    (out / ".results").rmdir()
+    """``results.md``, then ``results.json`` (each via a rename); the JSON carries the fingerprint and
+    comes last, so a run killed in between is never taken as finished."""
+    md = out / ".tmp-results.md"
+    md.write_text(results_markdown(results))
+    md.replace(out / "results.md")
+    write_json_atomic(out / "results.json", results)
 
 
 def run_baselines_stage(cfg: DictConfig) -> dict[str, Any]:
@@ -146,10 +146,18 @@ def run_baselines_stage(cfg: DictConfig) -> dict[str, Any]:
 
 
 # ------------------------------------------------------------------------------------ the LLM
-def load_for_eval(cfg: DictConfig, folder: Path):
-    """The aligned model from its saved folder, quantised as it was trained, in eval mode."""
+def load_for_eval(cfg: DictConfig, folder: Path, table: Any = None) -> tuple[Any, Any, Any, Any]:
+    """The aligned model from its saved folder (quantised as it was trained, in eval mode) with what
+    decoding needs.
+
+    Returns:
+        ``(model, tokenizer, encoder, trie)``.
+    """
     from lightning_modules.align_stage import load_aligned
+    from lightning_modules.chat_encoding import ChatEncoder
     from lightning_modules.llm import _DTYPES, quantization_config
+    from location_tokenizers.codes import CodeTable
+    from location_tokenizers.trie import CodeTrie
 
     a = cfg.align
     kwargs: dict[str, Any] = {"dtype": _DTYPES[str(a.get("dtype", "float32"))]}
@@ -158,7 +166,10 @@ def load_for_eval(cfg: DictConfig, folder: Path):
         kwargs["quantization_config"] = qc
     model, tokenizer, meta = load_aligned(folder, **kwargs)
     model.eval()
-    return model, tokenizer, meta
+    table = CodeTable.read_parquet(Path(folder) / "codes.parquet") if table is None else table
+    encoder = ChatEncoder(tokenizer, meta["system_prompt"], max_length=int(a.max_length))
+    trie = CodeTrie(table, tokenizer, vocab_size=int(model.config.vocab_size))
+    return model, tokenizer, encoder, trie
 
 
 def rank_prompts(model: torch.nn.Module, encoder: Any, trie: Any, prompts: list[str], num_beams: int,
@@ -209,9 +220,7 @@ def run_test_stage(cfg: DictConfig, force: bool | None = None) -> dict[str, Any]
     from lightning.pytorch.loggers import TensorBoardLogger
 
     from lightning_modules.align_stage import run_align_stage, run_dir
-    from lightning_modules.chat_encoding import ChatEncoder
     from location_tokenizers.codes import CodeTable
-    from location_tokenizers.trie import CodeTrie
 
     force = bool(cfg.get("force", False)) if force is None else force
     run_align_stage(cfg, force=False)
@@ -221,10 +230,8 @@ def run_test_stage(cfg: DictConfig, force: bool | None = None) -> dict[str, Any]
         return old
     t0 = time.perf_counter()
     torch.manual_seed(int(cfg.seed))
-    model, tokenizer, meta = load_for_eval(cfg, out / "model")
     table = CodeTable.read_parquet(out / "model" / "codes.parquet")
-    encoder = ChatEncoder(tokenizer, meta["system_prompt"], max_length=int(cfg.align.max_length))
-    trie = CodeTrie(table, tokenizer, vocab_size=int(model.config.vocab_size))
+    model, tokenizer, encoder, trie = load_for_eval(cfg, out / "model", table)
     index = test_index(cfg)
     checkins = _read(cfg, "checkins.parquet")
     samples = render_samples(index, checkins, table.strings(), _read(cfg, "locations.parquet"),
@@ -329,10 +336,8 @@ def run_predict_stage(cfg: DictConfig) -> dict[str, Any]:
     from datetime import timedelta
 
     from lightning_modules.align_stage import run_dir
-    from lightning_modules.chat_encoding import ChatEncoder
     from lightning_modules.constrained_decoding import beam_search
     from location_tokenizers.codes import CodeTable
-    from location_tokenizers.trie import CodeTrie
     from datamodules.samples import INDEX_SCHEMA
 
     p = cfg.eval.predict
@@ -355,9 +360,7 @@ def run_predict_stage(cfg: DictConfig) -> dict[str, Any]:
                            "template": 0, "is_last": True}], schema=INDEX_SCHEMA)
     locations = _read(cfg, "locations.parquet")
     samples = render_samples(index, traj, table.strings(), locations, _read(cfg, "profiles.parquet"), sample_config(cfg.data))
-    model, tokenizer, meta = load_for_eval(cfg, folder)
-    encoder = ChatEncoder(tokenizer, meta["system_prompt"], max_length=int(cfg.align.max_length))
-    trie = CodeTrie(table, tokenizer, vocab_size=int(model.config.vocab_size))
+    model, _, encoder, trie = load_for_eval(cfg, folder, table)
     top = int(p.top_k)
     batch = encoder.prompt_batch(encoder.prompt_texts(samples), device=next(model.parameters()).device)
     ranked = beam_search(model, batch["input_ids"], batch["attention_mask"], trie, num_beams=max(top, int(cfg.eval.num_beams)))
