@@ -45,14 +45,16 @@ def _read(cfg: DictConfig, name: str) -> pl.DataFrame:
 
 
 def test_index(cfg: DictConfig) -> pl.DataFrame:
-    """The evaluated test samples (``eval.tasks``; first ``eval.max_cases`` per task when set)."""
+    """The evaluated test samples (``eval.tasks``; a seeded random ``eval.max_cases`` per task when set,
+    so that a capped evaluation still covers every kind of user rather than the first few)."""
     tasks = list(cfg.eval.tasks)
     unknown = set(tasks) - set(TASK_LABEL)
     if unknown:
         raise DataError(f"eval.tasks {sorted(unknown)} cannot be ranked; choose from {list(TASK_LABEL)}")
     index = _read(cfg, "sample_index.parquet").filter((pl.col("split") == "test") & pl.col("task").is_in(tasks))
     if cfg.eval.get("max_cases"):
-        index = index.filter(pl.int_range(pl.len()).over("task") < int(cfg.eval.max_cases))
+        rank = pl.int_range(pl.len()).shuffle(seed=int(cfg.seed)).over("task")
+        index = index.filter(rank < int(cfg.eval.max_cases))
     return index
 
 

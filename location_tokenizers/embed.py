@@ -13,6 +13,7 @@ so a rerun, another RQ-VAE shape or another seed never recomputes them; texts ar
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import logging
 import os
@@ -84,16 +85,30 @@ def cache_key(embedder: str, llm_cfg: Any, max_length: int) -> str:
     return f"{embedder}-{name}-{max_length}"
 
 
+def _read_cache(path: Path) -> dict[str, np.ndarray]:
+    if not path.is_file():
+        return {}
+    table = pl.read_parquet(path)
+    return dict(zip(table["hash"].to_list(), table["vector"].to_numpy()))
+
+
 def _write_cache(path: Path, cached: dict[str, np.ndarray]) -> None:
-    """Write the whole cache atomically (temporary file + rename)."""
+    """Merge ``cached`` into the cache file atomically (temporary file + rename).
+
+    Several runs may share one cache (a sweep, a test run beside a long experiment): under an
+    exclusive lock the file is re-read and merged, so one run never drops another run's vectors.
+    """
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".tmp-{path.name}-{uuid.uuid4().hex[:8]}")
-    try:
-        keys = list(cached)
-        pl.DataFrame({"hash": keys, "vector": np.stack([cached[k] for k in keys]).astype(np.float32)}).write_parquet(tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    with open(path.with_name(f".{path.name}.lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        merged = {**_read_cache(path), **cached}
+        tmp = path.with_name(f".tmp-{path.name}-{uuid.uuid4().hex[:8]}")
+        try:
+            keys = list(merged)
+            pl.DataFrame({"hash": keys, "vector": np.stack([merged[k] for k in keys]).astype(np.float32)}).write_parquet(tmp)
+            os.replace(tmp, path)
+        finally:
+            tmp.unlink(missing_ok=True)
 
 
 def embed_texts(
@@ -127,10 +142,7 @@ def embed_texts(
         raise ValueError(f"tokenizer.embedder={embedder!r}; choose one of {list(EMBEDDERS)}")
     key = cache_key(embedder, llm_cfg, max_length)
     path = Path(cache_dir) / "embeddings" / f"{key}.parquet"
-    cached: dict[str, np.ndarray] = {}
-    if path.is_file():
-        table = pl.read_parquet(path)
-        cached = dict(zip(table["hash"].to_list(), table["vector"].to_numpy()))
+    cached = _read_cache(path)
     hashes = [text_hash(t) for t in texts]
     todo = sorted({h: t for h, t in zip(hashes, texts) if h not in cached}.items(), key=lambda kv: len(kv[1]))
     if todo:

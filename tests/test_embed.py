@@ -74,3 +74,15 @@ def test_interrupted_run_keeps_its_progress(tmp_path, monkeypatch) -> None:
     # Only the two texts not saved before the kill were embedded again.
     assert len(embedded) == 4 and sorted(embedded) == sorted(texts)
     assert vectors.shape == (4, 4)
+
+
+def test_concurrent_runs_do_not_drop_each_others_vectors(tmp_path, monkeypatch) -> None:
+    """Two runs sharing a cache (a sweep, a test beside a long experiment) each write what they
+    embedded; the second write merges instead of replacing the first run's vectors."""
+    monkeypatch.setattr(embed, "_Encoder", lambda *a, **k: (lambda texts: np.ones((len(texts), 3), np.float32)))
+    path = tmp_path / "embeddings" / f"{embed.cache_key('minilm', None, 256)}.parquet"
+    embed.embed_texts(["only in run A"], "minilm", None, tmp_path, max_length=256, progress=False)
+    # Run B read the (empty) cache before A wrote, so its in-memory dict lacks A's vector.
+    embed._write_cache(path, {embed.text_hash("only in run B"): np.zeros(3, np.float32)})
+    merged = embed._read_cache(path)
+    assert set(merged) == {embed.text_hash("only in run A"), embed.text_hash("only in run B")}
