@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import math
+import os
+import subprocess
+import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import polars as pl
@@ -11,6 +15,8 @@ import pytest
 
 from datamodules.readers.synthetic import CATEGORIES, generate_city
 from datamodules.schema import CHECKIN_SCHEMA
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
@@ -21,6 +27,18 @@ def city() -> pl.DataFrame:
 
 def test_deterministic_for_a_seed() -> None:
     assert generate_city(seed=3).equals(generate_city(seed=3))
+
+
+def test_same_seed_same_city_in_another_process() -> None:
+    """Python salts str hashes per process (PYTHONHASHSEED): iterating a set of strings while
+    drawing from the rng once gave each process its own categories and names."""
+    code = "from datamodules.readers.synthetic import generate_city; print(generate_city(seed=3, n_pois=80, n_users=10, days=10).hash_rows().sum())"
+    sums = {
+        subprocess.run([sys.executable, "-c", code], cwd=ROOT, env={**os.environ, "PYTHONHASHSEED": str(h)},
+                       capture_output=True, text=True, check=True).stdout.strip()
+        for h in (1, 2, 3)
+    }
+    assert len(sums) == 1, sums
 
 
 def test_different_seeds_differ(city: pl.DataFrame) -> None:

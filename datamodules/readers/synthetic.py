@@ -212,7 +212,7 @@ def _make_pois(rng: np.random.Generator, n_pois: int, radius_km: float) -> dict[
         fitting = cands[np.isin(hood[cands], [h for h, t in enumerate(hood_types) if t == hood_type])]
         kind[(fitting if fitting.size else cands)[0]] = needed
     category = np.empty(n_pois, dtype=object)
-    for k in set(kind):
+    for k in sorted(set(kind)):  # sorted: set order changes with PYTHONHASHSEED, the rng draws must not
         members = np.flatnonzero(kind == k)
         leaves = [c for c, (_, kk, _) in CATEGORIES.items() if kk == k]
         w = np.array([CATEGORIES[c][2] for c in leaves])
