@@ -11,14 +11,21 @@ import sys
 from collections.abc import Callable
 from typing import Any
 
+from pathlib import Path
+
 import hydra
-from omegaconf import DictConfig, OmegaConf
+from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
+from omegaconf import DictConfig, OmegaConf, open_dict
+
+from datamodules.artifacts import run_dir, write_json_atomic
 
 from datamodules.data_stage import run_data_stage
 from datamodules.errors import DataError
 from lightning_modules.align_stage import run_align_stage
 from lightning_modules.evaluation import results_markdown, run_baselines_stage, run_predict_stage, run_test_stage
 from lightning_modules.llm import ModelUnavailableError
+from lightning_modules.report import JOB_RECORD, run_report_stage
 from location_tokenizers.tokenizer_stage import run_tokenizer_stage
 
 log = logging.getLogger("qtmob")
@@ -30,10 +37,11 @@ STAGES: dict[str, Callable[[DictConfig], Any]] = {
     "align": run_align_stage,
     "test": run_test_stage,
 }
-# Stages that run only when asked for by name (not part of stage=all).
+# Stages that run only when asked for by name (not part of stage=all). report gathers a sweep folder.
 ON_DEMAND: dict[str, Callable[[DictConfig], Any]] = {
     "baselines": run_baselines_stage,
     "predict": run_predict_stage,
+    "report": run_report_stage,
 }
 
 
@@ -54,14 +62,44 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     return {name: known[name](cfg) for name in names}
 
 
+def _hydra() -> Any:
+    return HydraConfig.get() if HydraConfig.initialized() else None
+
+
+def name_grid_point(cfg: DictConfig) -> None:
+    """In a multirun, give a grid point without an ablation ``variant`` one named after its overrides,
+    so that the points of a grid never share (and overwrite) a run folder."""
+    hc = _hydra()
+    if hc is not None and hc.mode == RunMode.MULTIRUN and not cfg.get("variant"):
+        with open_dict(cfg):
+            cfg.variant = hc.job.override_dirname.replace("/", "_") or f"job{hc.job.num}"
+
+
+def write_job_record(cfg: DictConfig, status: str, stages: list[str], error: str | None = None) -> None:
+    """``<hydra output dir>/qtmob_job.json``: what this job ran and where (read by ``stage=report``)."""
+    hc = _hydra()
+    if hc is None or str(cfg.stage) == "report":
+        return
+    write_json_atomic(Path(hc.runtime.output_dir) / JOB_RECORD, {
+        "status": status, "error": error, "stage": str(cfg.stage), "stages": stages, "run_dir": str(run_dir(cfg)),
+        "variant": cfg.get("variant"), "overrides": list(hc.overrides.task),
+    })
+
+
 @hydra.main(config_path="experiments", config_name="run", version_base=None)
 def main(cfg: DictConfig) -> None:
     """Hydra wrapper around :func:`run`; input problems end with a message, not a traceback."""
+    name_grid_point(cfg)
     try:
         results = run(cfg)
     except (DataError, ModelUnavailableError) as exc:
+        write_job_record(cfg, "failed", [], f"{type(exc).__name__}: {exc}")
         print(f"error: {exc}", file=sys.stderr)
         sys.exit(2)
+    except BaseException as exc:  # a crash or Ctrl-C: recorded for the sweep report, then raised as usual
+        write_job_record(cfg, "failed", [], f"{type(exc).__name__}: {exc}")
+        raise
+    write_job_record(cfg, "ok", list(results))
     if "data" in results:
         summary = results["data"]
         print(
@@ -87,6 +125,8 @@ def main(cfg: DictConfig) -> None:
     for name in ("baselines", "test"):
         if name in results:
             print(results_markdown(results[name]))
+    if "report" in results:
+        print(results["report"]["markdown"])
 
 
 if __name__ == "__main__":

@@ -23,7 +23,7 @@ sys.path.insert(0, str(REPO))
 def main() -> None:
     import torch
 
-    from datamodules.data_stage import run_data_stage
+    from datamodules.data_stage import data_dir, run_data_stage
     from lightning_modules.chat_encoding import ChatEncoder
     from lightning_modules.constrained_decoding import beam_search
     from lightning_modules.evaluation import test_index
@@ -50,7 +50,7 @@ def main() -> None:
     model = load_model(cfg.llm, cfg.paths.cache, dtype=torch.float32).eval()
     model.resize_token_embeddings(len(tok), mean_resizing=False)
     trie = CodeTrie(table, tok, vocab_size=len(tok))
-    d = Path(art) / "nyc" / "data"
+    d = data_dir(cfg)
     index = test_index(cfg).filter(pl.col("task") == "next").head(args.cases)
     samples = render_samples(index, pl.read_parquet(d / "checkins.parquet"), table.strings(), pl.read_parquet(d / "locations.parquet"),
                              pl.read_parquet(d / "profiles.parquet"), sample_config(cfg.data))

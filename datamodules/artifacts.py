@@ -13,12 +13,40 @@ import json
 import logging
 import os
 import shutil
+import socket
+import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 log = logging.getLogger(__name__)
+
+
+# Temporary folders carry their writer (host and pid), so that a run cleans only what a dead run
+# left behind, never the folder another process (a grid point on the same machine) is writing.
+_OWNER = f"{socket.gethostname().replace('-', '_')}-{os.getpid()}"
+_ABANDON_SECONDS = 24 * 3600
+
+
+def _abandoned(tmp: Path) -> bool:
+    """A temporary folder whose writer is gone: same host and dead pid, or older than a day."""
+    try:
+        if time.time() - tmp.stat().st_mtime > _ABANDON_SECONDS:
+            return True
+    except FileNotFoundError:
+        return False
+    parts = tmp.name.split("-")
+    host, pid = (parts[-3], parts[-2]) if len(parts) >= 3 else ("", "")
+    if host != socket.gethostname().replace("-", "_") or not pid.isdigit():
+        return False
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        return False
+    return False
 
 
 @contextlib.contextmanager
@@ -36,14 +64,15 @@ def atomic_dir(final: str | Path) -> Iterator[Path]:
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
     for stale in final.parent.glob(f".tmp-{final.name}-*"):
-        shutil.rmtree(stale, ignore_errors=True)
-    tmp = final.parent / f".tmp-{final.name}-{uuid.uuid4().hex[:8]}"
+        if _abandoned(stale):
+            shutil.rmtree(stale, ignore_errors=True)
+    tmp = final.parent / f".tmp-{final.name}-{_OWNER}-{uuid.uuid4().hex[:8]}"
     tmp.mkdir()
     try:
         yield tmp
         trash = None
         if final.exists():
-            trash = final.parent / f".tmp-{final.name}-old-{uuid.uuid4().hex[:8]}"
+            trash = final.parent / f".tmp-{final.name}-old-{_OWNER}-{uuid.uuid4().hex[:8]}"
             os.replace(final, trash)
         os.replace(tmp, final)
         if trash is not None:
@@ -51,6 +80,21 @@ def atomic_dir(final: str | Path) -> Iterator[Path]:
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
+
+
+def run_dir(cfg: Any) -> Path:
+    """``<paths.artifacts>/<data.name>/<run_name>[/<variant>]``: the alignment, test and TensorBoard
+    folder of a run. ``variant`` names a grid point of a sweep (an ablation file sets it; a plain
+    multirun uses its overrides), so that the points of one grid never share a folder."""
+    out = Path(cfg.paths.artifacts) / str(cfg.data.name) / str(cfg.run_name)
+    variant = cfg.get("variant")
+    return out / str(variant) if variant else out
+
+
+def tb_dir(cfg: Any) -> Path:
+    """TensorBoard folder: ``logger.save_dir``, by default ``<run folder>/tb``."""
+    save_dir = cfg.logger.get("save_dir")
+    return Path(save_dir) if save_dir else run_dir(cfg) / "tb"
 
 
 def write_json_atomic(path: str | Path, obj: Any) -> None:

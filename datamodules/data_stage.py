@@ -28,8 +28,9 @@ DATA_FILES = ("checkins.parquet", "locations.parquet", "profiles.parquet", "samp
 
 
 def data_dir(cfg: DictConfig) -> Path:
-    """``<paths.artifacts>/<data.name>/data``."""
-    return Path(cfg.paths.artifacts) / str(cfg.data.name) / "data"
+    """``<paths.artifacts>/<data.name>/data-<fingerprint>``: one folder per data config, so that
+    experiments with other sample settings (and grid points running at once) never overwrite it."""
+    return Path(cfg.paths.artifacts) / str(cfg.data.name) / f"data-{data_fingerprint(cfg)[:8]}"
 
 
 def data_fingerprint(cfg: DictConfig) -> str:

@@ -25,7 +25,7 @@ import polars as pl
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from datamodules.artifacts import atomic_dir, fingerprint, reusable, write_json_atomic
+from datamodules.artifacts import atomic_dir, fingerprint, reusable, run_dir, tb_dir, write_json_atomic
 from datamodules.data_stage import data_dir, data_fingerprint
 from datamodules.dataset import sample_config
 from datamodules.samples import SYSTEM_PROMPT
@@ -35,11 +35,6 @@ from location_tokenizers.tokenizer_stage import load_codes, run_tokenizer_stage,
 log = logging.getLogger(__name__)
 
 ALIGN_FILES = ("model/adapter_config.json", "model/tokenizer_config.json", "model/codes.parquet", "model/qtmob.json")
-
-
-def run_dir(cfg: DictConfig) -> Path:
-    """``<paths.artifacts>/<data.name>/<run_name>``."""
-    return Path(cfg.paths.artifacts) / str(cfg.data.name) / str(cfg.run_name)
 
 
 def align_fingerprint(cfg: DictConfig) -> str:
@@ -183,7 +178,7 @@ def make_trainer(cfg: DictConfig, out: Path, **overrides: Any):
     from lightning.pytorch.loggers import TensorBoardLogger
 
     t = cfg.trainer
-    logger = TensorBoardLogger(save_dir=str(cfg.logger.save_dir), name="align", default_hp_metric=False)
+    logger = TensorBoardLogger(save_dir=str(tb_dir(cfg)), name="align", default_hp_metric=False)
     checkpoint = ModelCheckpoint(
         dirpath=out / "checkpoints", save_last=True, save_top_k=0,
         every_n_train_steps=int(cfg.align.get("checkpoint_every_n_steps", 50)) or None, save_on_train_epoch_end=True,

@@ -23,7 +23,7 @@ import polars as pl
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from datamodules.artifacts import fingerprint, reusable, write_json_atomic
+from datamodules.artifacts import fingerprint, reusable, tb_dir, write_json_atomic
 from datamodules.data_stage import data_dir, data_fingerprint, run_data_stage
 from datamodules.dataset import sample_config
 from datamodules.errors import DataError
@@ -246,7 +246,7 @@ def run_test_stage(cfg: DictConfig, force: bool | None = None) -> dict[str, Any]
     t_llm = time.perf_counter()
     locs, _ = rank_prompts(model, encoder, trie, prompts, int(e.num_beams), int(e.batch_size))
     llm_seconds = time.perf_counter() - t_llm
-    logger = TensorBoardLogger(save_dir=str(cfg.logger.save_dir), name="test", default_hp_metric=False)
+    logger = TensorBoardLogger(save_dir=str(tb_dir(cfg)), name="test", default_hp_metric=False)
     rankings, seconds = baseline_rankings(cfg, cases, checkins, table.loc_ids, with_gru=True, logger=logger)
     top = int(e.top_k)
     model_name = f"QT-Mob ({cfg.llm.name})"

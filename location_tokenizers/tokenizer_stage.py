@@ -26,7 +26,7 @@ import polars as pl
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from datamodules.artifacts import atomic_dir, fingerprint, reusable, write_json_atomic
+from datamodules.artifacts import atomic_dir, fingerprint, reusable, tb_dir, write_json_atomic
 from datamodules.data_stage import data_dir, data_fingerprint, run_data_stage
 from datamodules.errors import DataError
 from location_tokenizers.codes import CodeTable
@@ -38,8 +38,9 @@ TOKENIZER_FILES = ("codes.parquet", "index.json", "metrics.json", "code_map.png"
 
 
 def tokenizer_dir(cfg: DictConfig) -> Path:
-    """``<paths.artifacts>/<data.name>/tokenizer``."""
-    return Path(cfg.paths.artifacts) / str(cfg.data.name) / "tokenizer"
+    """``<paths.artifacts>/<data.name>/tokenizer-<tokenizer.name>-<fingerprint>``: one folder per
+    tokenizer config, so that a grid over codebook shapes never mixes up codes."""
+    return Path(cfg.paths.artifacts) / str(cfg.data.name) / f"tokenizer-{cfg.tokenizer.name}-{tokenizer_fingerprint(cfg)[:8]}"
 
 
 def tokenizer_fingerprint(cfg: DictConfig) -> str:
@@ -124,7 +125,7 @@ def _train_rqvae(cfg: DictConfig, embeddings: np.ndarray, out: Path) -> tuple[Co
         seed=int(cfg.seed),
     )
     module.set_embeddings(x)
-    logger = TensorBoardLogger(save_dir=str(cfg.logger.save_dir), name="tokenizer", default_hp_metric=False)
+    logger = TensorBoardLogger(save_dir=str(tb_dir(cfg)), name="tokenizer", default_hp_metric=False)
     checkpoint = ModelCheckpoint(dirpath=out / "checkpoints", monitor="rqvae/score", mode="min", save_last=True, filename="best")
     callbacks = [checkpoint]
     if int(t.get("patience", 0)) > 0:
@@ -155,6 +156,32 @@ def _train_rqvae(cfg: DictConfig, embeddings: np.ndarray, out: Path) -> tuple[Co
     figures = {k.split("/", 1)[1]: v for k, v in figures.items()}
     figures.update(epochs=int(trainer.current_epoch), train_seconds=round(train_seconds, 2), assignment=stats)
     return codes, figures, logger
+
+
+def baseline_table(kind: str, loc_ids: np.ndarray, cfg: DictConfig) -> CodeTable:
+    """The non-semantic tokenizations of the ablation grid.
+
+    * ``id``: one new token per location (a single level whose codebook is the catalogue), as in
+      LLM recommenders that add an ID token per item;
+    * ``random``: ``num_levels x codebook_size`` codes drawn uniformly without collisions (seeded):
+      the RQ-VAE's shape with none of its semantics, so shared prefixes mean nothing.
+    """
+    n = len(loc_ids)
+    if kind == "id":
+        return CodeTable(loc_ids=loc_ids, codes=np.arange(n, dtype=np.int64)[:, None], codebook_size=max(n, 1))
+    levels, k = int(cfg.tokenizer.num_levels), int(cfg.tokenizer.codebook_size)
+    if k**levels < n:
+        raise DataError(f"tokenizer=random: {levels} levels x {k} codes give {k**levels} codes for {n} locations")
+    rng = np.random.default_rng(int(cfg.seed))
+    flat: np.ndarray = np.empty(0, dtype=np.int64)
+    while len(flat) < n:  # rejection of duplicates; K**L is far above n in practice
+        draw = rng.integers(0, k**levels, size=2 * (n - len(flat)), dtype=np.int64)
+        flat = np.concatenate([flat, draw])
+        _, first = np.unique(flat, return_index=True)
+        flat = flat[np.sort(first)]
+    flat = flat[:n]
+    codes = np.stack([(flat // k ** (levels - 1 - lv)) % k for lv in range(levels)], axis=1)
+    return CodeTable(loc_ids=loc_ids, codes=codes, codebook_size=k)
 
 
 def run_tokenizer_stage(cfg: DictConfig, force: bool | None = None) -> dict[str, Any]:
@@ -209,8 +236,10 @@ def run_tokenizer_stage(cfg: DictConfig, force: bool | None = None) -> dict[str,
             codes, figures, logger = _train_rqvae(cfg, embeddings, tmp)
             metrics["training"] = figures
             table = CodeTable(loc_ids=loc_ids, codes=codes, codebook_size=int(cfg.tokenizer.codebook_size))
+        elif kind in ("id", "random"):
+            table = baseline_table(kind, loc_ids, cfg)
         else:
-            raise DataError(f"tokenizer.kind={kind!r}; choose rqvae or released")
+            raise DataError(f"tokenizer.kind={kind!r}; choose rqvae, released, id or random")
         metrics.update(coherence(table.codes, locations, table.loc_ids, table.codebook_size))
         if released is not None and kind != "released":
             metrics["released_index"] = coherence(released.codes, locations, released.loc_ids, released.codebook_size)

@@ -6,6 +6,7 @@ import subprocess
 import sys
 
 import pytest
+from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
 from tests.conftest import CONFIG_DIR, REPO, compose_cfg
@@ -28,13 +29,14 @@ def test_experiment_composes(experiment: str, tmp_path) -> None:
     assert container["data"]["root"] == "/some/where"
 
 
-@pytest.mark.parametrize("group", ["data", "llm", "tokenizer", "objectives", "align", "eval", "trainer", "logger"])
+@pytest.mark.parametrize("group", ["data", "llm", "tokenizer", "objectives", "align", "eval", "trainer", "logger", "ablation", "launcher"])
 def test_every_group_option_composes(group: str) -> None:
     options = sorted(p.stem for p in (CONFIG_DIR / group).glob("*.yaml") if not p.stem.startswith("_"))
     assert options, group
     for option in options:
         cfg = compose_cfg([f"{group}={option}"])
-        assert cfg[group] is not None
+        if group not in ("ablation", "launcher"):  # those are @package _global_ (sweep settings)
+            assert cfg[group] is not None
 
 
 def test_stage_seed_and_paths_overrides(tmp_path) -> None:
@@ -42,7 +44,9 @@ def test_stage_seed_and_paths_overrides(tmp_path) -> None:
     assert cfg.stage == "data" and cfg.seed == 7
     assert cfg.data.samples.seed == 7  # the sample seed follows the run seed
     assert cfg.paths.artifacts == str(tmp_path)
-    assert cfg.logger.save_dir.startswith(str(tmp_path))
+    from datamodules.artifacts import tb_dir
+
+    assert str(tb_dir(cfg)).startswith(str(tmp_path))
 
 
 def test_raw_experiments_require_data_root() -> None:
@@ -60,3 +64,43 @@ def test_cli_cfg_job_composes() -> None:
     cfg = OmegaConf.create(out.stdout)
     assert cfg.data.format == "qtmob_release"
     assert cfg.llm.hf_id == "meta-llama/Llama-3.2-1B-Instruct"
+
+
+ABLATIONS = sorted(p.stem for p in (CONFIG_DIR / "ablation").glob("*.yaml"))
+
+
+def test_ablation_grids_exist() -> None:
+    assert {"objectives", "tokenization", "codebook", "backbone"} <= set(ABLATIONS)
+
+
+@pytest.mark.parametrize("ablation", ABLATIONS)
+def test_every_point_of_every_ablation_grid_composes(ablation: str, tmp_path) -> None:
+    """Each grid of `python run.py -m experiment=... ablation=<grid>` lists its points under
+    hydra.sweeper.params; every point composes with each experiment and gets its own run folder."""
+    from datamodules.artifacts import run_dir
+
+    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base=None):
+        full = compose(config_name="run", overrides=[f"ablation={ablation}"], return_hydra_config=True)
+    params = dict(full.hydra.sweeper.params)
+    assert len(params) == 1
+    (group, values), = params.items()
+    points = [v.strip() for v in str(values).split(",")]
+    assert len(points) >= 3
+    for experiment in EXPERIMENTS:
+        folders = set()
+        for point in points:
+            cfg = compose_cfg([f"experiment={experiment}", f"ablation={ablation}", f"{group}={point}",
+                               "data.root=/some/where", f"paths.artifacts={tmp_path}"])
+            OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)
+            folders.add(run_dir(cfg))
+        assert len(folders) == len(points), (experiment, ablation, folders)
+
+
+def test_slurm_launcher_composes() -> None:
+    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base=None):
+        cfg = compose(config_name="run", overrides=["experiment=smoke", "launcher=slurm", "launcher_slurm.gpus_per_node=4",
+                                                    "launcher_slurm.partition=gpu"], return_hydra_config=True)
+    launcher = cfg.hydra.launcher
+    assert launcher._target_.endswith("SlurmLauncher")
+    assert launcher.gpus_per_node == 4 and launcher.partition == "gpu"
+    assert str(launcher.submitit_folder).endswith(".submit/%j")

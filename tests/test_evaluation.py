@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from lightning_modules.metrics import RankingMetrics
+from location_tokenizers.tokenizer_stage import tokenizer_dir
 from location_tokenizers.codes import CodeTable, all_code_tokens
 from location_tokenizers.trie import CodeTrie
 from tests.conftest import compose_cfg
@@ -230,7 +231,7 @@ def test_stage_predict_ranks_next_locations_for_a_csv(tested, tmp_path, capsys) 
     from lightning_modules.evaluation import run_predict_stage
 
     cfg, _, art = tested
-    locs = pl.read_parquet(art / "synthetic" / "tokenizer" / "codes.parquet")["loc_id"].to_list()
+    locs = pl.read_parquet(tokenizer_dir(cfg) / "codes.parquet")["loc_id"].to_list()
     good = tmp_path / "me.csv"
     good.write_text(f"time,loc_id\n2024-03-01 08:10:00,{locs[0]}\n2024-03-01 12:30:00,{locs[1]}\n2024-03-01 18:05:00,{locs[2]}\n")
     cfg.eval.predict.input = str(good)
@@ -246,3 +247,59 @@ def test_stage_predict_ranks_next_locations_for_a_csv(tested, tmp_path, capsys) 
     cfg.eval.predict.input = str(bad)
     with pytest.raises(DataError, match=r"bad.csv: 2 bad row\(s\): line 3: time 'yesterday'.*line 4: loc_id 999999"):
         run_predict_stage(cfg)
+
+
+# ----------------------------------------------------------------------------- TensorBoard as a user sees it
+def test_tensorboard_serves_every_dashboard_of_a_run(tested) -> None:
+    """Start ``tensorboard --logdir <run>/tb`` and find, through its HTTP API, what a user looks for:
+    per-task losses, val/acc@1, the rqvae figures, the code map and the sample generations."""
+    import re
+    import subprocess
+    import sys
+    import time
+    import urllib.request
+
+    from datamodules.artifacts import tb_dir
+
+    cfg, _, _ = tested
+    logdir = tb_dir(cfg)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "tensorboard.main", "--logdir", str(logdir), "--host", "127.0.0.1", "--port", "0"],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )
+    try:
+        url, seen, deadline = None, [], time.monotonic() + 120
+        while url is None and time.monotonic() < deadline:
+            line = proc.stdout.readline()
+            if not line and proc.poll() is not None:
+                break
+            seen.append(line)
+            if m := re.search(r"(http://127\.0\.0\.1:\d+)", line):
+                url = m.group(1)
+        assert url, "tensorboard did not start:\n" + "".join(seen)
+
+        def get(path: str) -> dict:
+            for _ in range(100):  # the first scan of the logdir runs in the background
+                data = json.loads(urllib.request.urlopen(url + path, timeout=30).read())
+                if data:
+                    return data
+                time.sleep(0.3)
+            return data
+
+        runs = get("/data/runs")
+        assert any(r.startswith("tokenizer") for r in runs) and any(r.startswith("align") for r in runs), runs
+        scalars = get("/data/plugin/scalars/tags")
+        tags = {tag for run_tags in scalars.values() for tag in run_tags}
+        for tag in ("train/loss_next", "train/loss_recovery", "train/loss_translation", "val/loss_next", "val/acc@1",
+                    "rqvae/recon", "rqvae/quant", "rqvae/usage_l0", "rqvae/perplexity_l0", "rqvae/collision_rate"):
+            assert tag in tags, (tag, sorted(tags))
+        align_run = next(r for r in scalars if r.startswith("align") and "val/acc@1" in scalars[r])
+        points = get(f"/data/plugin/scalars/scalars?run={urllib.request.quote(align_run)}&tag=val/acc@1")
+        assert points and 0.0 <= points[-1][2] <= 1.0
+        images = get("/data/plugin/images/tags")
+        assert any("rqvae/code_map" in t for t in images.values()), images
+        texts = get("/data/plugin/text/tags")
+        assert any(any("generation" in tag for tag in t) for t in texts.values()), texts
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)

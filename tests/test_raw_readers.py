@@ -19,6 +19,7 @@ import pytest
 from hydra import compose, initialize_config_dir
 
 import run as run_module
+from datamodules.data_stage import data_dir
 from datamodules.dataset import load_dataset
 from datamodules.errors import DataError, Quarantine
 from datamodules.readers.raw_formats import read_category_side_file, read_gowalla, read_tsmc
@@ -400,11 +401,17 @@ def write_city_as_tsmc(city: pl.DataFrame, path: Path, bad_rows: int = 0) -> Pat
     return write_text(path, lines, encoding="latin-1")
 
 
+def summary_dir(art: Path, dataset: str) -> Path:
+    """The one data folder (``data-<fingerprint>``) a single data stage wrote."""
+    (found,) = (art / dataset).glob("data-*")
+    return found
+
+
 def run_stage_data(overrides: list[str]) -> dict:
     with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base=None):
         cfg = compose(config_name="run", overrides=overrides)
     results = run_module.run(cfg)
-    summary_path = Path(cfg.paths.artifacts) / str(cfg.data.name) / "data" / "summary.json"
+    summary_path = data_dir(cfg) / "summary.json"
     summary = json.loads(summary_path.read_text())
     assert summary == json.loads(json.dumps(results["data"]))
     return summary
@@ -442,7 +449,7 @@ def test_tsmc_dump_end_to_end(tmp_path: Path, bad_rows: int) -> None:
     city = generate_city(seed=1, n_users=60, n_pois=300, days=90)
     path = write_city_as_tsmc(city, raw / "dataset_TSMC2014_NYC.txt", bad_rows=bad_rows)
     summary = run_stage_data(["data=tsmc_nyc", f"data.root={raw}", f"paths.artifacts={art}", "stage=data"])
-    out = art / "tsmc_nyc" / "data"
+    out = Path(summary_dir(art, "tsmc_nyc"))
     assert_summary_consistent(summary, out)
     assert summary["quarantined_rows"] == bad_rows
     assert summary["quarantine"]["files"][str(path)] == {
@@ -485,7 +492,7 @@ def test_gowalla_dump_end_to_end(tmp_path: Path) -> None:
     summary = run_stage_data([
         "data=gowalla_ca", f"data.root={raw}", f"data.categories={side}", f"paths.artifacts={art}", "stage=data",
     ])
-    out = art / "gowalla_ca" / "data"
+    out = Path(summary_dir(art, "gowalla_ca"))
     assert_summary_consistent(summary, out)
     assert summary["quarantined_rows"] == 0
     file_rows = summary["quarantine"]["files"][str(path)]["rows"]

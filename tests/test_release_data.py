@@ -8,6 +8,7 @@ import polars as pl
 import pytest
 
 import run as run_module
+from datamodules.data_stage import data_dir
 from datamodules.errors import Quarantine
 from datamodules.readers.qtmob_release import read_loc2id, read_qtmob_release
 from datamodules.schema import CHECKIN_SCHEMA
@@ -48,7 +49,8 @@ def test_loc2id_refuses_code_objects(tmp_path) -> None:
 def test_data_stage_summary_has_the_exact_counts(nyc_release, tmp_path) -> None:
     cfg = compose_cfg(["experiment=nyc_qlora", "stage=data", f"data.root={nyc_release}", f"paths.artifacts={tmp_path}"])
     results = run_module.run(cfg)
-    summary = json.loads((tmp_path / "nyc" / "data" / "summary.json").read_text())
+    out = data_dir(cfg)
+    summary = json.loads((out / "summary.json").read_text())
     assert summary == json.loads(json.dumps(results["data"]))
     assert summary["checkins"] == 66_504
     assert summary["trajectories"] == 11_297
@@ -65,11 +67,11 @@ def test_data_stage_summary_has_the_exact_counts(nyc_release, tmp_path) -> None:
     assert "test" in samples["recovery_single"]
     assert summary["quarantined_rows"] == 0
     for name in ("checkins.parquet", "locations.parquet", "profiles.parquet", "sample_index.parquet", "quarantine.csv"):
-        assert (tmp_path / "nyc" / "data" / name).is_file()
+        assert (out / name).is_file()
     # A second run with the same config reuses the artefacts.
-    before = (tmp_path / "nyc" / "data" / "checkins.parquet").stat().st_mtime_ns
+    before = (out / "checkins.parquet").stat().st_mtime_ns
     run_module.run(cfg)
-    assert (tmp_path / "nyc" / "data" / "checkins.parquet").stat().st_mtime_ns == before
+    assert (out / "checkins.parquet").stat().st_mtime_ns == before
 
 
 def test_parent_categories_match_the_release_taxonomy(nyc_release) -> None:

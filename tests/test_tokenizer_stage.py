@@ -12,6 +12,8 @@ import torch
 
 import run as run_module
 from location_tokenizers.codes import CodeTable
+from datamodules.artifacts import tb_dir
+from datamodules.data_stage import data_dir
 from location_tokenizers.tokenizer_stage import tokenizer_dir
 from tests.conftest import compose_cfg
 
@@ -39,7 +41,7 @@ def test_artefacts_and_zero_collisions(smoke_run) -> None:
     table = CodeTable.read_parquet(out / "codes.parquet")
     again = CodeTable.from_index_json(out / "index.json", codebook_size=table.codebook_size)
     assert np.array_equal(table.loc_ids, again.loc_ids) and np.array_equal(table.codes, again.codes)
-    locations = pl.read_parquet(out.parent / "data" / "locations.parquet")
+    locations = pl.read_parquet(data_dir(cfg) / "locations.parquet")
     assert sorted(table.loc_ids.tolist()) == sorted(locations["loc_id"].to_list())
     assert table.codes.shape[1] == 4 and table.codes.max() < 64
     written = json.loads((out / "metrics.json").read_text())
@@ -53,7 +55,7 @@ def test_tensorboard_has_rqvae_figures_and_code_map(smoke_run) -> None:
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     cfg, _, _, _ = smoke_run
-    runs = sorted((tokenizer_dir(cfg).parent / cfg.run_name / "tb" / "tokenizer").glob("version_*"))
+    runs = sorted((tb_dir(cfg) / "tokenizer").glob("version_*"))
     assert runs
     acc = EventAccumulator(str(runs[-1]), size_guidance={"images": 0, "scalars": 0})
     acc.Reload()
@@ -69,8 +71,13 @@ def test_rerun_skips_and_force_recomputes(smoke_run) -> None:
     before = codes.stat().st_mtime_ns
     run_module.run(smoke_cfg(art, cache))
     assert codes.stat().st_mtime_ns == before
-    run_module.run(smoke_cfg(art, cache, "force=true", "tokenizer.max_epochs=2"))
+    run_module.run(smoke_cfg(art, cache, "force=true"))
     assert codes.stat().st_mtime_ns != before
+    # Another tokenizer config gets its own folder: the first one's codes stay.
+    other = smoke_cfg(art, cache, "tokenizer.max_epochs=2")
+    run_module.run(other)
+    assert tokenizer_dir(other) != tokenizer_dir(cfg) and (tokenizer_dir(other) / "codes.parquet").is_file()
+    assert codes.is_file()
 
 
 def test_same_seed_same_codes(smoke_run, tmp_path) -> None:
@@ -95,7 +102,7 @@ def test_failed_stage_leaves_previous_codebook(smoke_run, tmp_path, monkeypatch)
 
     monkeypatch.setattr(assign, "assign_codes", boom)
     with pytest.raises(KeyboardInterrupt):
-        run_module.run(smoke_cfg(art, cache, "force=true", "tokenizer.max_epochs=1"))
+        run_module.run(smoke_cfg(art, cache, "force=true"))
     assert (out / "codes.parquet").read_bytes() == before
     assert not list(out.parent.glob(".tmp-tokenizer-*"))
     # A first run that dies leaves no codebook at all.
@@ -141,3 +148,31 @@ def test_released_index_on_nyc(nyc_release, tmp_path) -> None:
     written = json.loads((tokenizer_dir(cfg) / "index.json").read_text())
     released = json.loads((nyc_release / "index_Llama-3.2-1B-Instruct.json").read_text())
     assert written == released
+
+
+@pytest.mark.parametrize("kind", ["id", "random"])
+def test_ablation_tokenizations_are_collision_free(kind, smoke_run) -> None:
+    """tokenizer=id (one new token per location) and tokenizer=random (the RQ-VAE's shape, random
+    codes) for the tokenization ablation: valid, collision-free, seeded, with their own folder."""
+    from location_tokenizers.codes import all_code_tokens
+
+    cfg0, _, art, cache = smoke_run
+    plain = lambda *extra: compose_cfg(["experiment=smoke", "stage=tokenizer", f"paths.artifacts={art}", f"paths.cache={cache}", *extra])  # noqa: E731
+    cfg = plain(f"tokenizer={kind}")
+    metrics = run_module.run(cfg)["tokenizer"]
+    assert metrics["collisions"] == 0 and tokenizer_dir(cfg) != tokenizer_dir(cfg0)
+    table = CodeTable.read_parquet(tokenizer_dir(cfg) / "codes.parquet")
+    n = len(table)
+    assert len({tuple(c) for c in table.codes.tolist()}) == n
+    if kind == "id":
+        assert table.num_levels == 1 and table.codebook_size == n
+        assert sorted(table.codes[:, 0].tolist()) == list(range(n))
+        assert len(all_code_tokens(table.num_levels, table.codebook_size)) == n
+    else:
+        assert table.codes.shape == (n, 4) and table.codebook_size == 64
+        # Seeded: the same seed draws the same codes, another seed others.
+        again = CodeTable.read_parquet(tokenizer_dir(plain(f"tokenizer={kind}")) / "codes.parquet")
+        assert np.array_equal(again.codes, table.codes)
+        other = plain(f"tokenizer={kind}", "seed=5")
+        run_module.run(other)
+        assert not np.array_equal(CodeTable.read_parquet(tokenizer_dir(other) / "codes.parquet").codes, table.codes)

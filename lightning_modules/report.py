@@ -1,0 +1,174 @@
+"""Gather a multirun (sweep) folder into one table and one chart: ``stage=report report.sweep=<folder>``.
+
+Every grid point of ``python run.py -m ...`` leaves ``<sweep>/<n>/qtmob_job.json`` (written by
+``run.py``: status, run folder, overrides). The report reads each point's ``results.json`` and
+writes, in the sweep folder:
+
+* ``report.md`` / ``report.csv``: one row per grid point and evaluated task (the LLM), then the
+  in-run baselines of those points (once each when the points share their test cases);
+* ``report.png``: Acc@1 and NDCG@5 per grid point beside the baselines.
+
+A point without a record died before ``run.py`` could write one (killed, out of memory, SLURM
+time limit): it is listed as ``died`` with the last line of its SLURM/submitit log when there is one.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+import yaml
+from omegaconf import DictConfig
+
+from datamodules.artifacts import write_json_atomic
+from datamodules.errors import DataError
+
+log = logging.getLogger(__name__)
+
+METRICS = ("acc@1", "acc@5", "acc@10", "ndcg@5", "ndcg@10", "mrr")
+JOB_RECORD = "qtmob_job.json"
+
+
+def _log_tail(sweep: Path, num: int) -> str | None:
+    """Last non-empty stderr line of grid point ``num``'s submitit log (SLURM launcher), if any."""
+    logs = sorted(sweep.glob(f".submit/*_{num}/*_log.err")) + sorted(sweep.glob(f".submit/*/*_{num}_*_log.err"))
+    for path in logs:
+        lines = [ln.strip() for ln in path.read_text(errors="replace").splitlines() if ln.strip()]
+        if lines:
+            return f"{path.name}: {lines[-1][:300]}"
+    return None
+
+
+def gather(sweep: str | Path) -> list[dict[str, Any]]:
+    """One entry per grid point of a sweep folder, in job order.
+
+    Returns:
+        Dicts with ``num``, ``point`` (the variant or the overrides), ``overrides``, ``status``
+        (``ok``/``failed``/``died``/``no results``), ``error``, ``results`` (the parsed results.json or None).
+    """
+    sweep = Path(sweep)
+    if not sweep.is_dir():
+        raise DataError(f"report.sweep={sweep} is not a folder (expected <paths.artifacts>/multirun/<time>)")
+    points = []
+    for sub in sorted((p for p in sweep.iterdir() if p.is_dir() and p.name.isdigit()), key=lambda p: int(p.name)):
+        num = int(sub.name)
+        overrides_file = sub / ".hydra" / "overrides.yaml"
+        overrides = yaml.safe_load(overrides_file.read_text()) if overrides_file.is_file() else []
+        entry: dict[str, Any] = {"num": num, "overrides": overrides or [], "status": "died", "error": None, "results": None, "point": None}
+        record_file = sub / JOB_RECORD
+        if record_file.is_file():
+            record = json.loads(record_file.read_text())
+            entry.update(status=record["status"], error=record.get("error"), point=record.get("variant"))
+            results = Path(record["run_dir"]) / "results.json"
+            if record["status"] == "ok":
+                if results.is_file():
+                    entry["results"] = json.loads(results.read_text())
+                else:
+                    entry.update(status="no results", error=f"{results} is missing (was stage=test run?)")
+        else:
+            entry["error"] = _log_tail(sweep, num) or "no record: the job was killed before it finished"
+        entry["point"] = entry["point"] or (",".join(entry["overrides"]) or f"job {num}")
+        points.append(entry)
+    if not points:
+        raise DataError(f"{sweep} holds no grid points (numbered folders with .hydra/); is it a multirun folder?")
+    return points
+
+
+def table_rows(points: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Flat rows: the LLM of every point and task, then each distinct baseline result once."""
+    rows: list[dict[str, Any]] = []
+    baselines: dict[tuple[str, str], list[dict[str, Any]]] = {}
+    for p in points:
+        base = {"point": p["point"], "status": p["status"], "overrides": " ".join(p["overrides"])}
+        if p["results"] is None:
+            rows.append({**base, "model": "", "task": "", **{m: None for m in METRICS}, "error": p["error"] or ""})
+            continue
+        for model, tasks in p["results"]["metrics"].items():
+            is_llm = model.startswith("QT-Mob")
+            for task, values in tasks.items():
+                row = {**base, "model": model, "task": task, **{m: values.get(m) for m in METRICS}, "error": ""}
+                if is_llm:
+                    rows.append(row)
+                else:
+                    baselines.setdefault((model, task), []).append(row)
+    for (model, task), found in sorted(baselines.items()):
+        distinct: list[dict[str, Any]] = []
+        for row in found:
+            if not any(all(row[m] == d[m] for m in METRICS) for d in distinct):
+                distinct.append(row)
+        for row in distinct:
+            shared = len(distinct) == 1
+            rows.append({**row, "point": "baseline" if shared else f"baseline @ {row['point']}", "overrides": "" if shared else row["overrides"]})
+    return rows
+
+
+def _fmt(v: Any) -> str:
+    return "" if v is None else f"{v:.4f}" if isinstance(v, float) else str(v)
+
+
+def markdown(rows: list[dict[str, Any]], sweep: Path) -> str:
+    cols = ["point", "model", "task", *METRICS, "status"]
+    lines = [f"# Sweep report: {sweep}", "", "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    lines += ["| " + " | ".join(_fmt(r[c]) for c in cols) + " |" for r in rows]
+    failed = [r for r in rows if r["status"] != "ok"]
+    if failed:
+        lines += ["", "Grid points without results:", ""] + [f"- {r['point']}: {r['status']} ({r['error']})" for r in failed]
+    return "\n".join(lines) + "\n"
+
+
+def bar_chart(rows: list[dict[str, Any]], task: str, path: Path) -> None:
+    """Acc@1 and NDCG@5 on ``task`` per grid point (LLM) and per baseline."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    picked = [r for r in rows if r["task"] == task and r["acc@1"] is not None]
+    labels = [r["point"] if r["model"].startswith("QT-Mob") else f"{r['model']}" + ("" if r["point"] == "baseline" else f" ({r['point']})") for r in picked]
+    x = np.arange(len(picked))
+    fig, ax = plt.subplots(figsize=(max(6.0, 0.9 * len(picked) + 2), 4.5))
+    for i, (metric, offset) in enumerate((("acc@1", -0.2), ("ndcg@5", 0.2))):
+        colors = [("C0" if i == 0 else "C1") if r["model"].startswith("QT-Mob") else ("0.55" if i == 0 else "0.8") for r in picked]
+        ax.bar(x + offset, [r[metric] for r in picked], width=0.4, color=colors, label=metric)
+    ax.set_xticks(x, labels, rotation=30, ha="right", fontsize=8)
+    ax.set_ylabel(f"{task}: Acc@1 (left bar) / NDCG@5 (right bar)")
+    ax.set_title("QT-Mob grid points (colour) and in-run baselines (grey)")
+    ax.legend()
+    fig.tight_layout()
+    tmp = path.with_name(f".tmp-{path.name}")
+    fig.savefig(tmp, format="png", dpi=120)
+    plt.close(fig)
+    tmp.replace(path)
+
+
+def run_report_stage(cfg: DictConfig) -> dict[str, Any]:
+    """``stage=report``: write report.md/.csv/.png into ``report.sweep`` and return the rows."""
+    sweep_arg = cfg.report.get("sweep")
+    if not sweep_arg:
+        raise DataError("stage=report needs report.sweep=<multirun folder> (e.g. artifacts/multirun/2026-11-29_12-00-00)")
+    sweep = Path(str(sweep_arg))
+    points = gather(sweep)
+    rows = table_rows(points)
+    text = markdown(rows, sweep)
+    tmp = sweep / ".tmp-report.md"
+    tmp.write_text(text)
+    tmp.replace(sweep / "report.md")
+    tmp = sweep / ".tmp-report.csv"
+    with tmp.open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=["point", "model", "task", *METRICS, "status", "overrides", "error"])
+        writer.writeheader()
+        writer.writerows(rows)
+    tmp.replace(sweep / "report.csv")
+    bar_chart(rows, str(cfg.report.get("task", "next")), sweep / "report.png")
+    summary = {"sweep": str(sweep), "points": len(points), "ok": sum(p["status"] == "ok" for p in points),
+               "failed": [p["point"] for p in points if p["status"] != "ok"], "markdown": text, "rows": rows}
+    write_json_atomic(sweep / "report.json", {k: v for k, v in summary.items() if k != "markdown"})
+    log.info("report: %d grid points (%d ok) -> %s", summary["points"], summary["ok"], sweep / "report.md")
+    return summary
+
+
+__all__ = ["gather", "run_report_stage", "table_rows"]
