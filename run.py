@@ -66,13 +66,19 @@ def _hydra() -> Any:
     return HydraConfig.get() if HydraConfig.initialized() else None
 
 
+# Overrides every point of a grid shares (where and how it runs, not what it is): left out of its name.
+SHARED_OVERRIDES = ("experiment", "ablation", "launcher", "stage", "force", "paths.", "data.root", "data.download", "report.")
+
+
 def name_grid_point(cfg: DictConfig) -> None:
-    """In a multirun, give a grid point without an ablation ``variant`` one named after its overrides,
-    so that the points of a grid never share (and overwrite) a run folder."""
+    """In a multirun, give a grid point without an ablation ``variant`` one named after its overrides
+    (``objectives=next_only,seed=2``), so that the points of a grid never share a run folder."""
     hc = _hydra()
-    if hc is not None and hc.mode == RunMode.MULTIRUN and not cfg.get("variant"):
-        with open_dict(cfg):
-            cfg.variant = hc.job.override_dirname.replace("/", "_") or f"job{hc.job.num}"
+    if hc is None or hc.mode != RunMode.MULTIRUN or cfg.get("variant"):
+        return
+    own = sorted(o for o in hc.overrides.task if not o.lstrip("+~").split("=", 1)[0].startswith(SHARED_OVERRIDES))
+    with open_dict(cfg):
+        cfg.variant = ",".join(own).replace("/", "_") or f"job{hc.job.num}"
 
 
 def write_job_record(cfg: DictConfig, status: str, stages: list[str], error: str | None = None) -> None:

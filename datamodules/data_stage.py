@@ -34,8 +34,10 @@ def data_dir(cfg: DictConfig) -> Path:
 
 
 def data_fingerprint(cfg: DictConfig) -> str:
-    """Hash of everything that determines the data artefacts (the ``data`` node, resolved)."""
-    return fingerprint(OmegaConf.to_container(cfg.data, resolve=True))
+    """Hash of everything that determines the data artefacts (the ``data`` node, resolved, without the
+    settings that do not change them: loader workers/batch size, downloading)."""
+    data = OmegaConf.to_container(cfg.data, resolve=True)
+    return fingerprint({k: v for k, v in data.items() if k not in ("loader", "download")})
 
 
 def summarize(data: MobilityData, index: pl.DataFrame) -> dict[str, Any]:

@@ -171,6 +171,22 @@ def build_alignment(cfg: DictConfig, table: CodeTable | None = None) -> dict[str
             "module": module, "table": table}
 
 
+def world_size(cfg: DictConfig) -> int:
+    """Training processes of the configured trainer (devices x nodes; 1 for devices=auto)."""
+    devices = cfg.trainer.devices
+    n = int(devices) if isinstance(devices, int) or str(devices).isdigit() else len(devices) if OmegaConf.is_list(devices) else 1
+    return max(n, 1) * int(cfg.trainer.get("num_nodes", 1))
+
+
+def fitted_progress(trainer: Any, last_ckpt: Path) -> tuple[int, int]:
+    """``(global_step, epochs)`` of a finished fit. A forked/spawned DDP run trains in child processes
+    and hands back only weights and metrics, so its counters are read from its last checkpoint."""
+    if trainer.global_step == 0 and last_ckpt.is_file():
+        ckpt = torch.load(last_ckpt, map_location="cpu", weights_only=False)
+        return int(ckpt.get("global_step", 0)), int(ckpt.get("epoch", 0)) + 1
+    return int(trainer.global_step), int(trainer.current_epoch)
+
+
 def make_trainer(cfg: DictConfig, out: Path, **overrides: Any):
     """The Lightning Trainer of the alignment stage (TensorBoard, LR monitor, resumable last.ckpt)."""
     import lightning as L
@@ -184,7 +200,9 @@ def make_trainer(cfg: DictConfig, out: Path, **overrides: Any):
         every_n_train_steps=int(cfg.align.get("checkpoint_every_n_steps", 50)) or None, save_on_train_epoch_end=True,
     )
     kwargs: dict[str, Any] = dict(
-        accelerator=str(t.accelerator), devices=t.devices, precision=t.precision, max_epochs=int(t.max_epochs),
+        accelerator=str(t.accelerator), devices=t.devices, strategy=t.get("strategy", "auto"), num_nodes=int(t.get("num_nodes", 1)),
+        # The data module shards its length-grouped batches by rank itself.
+        use_distributed_sampler=False, precision=t.precision, max_epochs=int(t.max_epochs),
         max_steps=int(t.max_steps), accumulate_grad_batches=int(t.accumulate_grad_batches),
         gradient_clip_val=t.gradient_clip_val, log_every_n_steps=int(t.log_every_n_steps),
         val_check_interval=t.val_check_interval, logger=logger,
@@ -223,16 +241,18 @@ def run_align_stage(cfg: DictConfig, force: bool | None = None) -> dict[str, Any
     t0 = time.perf_counter()
     parts = build_alignment(cfg)
     dm, module = parts["datamodule"], parts["module"]
-    train_samples = cfg.align.get("train_samples")
-    trainer = make_trainer(cfg, out, **({"limit_train_batches": int(train_samples) // int(cfg.align.batch_size)} if train_samples else {}))
+    train_samples = cfg.align.get("train_samples")  # in total, over all processes
+    per_rank = int(train_samples) // (int(cfg.align.batch_size) * world_size(cfg)) if train_samples else 0
+    trainer = make_trainer(cfg, out, **({"limit_train_batches": max(per_rank, 1)} if train_samples else {}))
     trainer.fit(module, datamodule=dm, ckpt_path=resume)
     if trainer.interrupted:  # Ctrl-C: Lightning returns normally; an unfinished model must not look final
         raise KeyboardInterrupt(f"alignment interrupted at step {trainer.global_step}; rerun the same command to resume from {ckpt_dir / 'last.ckpt'}")
     seconds = time.perf_counter() - t0
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
+    steps, epochs = fitted_progress(trainer, ckpt_dir / "last.ckpt")
     result = {
         "fingerprint": fp, "run_dir": str(out), "model_dir": str(out / "model"), "llm": str(cfg.llm.name),
-        "steps": int(trainer.global_step), "epochs": int(trainer.current_epoch), "seconds": round(seconds, 1),
+        "steps": steps, "epochs": epochs, "seconds": round(seconds, 1), "processes": world_size(cfg),
         "resumed_from": resume, "metrics": metrics, "peak_rss_mb": round(_peak_rss_mb(), 1),
         "truncated_samples": int(dm.encoded("train").truncated), "train_samples": len(dm.encoded("train")),
         **{k: v for k, v in parts["info"].items() if k != "new_token_ids"},

@@ -21,6 +21,7 @@ import uuid
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 log = logging.getLogger(__name__)
@@ -192,6 +193,25 @@ def quantization_config(kind: str, compute_dtype: torch.dtype):
     raise ValueError(f"align.quantization={kind!r}; choose nf4, int8 or none")
 
 
+def copy_vocab_rows(model: Any, base_vocab: int, vocab: int, seed: int) -> None:
+    """Start every new token as a copy of a distinct, randomly chosen (seeded) existing token.
+
+    Mean-resized rows all sit near the average embedding, so at first the model can hardly tell
+    ``<a_12>`` from ``<a_13>``; distinct rows of real tokens let its pretrained copying behaviour (a
+    visit seen in the history is a likely answer) work from step 0, and training moves them from there.
+    """
+    n = vocab - base_vocab
+    if n > base_vocab:
+        raise ValueError(f"align.new_token_init=vocab needs at most {base_vocab} new tokens, got {n}")
+    picks = torch.from_numpy(np.random.default_rng(seed).choice(base_vocab, size=n, replace=False))
+    with torch.no_grad():
+        emb = model.get_input_embeddings().weight
+        emb[base_vocab:vocab] = emb[picks].clone()
+        out = model.get_output_embeddings()
+        if out is not None and out.weight.data_ptr() != emb.data_ptr():  # untied head: same rows there
+            out.weight[base_vocab:vocab] = out.weight[picks].clone()
+
+
 def build_peft_model(llm_cfg: Any, align_cfg: Any, cache_dir: str | Path, new_tokens: list[str], seed: int = 0):
     """The configured LLM with location tokens added and LoRA adapters attached.
 
@@ -229,6 +249,8 @@ def build_peft_model(llm_cfg: Any, align_cfg: Any, cache_dir: str | Path, new_to
         with torch.random.fork_rng():
             torch.manual_seed(seed)
             model.resize_token_embeddings(len(tokenizer), mean_resizing=bool(_get(align_cfg, "mean_resizing", True)))
+        if str(_get(align_cfg, "new_token_init", "mean")) == "vocab":
+            copy_vocab_rows(model, base_vocab, len(tokenizer), seed)
     checkpointing = bool(_get(align_cfg, "gradient_checkpointing", False))
     if quant != "none":
         model = prepare_model_for_kbit_training(

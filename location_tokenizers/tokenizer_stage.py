@@ -45,7 +45,7 @@ def tokenizer_dir(cfg: DictConfig) -> Path:
 
 def tokenizer_fingerprint(cfg: DictConfig) -> str:
     """Everything that determines the codes: data, tokenizer settings, embedder model, seed."""
-    tok = OmegaConf.to_container(cfg.tokenizer, resolve=True)
+    tok = {k: v for k, v in OmegaConf.to_container(cfg.tokenizer, resolve=True).items() if k != "progress_bar"}
     llm = OmegaConf.to_container(cfg.llm, resolve=True) if tok.get("embedder") == "llm" else None
     return fingerprint({"data": data_fingerprint(cfg), "tokenizer": tok, "llm": llm, "seed": int(cfg.seed)})
 
@@ -133,7 +133,11 @@ def _train_rqvae(cfg: DictConfig, embeddings: np.ndarray, out: Path) -> tuple[Co
     trainer = L.Trainer(
         max_epochs=int(t.max_epochs),
         accelerator=str(cfg.trainer.accelerator),
-        devices=1,
+        # The trainer's process layout (DDP splits the batches; codebook updates stay in step because
+        # k-means and dead-code re-seeding use all embeddings, the same on every rank).
+        devices=cfg.trainer.devices,
+        strategy=cfg.trainer.get("strategy", "auto"),
+        num_nodes=int(cfg.trainer.get("num_nodes", 1)),
         logger=logger,
         callbacks=callbacks,
         enable_progress_bar=bool(t.get("progress_bar", True)),
@@ -154,7 +158,10 @@ def _train_rqvae(cfg: DictConfig, embeddings: np.ndarray, out: Path) -> tuple[Co
         latents = module.model.encode(x)
         codes, stats = assign_codes(latents, module.model.quantizer, sinkhorn_rounds=int(t.get("repair_rounds", 20)), seed=int(cfg.seed))
     figures = {k.split("/", 1)[1]: v for k, v in figures.items()}
-    figures.update(epochs=int(trainer.current_epoch), train_seconds=round(train_seconds, 2), assignment=stats)
+    from lightning_modules.align_stage import fitted_progress
+
+    _, epochs = fitted_progress(trainer, out / "checkpoints" / "last.ckpt")
+    figures.update(epochs=epochs, train_seconds=round(train_seconds, 2), assignment=stats)
     return codes, figures, logger
 
 

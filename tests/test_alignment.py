@@ -266,3 +266,24 @@ def test_hub_models_fail_at_once_offline_naming_the_alternative(llm, tmp_path, m
     cfg = compose_cfg([f"llm={llm}", f"paths.cache={tmp_path}"])
     with pytest.raises(ModelUnavailableError, match=rf"{cfg.llm.hf_id}.*llm=smollm2_135m.*llm=tiny_random"):
         model_path(cfg.llm, cfg.paths.cache)
+
+
+def test_vocab_init_starts_new_tokens_as_distinct_existing_tokens(smoke_art, model_cache) -> None:
+    """align.new_token_init=vocab: every new row copies a different existing row (seeded), instead of
+    mean-resized rows that all sit near the average embedding."""
+    from lightning_modules.llm import build_peft_model
+    from location_tokenizers.codes import all_code_tokens
+
+    cfg = smoke_cfg(smoke_art, model_cache, "align.new_token_init=vocab")
+    tokens = all_code_tokens(4, 64)
+    rows = []
+    for _ in range(2):
+        model, tok, info = build_peft_model(cfg.llm, cfg.align, cfg.paths.cache, tokens, seed=int(cfg.seed))
+        emb = model.get_input_embeddings().weight.detach()
+        rows.append(emb[info["base_vocab"]:].clone())
+    new, old = rows[0], emb[: info["base_vocab"]]
+    assert new.shape[0] == len(tokens) and torch.equal(rows[0], rows[1])
+    # Each new row is one of the old rows, and no two new rows are the same.
+    matches = (torch.cdist(new, old, compute_mode="donot_use_mm_for_euclid_dist") < 1e-6).sum(dim=1)
+    assert (matches >= 1).all()
+    assert torch.unique(new, dim=0).shape[0] == len(tokens)

@@ -42,12 +42,15 @@ def run_smoke(artifacts: Path, hash_seed: int = 0, *extra: str) -> str:
     return done.stdout + done.stderr
 
 
-def metrics(artifacts: Path) -> dict:
-    return json.loads((artifacts / "synthetic" / "smoke" / "results.json").read_text())["metrics"]
+def metrics(artifacts: Path) -> dict[str, float]:
+    """``{"model/task/metric": value}`` of the run's results.json."""
+    nested = json.loads((artifacts / "synthetic" / "smoke" / "results.json").read_text())["metrics"]
+    return {f"{model}/{task}/{name}": v for model, tasks in nested.items() for task, values in tasks.items() for name, v in values.items()}
 
 
 def codes(artifacts: Path) -> pl.DataFrame:
-    return pl.read_parquet(artifacts / "synthetic" / "tokenizer" / "codes.parquet")
+    (folder,) = (artifacts / "synthetic").glob("tokenizer-*")
+    return pl.read_parquet(folder / "codes.parquet")
 
 
 @pytest.fixture(scope="module")
