@@ -193,6 +193,8 @@ def make_trainer(cfg: DictConfig, out: Path, **overrides: Any):
     from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
     from lightning.pytorch.loggers import TensorBoardLogger
 
+    from lightning_modules.distributed import ForkSafeThreads
+
     t = cfg.trainer
     logger = TensorBoardLogger(save_dir=str(tb_dir(cfg)), name="align", default_hp_metric=False)
     checkpoint = ModelCheckpoint(
@@ -206,7 +208,7 @@ def make_trainer(cfg: DictConfig, out: Path, **overrides: Any):
         max_steps=int(t.max_steps), accumulate_grad_batches=int(t.accumulate_grad_batches),
         gradient_clip_val=t.gradient_clip_val, log_every_n_steps=int(t.log_every_n_steps),
         val_check_interval=t.val_check_interval, logger=logger,
-        callbacks=[checkpoint, LearningRateMonitor(logging_interval="step")],
+        callbacks=[checkpoint, LearningRateMonitor(logging_interval="step"), ForkSafeThreads()],
         enable_model_summary=False, num_sanity_val_steps=0, deterministic=False,
         limit_val_batches=t.get("limit_val_batches", 1.0),
     )
@@ -241,6 +243,10 @@ def run_align_stage(cfg: DictConfig, force: bool | None = None) -> dict[str, Any
     t0 = time.perf_counter()
     parts = build_alignment(cfg)
     dm, module = parts["datamodule"], parts["module"]
+    # Render and tokenise the samples here, before fit: forked DDP processes (strategy=ddp_fork) cannot
+    # use Polars' thread pool, which does not survive a fork; they reuse these tables instead.
+    for split in ("train", "valid"):
+        dm.encoded(split)
     train_samples = cfg.align.get("train_samples")  # in total, over all processes
     per_rank = int(train_samples) // (int(cfg.align.batch_size) * world_size(cfg)) if train_samples else 0
     trainer = make_trainer(cfg, out, **({"limit_train_batches": max(per_rank, 1)} if train_samples else {}))

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import math
 import time
+import warnings
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -134,10 +135,7 @@ class AlignmentModule(L.LightningModule):
         every = max(int(getattr(self.trainer, "log_every_n_steps", 1) or 1), 1)
         last = batch_idx + 1 == self.trainer.num_training_batches
         if (self.global_step % every == 0) or last:
-            for objective, metric in self.train_losses.items():
-                if metric.update_called:
-                    self.log(f"train/loss_{objective}", metric.compute(), batch_size=bs)
-                    metric.reset()
+            self._log_losses(self.train_losses, "train", batch_size=bs)
 
     # -- validation ---------------------------------------------------------------------------
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
@@ -148,13 +146,8 @@ class AlignmentModule(L.LightningModule):
             self.val_loss.update(out["sample_loss"].sum() / tokens, weight=tokens)
 
     def on_validation_epoch_end(self) -> None:
-        if self.val_loss.update_called:
-            self.log("val/loss", self.val_loss.compute(), prog_bar=True)
-            self.val_loss.reset()
-        for objective, metric in self.val_losses.items():
-            if metric.update_called:
-                self.log(f"val/loss_{objective}", metric.compute())
-                metric.reset()
+        self._log_losses({"": self.val_loss}, "val", prog_bar=True)
+        self._log_losses(self.val_losses, "val")
         if self.trainer.sanity_checking:
             return
         if self.evaluator is not None:
@@ -162,6 +155,21 @@ class AlignmentModule(L.LightningModule):
                 self.log(f"val/{name}", float(value), prog_bar=name == "acc@1", sync_dist=True)
         if self.generation_prompts and self.generation_fn is not None and self.global_rank == 0:
             self._log_generations()
+
+    def _log_losses(self, metrics: dict[str, Any], split: str, **kwargs: Any) -> None:
+        """Log ``<split>/loss_<objective>`` and reset. ``compute`` is a collective under DDP, so with
+        several processes every rank computes every metric (a rank whose batches lacked a task gets
+        NaN, which is not logged); alone, only the metrics that saw data are computed."""
+        distributed = self.trainer.world_size > 1
+        for objective, metric in metrics.items():
+            if not (distributed or metric.update_called):
+                continue
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # "compute before update" on a rank without that task
+                value = metric.compute()
+            metric.reset()
+            if torch.isfinite(value):
+                self.log(f"{split}/loss_{objective}" if objective else f"{split}/loss", value, **kwargs)
 
     def _log_generations(self) -> None:
         prompts = [p for p, _ in self.generation_prompts]

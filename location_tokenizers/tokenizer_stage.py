@@ -101,6 +101,7 @@ def _train_rqvae(cfg: DictConfig, embeddings: np.ndarray, out: Path) -> tuple[Co
     from lightning.pytorch.loggers import TensorBoardLogger
     from torch.utils.data import DataLoader, TensorDataset
 
+    from lightning_modules.distributed import ForkSafeThreads
     from lightning_modules.rqvae_module import RQVAEModule
     from location_tokenizers.assign import assign_codes
 
@@ -127,7 +128,7 @@ def _train_rqvae(cfg: DictConfig, embeddings: np.ndarray, out: Path) -> tuple[Co
     module.set_embeddings(x)
     logger = TensorBoardLogger(save_dir=str(tb_dir(cfg)), name="tokenizer", default_hp_metric=False)
     checkpoint = ModelCheckpoint(dirpath=out / "checkpoints", monitor="rqvae/score", mode="min", save_last=True, filename="best")
-    callbacks = [checkpoint]
+    callbacks = [checkpoint, ForkSafeThreads()]
     if int(t.get("patience", 0)) > 0:
         callbacks.append(EarlyStopping(monitor="rqvae/score", mode="min", patience=int(t.patience), min_delta=float(t.get("min_delta", 1e-4))))
     trainer = L.Trainer(
