@@ -25,7 +25,7 @@ from datamodules.errors import DataError
 from lightning_modules.align_stage import run_align_stage
 from lightning_modules.evaluation import results_markdown, run_baselines_stage, run_predict_stage, run_test_stage
 from lightning_modules.llm import ModelUnavailableError
-from lightning_modules.report import JOB_RECORD, run_report_stage
+from lightning_modules.report import JOB_RECORD, point_name, run_report_stage
 from location_tokenizers.tokenizer_stage import run_tokenizer_stage
 
 log = logging.getLogger("qtmob")
@@ -66,19 +66,14 @@ def _hydra() -> Any:
     return HydraConfig.get() if HydraConfig.initialized() else None
 
 
-# Overrides every point of a grid shares (where and how it runs, not what it is): left out of its name.
-SHARED_OVERRIDES = ("experiment", "ablation", "launcher", "stage", "force", "paths.", "data.root", "data.download", "report.")
-
-
 def name_grid_point(cfg: DictConfig) -> None:
     """In a multirun, give a grid point without an ablation ``variant`` one named after its overrides
     (``objectives=next_only,seed=2``), so that the points of a grid never share a run folder."""
     hc = _hydra()
     if hc is None or hc.mode != RunMode.MULTIRUN or cfg.get("variant"):
         return
-    own = sorted(o for o in hc.overrides.task if not o.lstrip("+~").split("=", 1)[0].startswith(SHARED_OVERRIDES))
     with open_dict(cfg):
-        cfg.variant = ",".join(own).replace("/", "_") or f"job{hc.job.num}"
+        cfg.variant = point_name(list(hc.overrides.task), hc.job.num)
 
 
 def write_job_record(cfg: DictConfig, status: str, stages: list[str], error: str | None = None) -> None:

@@ -30,6 +30,14 @@ log = logging.getLogger(__name__)
 
 METRICS = ("acc@1", "acc@5", "acc@10", "ndcg@5", "ndcg@10", "mrr")
 JOB_RECORD = "qtmob_job.json"
+# Overrides every point of a grid shares (where and how it runs, not what it is): left out of its name.
+SHARED_OVERRIDES = ("experiment", "ablation", "launcher", "stage", "force", "paths.", "data.root", "data.download", "report.")
+
+
+def point_name(overrides: list[str], num: int) -> str:
+    """A grid point's name from its overrides (``objectives=next_only,seed=2``), without the shared ones."""
+    own = sorted(o for o in overrides if not o.lstrip("+~").split("=", 1)[0].startswith(SHARED_OVERRIDES))
+    return ",".join(own).replace("/", "_") or f"job{num}"
 
 
 def _log_tail(sweep: Path, num: int) -> str | None:
@@ -40,6 +48,24 @@ def _log_tail(sweep: Path, num: int) -> str | None:
         if lines:
             return f"{path.name}: {lines[-1][:300]}"
     return None
+
+
+def planned_points(sweep: Path) -> list[list[str]]:
+    """Every grid point's overrides, in job order, re-expanded from ``multirun.yaml`` the way Hydra's
+    basic sweeper expands them (the grid file's ``hydra.sweeper.params`` first, then the command line),
+    so that a point whose job died before it could create its folder is still listed."""
+    from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from omegaconf import OmegaConf
+
+    path = sweep / "multirun.yaml"
+    if not path.is_file():
+        return []
+    cfg = OmegaConf.load(path)
+    params = OmegaConf.select(cfg, "hydra.sweeper.params") or {}
+    arguments = [f"{k}={v}" for k, v in params.items()] + list(OmegaConf.select(cfg, "hydra.overrides.task") or [])
+    overrides = OverridesParser.create().parse_overrides(arguments)
+    return BasicSweeper.split_arguments(overrides, None)[0]
 
 
 def gather(sweep: str | Path) -> list[dict[str, Any]]:
@@ -53,10 +79,12 @@ def gather(sweep: str | Path) -> list[dict[str, Any]]:
     if not sweep.is_dir():
         raise DataError(f"report.sweep={sweep} is not a folder (expected <paths.artifacts>/multirun/<time>)")
     points = []
-    for sub in sorted((p for p in sweep.iterdir() if p.is_dir() and p.name.isdigit()), key=lambda p: int(p.name)):
-        num = int(sub.name)
+    planned = planned_points(sweep)
+    started = {int(p.name) for p in sweep.iterdir() if p.is_dir() and p.name.isdigit()}
+    for num in sorted(started | set(range(len(planned)))):
+        sub = sweep / str(num)
         overrides_file = sub / ".hydra" / "overrides.yaml"
-        overrides = yaml.safe_load(overrides_file.read_text()) if overrides_file.is_file() else []
+        overrides = yaml.safe_load(overrides_file.read_text()) if overrides_file.is_file() else planned[num] if num < len(planned) else []
         entry: dict[str, Any] = {"num": num, "overrides": overrides or [], "status": "died", "error": None, "results": None, "point": None}
         record_file = sub / JOB_RECORD
         if record_file.is_file():
@@ -70,7 +98,7 @@ def gather(sweep: str | Path) -> list[dict[str, Any]]:
                     entry.update(status="no results", error=f"{results} is missing (was stage=test run?)")
         else:
             entry["error"] = _log_tail(sweep, num) or "no record: the job was killed before it finished"
-        entry["point"] = entry["point"] or (",".join(entry["overrides"]) or f"job {num}")
+        entry["point"] = entry["point"] or point_name(entry["overrides"], num)
         points.append(entry)
     if not points:
         raise DataError(f"{sweep} holds no grid points (numbered folders with .hydra/); is it a multirun folder?")
@@ -171,4 +199,4 @@ def run_report_stage(cfg: DictConfig) -> dict[str, Any]:
     return summary
 
 
-__all__ = ["gather", "run_report_stage", "table_rows"]
+__all__ = ["gather", "point_name", "run_report_stage", "table_rows"]
