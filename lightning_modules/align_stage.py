@@ -29,6 +29,7 @@ from datamodules.artifacts import atomic_dir, fingerprint, reusable, run_dir, tb
 from datamodules.data_stage import data_dir, data_fingerprint
 from datamodules.dataset import sample_config
 from datamodules.samples import SYSTEM_PROMPT
+from lightning_modules.hardware import resolve_dtype, resolve_precision
 from location_tokenizers.codes import CodeTable, all_code_tokens
 from location_tokenizers.tokenizer_stage import load_codes, run_tokenizer_stage, tokenizer_fingerprint
 
@@ -40,12 +41,19 @@ ALIGN_FILES = ("model/adapter_config.json", "model/tokenizer_config.json", "mode
 def align_fingerprint(cfg: DictConfig) -> str:
     """Everything that determines the aligned model."""
     part = lambda node: OmegaConf.to_container(node, resolve=True)  # noqa: E731
-    trainer = {k: cfg.trainer.get(k) for k in ("max_epochs", "max_steps", "precision", "accumulate_grad_batches", "gradient_clip_val")}
+    trainer = {k: cfg.trainer.get(k) for k in ("max_epochs", "max_steps", "accumulate_grad_batches", "gradient_clip_val")}
+    trainer["precision"] = run_precision(cfg)  # resolved: `auto` means another thing on another machine
     return fingerprint({
         "data": data_fingerprint(cfg), "tokenizer": tokenizer_fingerprint(cfg), "llm": part(cfg.llm),
-        "align": {k: v for k, v in part(cfg.align).items() if k not in ("num_workers", "num_generations")},
+        "align": {**{k: v for k, v in part(cfg.align).items() if k not in ("num_workers", "num_generations")},
+                  "compute_dtype": resolve_dtype(str(cfg.align.get("compute_dtype", "float32")), "auto")},
         "objectives": part(cfg.objectives), "trainer": trainer, "seed": int(cfg.seed),
     })
+
+
+def run_precision(cfg: DictConfig) -> str:
+    """The Lightning precision this run computes in (``trainer.precision=auto`` resolved for this machine)."""
+    return resolve_precision(cfg.trainer.precision, str(cfg.trainer.accelerator))
 
 
 def greedy_generate(model: torch.nn.Module, encoder: Any, prompts: list[str], max_new_tokens: int = 48) -> list[str]:
@@ -86,7 +94,8 @@ def next_location_evaluator(cfg: DictConfig, dm: Any, encoder: Any, tokenizer: A
         was_training = m.training
         m.eval()
         try:
-            locs, _ = rank_prompts(m, encoder, trie.to(next(m.parameters()).device), prompts, beams, int(cfg.eval.batch_size))
+            locs, _ = rank_prompts(m, encoder, trie.to(next(m.parameters()).device), prompts, beams, int(cfg.eval.batch_size),
+                                   precision=run_precision(cfg))
         finally:
             m.train(was_training)
         metrics = score(locs, target, beams)
@@ -204,7 +213,7 @@ def make_trainer(cfg: DictConfig, out: Path, **overrides: Any):
     kwargs: dict[str, Any] = dict(
         accelerator=str(t.accelerator), devices=t.devices, strategy=t.get("strategy", "auto"), num_nodes=int(t.get("num_nodes", 1)),
         # The data module shards its length-grouped batches by rank itself.
-        use_distributed_sampler=False, precision=t.precision, max_epochs=int(t.max_epochs),
+        use_distributed_sampler=False, precision=run_precision(cfg), max_epochs=int(t.max_epochs),
         max_steps=int(t.max_steps), accumulate_grad_batches=int(t.accumulate_grad_batches),
         gradient_clip_val=t.gradient_clip_val, log_every_n_steps=int(t.log_every_n_steps),
         val_check_interval=t.val_check_interval, logger=logger,

@@ -29,6 +29,7 @@ from datamodules.dataset import sample_config
 from datamodules.errors import DataError
 from datamodules.samples import render_samples
 from lightning_modules.baselines import CountBaselines, GRUBaseline, eval_cases
+from lightning_modules.hardware import autocast_dtype, resolve_dtype
 from lightning_modules.metrics import RankingMetrics
 
 log = logging.getLogger(__name__)
@@ -163,7 +164,7 @@ def load_for_eval(cfg: DictConfig, folder: Path, table: Any = None) -> tuple[Any
 
     a = cfg.align
     kwargs: dict[str, Any] = {"dtype": _DTYPES[str(a.get("dtype", "float32"))]}
-    qc = quantization_config(str(a.quantization), _DTYPES[str(a.get("compute_dtype", "float32"))])
+    qc = quantization_config(str(a.quantization), _DTYPES[resolve_dtype(str(a.get("compute_dtype", "float32")), "auto")])
     if qc is not None:
         kwargs["quantization_config"] = qc
     model, tokenizer, meta = load_aligned(folder, **kwargs)
@@ -175,26 +176,33 @@ def load_for_eval(cfg: DictConfig, folder: Path, table: Any = None) -> tuple[Any
 
 
 def rank_prompts(model: torch.nn.Module, encoder: Any, trie: Any, prompts: list[str], num_beams: int,
-                 batch_size: int) -> tuple[np.ndarray, np.ndarray]:
-    """Constrained beam search over ``prompts`` in length-sorted batches; rows in input order."""
+                 batch_size: int, precision: str = "32-true") -> tuple[np.ndarray, np.ndarray]:
+    """Constrained beam search over ``prompts`` in length-sorted batches; rows in input order.
+
+    ``precision`` is the run's resolved Lightning precision: ``bf16-mixed`` decodes under bf16
+    autocast, as the model was trained (the scores that rank the beams are accumulated in float32).
+    """
     from lightning_modules.constrained_decoding import beam_search
 
     order = np.argsort([-len(p) for p in prompts], kind="stable")
     locs = np.full((len(prompts), num_beams), -1, dtype=np.int64)
     scores = np.full((len(prompts), num_beams), -np.inf)
     device = next(model.parameters()).device
+    dtype = autocast_dtype(precision)
     for start in range(0, len(prompts), batch_size):
         rows = order[start : start + batch_size]
         batch = encoder.prompt_batch([prompts[i] for i in rows], device=device)
-        ranked = beam_search(model, batch["input_ids"], batch["attention_mask"], trie, num_beams=num_beams)
+        with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
+            ranked = beam_search(model, batch["input_ids"], batch["attention_mask"], trie, num_beams=num_beams)
         locs[rows] = ranked.loc_ids.cpu().numpy()
         scores[rows] = ranked.scores.cpu().numpy()
     return locs, scores
 
 
 def exact_agreement(model: torch.nn.Module, encoder: Any, trie: Any, table: Any, tokenizer: Any, prompts: list[str],
-                    beam_locs: np.ndarray) -> dict[str, float]:
-    """How often beam search misses the exact ranking (teacher-forced scores of every code)."""
+                    beam_locs: np.ndarray, precision: str = "32-true") -> dict[str, float]:
+    """How often beam search misses the exact ranking (teacher-forced scores of every code), both
+    computed in the run's ``precision``."""
     from lightning_modules.constrained_decoding import exact_scores, rank_exact
     from location_tokenizers.codes import level_token
 
@@ -204,8 +212,10 @@ def exact_agreement(model: torch.nn.Module, encoder: Any, trie: Any, table: Any,
     miss, recall = [], []
     for i, prompt in enumerate(prompts):
         batch = encoder.prompt_batch([prompt], device=device)
-        exact = rank_exact(exact_scores(model, batch["input_ids"], batch["attention_mask"], code_ids),
-                           torch.as_tensor(table.loc_ids), top=10).loc_ids[0].cpu().numpy()
+        dtype = autocast_dtype(precision)
+        with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
+            scores = exact_scores(model, batch["input_ids"], batch["attention_mask"], code_ids)
+        exact = rank_exact(scores, torch.as_tensor(table.loc_ids), top=10).loc_ids[0].cpu().numpy()
         miss.append(float(exact[0] != beam_locs[i, 0]))
         recall.append(len(set(exact.tolist()) & set(beam_locs[i].tolist())) / len(exact))
     return {"cases": len(prompts), "top1_miss_rate": float(np.mean(miss)), "top10_recall": float(np.mean(recall))}
@@ -221,7 +231,7 @@ def run_test_stage(cfg: DictConfig, force: bool | None = None) -> dict[str, Any]
     """Evaluate the aligned model and every baseline on the same test cases."""
     from lightning.pytorch.loggers import TensorBoardLogger
 
-    from lightning_modules.align_stage import run_align_stage, run_dir
+    from lightning_modules.align_stage import run_align_stage, run_dir, run_precision
     from location_tokenizers.codes import CodeTable
 
     force = bool(cfg.get("force", False)) if force is None else force
@@ -244,7 +254,8 @@ def run_test_stage(cfg: DictConfig, force: bool | None = None) -> dict[str, Any]
     prompts = encoder.prompt_texts(cases)
     e = cfg.eval
     t_llm = time.perf_counter()
-    locs, _ = rank_prompts(model, encoder, trie, prompts, int(e.num_beams), int(e.batch_size))
+    precision = run_precision(cfg)
+    locs, _ = rank_prompts(model, encoder, trie, prompts, int(e.num_beams), int(e.batch_size), precision=precision)
     llm_seconds = time.perf_counter() - t_llm
     logger = TensorBoardLogger(save_dir=str(tb_dir(cfg)), name="test", default_hp_metric=False)
     rankings, seconds = baseline_rankings(cfg, cases, checkins, table.loc_ids, with_gru=True, logger=logger)
@@ -256,10 +267,11 @@ def run_test_stage(cfg: DictConfig, force: bool | None = None) -> dict[str, Any]
     if len(table) <= int(e.exact_max_locations) and int(e.exact_cases) > 0:
         for task in cases["task"].unique(maintain_order=True).to_list():
             rows = np.flatnonzero(cases["task"].to_numpy() == task)[: int(e.exact_cases)]
-            exact[task] = exact_agreement(model, encoder, trie, table, tokenizer, [prompts[i] for i in rows], locs[rows])
+            exact[task] = exact_agreement(model, encoder, trie, table, tokenizer, [prompts[i] for i in rows], locs[rows],
+                                          precision=precision)
     results = {
         "fingerprint": fp, "dataset": str(cfg.data.name), "run": str(cfg.run_name), "llm": str(cfg.llm.name),
-        "tokenizer": str(cfg.tokenizer.name), "num_beams": int(e.num_beams),
+        "tokenizer": str(cfg.tokenizer.name), "num_beams": int(e.num_beams), "precision": precision,
         "cases": {t: int(n) for t, n in cases.group_by("task", maintain_order=True).len().iter_rows()},
         "metrics": metrics, "exact": exact,
         "seconds": {"llm_ranking": round(llm_seconds, 2), "llm_per_case": round(llm_seconds / cases.height, 4), **seconds,
@@ -337,7 +349,7 @@ def run_predict_stage(cfg: DictConfig) -> dict[str, Any]:
     """Top-k next locations for one user's recent check-ins (``eval.predict.input``), printed as CSV or JSON."""
     from datetime import timedelta
 
-    from lightning_modules.align_stage import run_dir
+    from lightning_modules.align_stage import run_dir, run_precision
     from lightning_modules.constrained_decoding import beam_search
     from location_tokenizers.codes import CodeTable
     from datamodules.samples import INDEX_SCHEMA
@@ -365,7 +377,9 @@ def run_predict_stage(cfg: DictConfig) -> dict[str, Any]:
     model, _, encoder, trie = load_for_eval(cfg, folder, table)
     top = int(p.top_k)
     batch = encoder.prompt_batch(encoder.prompt_texts(samples), device=next(model.parameters()).device)
-    ranked = beam_search(model, batch["input_ids"], batch["attention_mask"], trie, num_beams=max(top, int(cfg.eval.num_beams)))
+    dtype = autocast_dtype(run_precision(cfg))
+    with torch.autocast(batch["input_ids"].device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
+        ranked = beam_search(model, batch["input_ids"], batch["attention_mask"], trie, num_beams=max(top, int(cfg.eval.num_beams)))
     preds = pl.DataFrame({"rank": list(range(1, top + 1)), "loc_id": ranked.loc_ids[0, :top].tolist(),
                           "log_prob": [round(float(x), 4) for x in ranked.scores[0, :top]]})
     preds = preds.join(locations.select("loc_id", "lat", "lon", "category", "name"), on="loc_id", how="left").sort("rank")

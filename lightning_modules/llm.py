@@ -24,6 +24,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from lightning_modules.hardware import resolve_dtype
+
 log = logging.getLogger(__name__)
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -234,7 +236,8 @@ def build_peft_model(llm_cfg: Any, align_cfg: Any, cache_dir: str | Path, new_to
         path = str(random_model_dir(llm_cfg, cache_dir, vocab_size=base_vocab, seed=seed))
     else:
         path = model_path(llm_cfg, cache_dir)
-    compute_dtype = _DTYPES[str(_get(align_cfg, "compute_dtype", "float32"))]
+    # compute_dtype=auto: bf16 where the hardware multiplies it natively (lightning_modules/hardware.py).
+    compute_dtype = _DTYPES[resolve_dtype(str(_get(align_cfg, "compute_dtype", "float32")), "auto")]
     quant = str(_get(align_cfg, "quantization", "none"))
     kwargs: dict[str, Any] = {}
     if (qc := quantization_config(quant, compute_dtype)) is not None:

@@ -46,8 +46,16 @@ def tokenizer_dir(cfg: DictConfig) -> Path:
 def tokenizer_fingerprint(cfg: DictConfig) -> str:
     """Everything that determines the codes: data, tokenizer settings, embedder model, seed."""
     tok = {k: v for k, v in OmegaConf.to_container(cfg.tokenizer, resolve=True).items() if k != "progress_bar"}
+    tok["embed_dtype"] = embed_dtype(cfg)  # resolved: `auto` computes in another dtype on another machine
     llm = OmegaConf.to_container(cfg.llm, resolve=True) if tok.get("embedder") == "llm" else None
     return fingerprint({"data": data_fingerprint(cfg), "tokenizer": tok, "llm": llm, "seed": int(cfg.seed)})
+
+
+def embed_dtype(cfg: DictConfig) -> str:
+    """The dtype the description encoder runs in (``tokenizer.embed_dtype=auto`` resolved here)."""
+    from lightning_modules.hardware import resolve_dtype
+
+    return resolve_dtype(str(cfg.tokenizer.get("embed_dtype", "float32")), str(cfg.trainer.accelerator))
 
 
 def load_codes(cfg: DictConfig) -> CodeTable:
@@ -238,7 +246,9 @@ def run_tokenizer_stage(cfg: DictConfig, force: bool | None = None) -> dict[str,
                 batch_size=int(cfg.tokenizer.get("embed_batch_size", 8)),
                 max_length=int(cfg.tokenizer.get("embed_max_length", 1024)),
                 seed=int(cfg.seed),
+                dtype=embed_dtype(cfg),
             )
+            metrics["embedding_dtype"] = embed_dtype(cfg)
             metrics["embedding_seconds"] = round(time.perf_counter() - te, 2)
             metrics["embedding_dim"] = int(embeddings.shape[1])
             codes, figures, logger = _train_rqvae(cfg, embeddings, tmp)

@@ -1,0 +1,83 @@
+"""precision=auto / dtype=auto: resolved per machine, and the resolved value keys the artefacts."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+import lightning_modules.hardware as hw
+import location_tokenizers.embed as embed
+from lightning_modules.align_stage import align_fingerprint, run_precision
+from location_tokenizers.tokenizer_stage import embed_dtype, tokenizer_fingerprint
+from tests.conftest import compose_cfg
+
+
+@pytest.fixture(params=[True, False], ids=["amx", "no-amx"])
+def amx(request, monkeypatch) -> bool:
+    """Pretend to run on a CPU with (or without) AMX-BF16, and without a GPU."""
+    monkeypatch.setattr(hw, "cpu_has_amx_bf16", lambda: request.param)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    return request.param
+
+
+def test_auto_follows_the_cpu(amx) -> None:
+    assert hw.resolve_precision("auto", "cpu") == ("bf16-mixed" if amx else "32-true")
+    assert hw.resolve_dtype("auto", "cpu") == ("bfloat16" if amx else "float32")
+    # accelerator=auto without a GPU is the CPU
+    assert hw.resolve_precision("auto", "auto") == hw.resolve_precision("auto", "cpu")
+
+
+def test_explicit_values_are_kept(amx) -> None:
+    for p in ("32-true", "bf16-mixed", "16-mixed"):
+        assert hw.resolve_precision(p, "cpu") == p
+    for d in ("float32", "bfloat16"):
+        assert hw.resolve_dtype(d, "cpu") == d
+
+
+def test_autocast_dtype() -> None:
+    assert hw.autocast_dtype("bf16-mixed") is torch.bfloat16
+    assert hw.autocast_dtype("bf16-true") is torch.bfloat16
+    assert hw.autocast_dtype("16-mixed") is torch.float16
+    assert hw.autocast_dtype("32-true") is None
+
+
+def test_cpu_probe_answers() -> None:
+    assert isinstance(hw.cpu_has_amx_bf16(), bool)
+
+
+def test_configs_resolve_per_machine(amx) -> None:
+    cfg = compose_cfg(["experiment=nyc_qlora_cpu"])
+    assert cfg.trainer.precision == "auto" and cfg.tokenizer.embed_dtype == "auto" and cfg.align.compute_dtype == "auto"
+    assert run_precision(cfg) == ("bf16-mixed" if amx else "32-true")
+    assert embed_dtype(cfg) == ("bfloat16" if amx else "float32")
+
+
+def test_fingerprints_hold_the_resolved_precision(monkeypatch) -> None:
+    """The same config on a machine of another kind computes differently: its artefacts must not be reused."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    cfg = compose_cfg(["experiment=smoke"])
+    prints = {}
+    for has_amx in (True, False):
+        monkeypatch.setattr(hw, "cpu_has_amx_bf16", lambda has_amx=has_amx: has_amx)
+        prints[has_amx] = (tokenizer_fingerprint(cfg), align_fingerprint(cfg))
+    assert prints[True][0] != prints[False][0] and prints[True][1] != prints[False][1]
+    # an explicit setting fingerprints the same on both
+    cfg = compose_cfg(["experiment=smoke", "trainer.precision=32-true", "tokenizer.embed_dtype=float32", "align.compute_dtype=float32"])
+    same = set()
+    for has_amx in (True, False):
+        monkeypatch.setattr(hw, "cpu_has_amx_bf16", lambda has_amx=has_amx: has_amx)
+        same.add((tokenizer_fingerprint(cfg), align_fingerprint(cfg)))
+    assert len(same) == 1
+
+
+def test_bf16_embeddings_cache_apart_and_agree(tmp_path) -> None:
+    texts = ["a coffee shop near a park", "a train station in midtown", "a pizza place in brooklyn"]
+    assert embed.cache_key("minilm", None, 256) == "minilm-all-MiniLM-L6-v2-256"  # float32 caches keep their name
+    assert embed.cache_key("minilm", None, 256, "bfloat16") != embed.cache_key("minilm", None, 256)
+    full = embed.embed_texts(texts, "minilm", None, tmp_path, max_length=256, progress=False)
+    half = embed.embed_texts(texts, "minilm", None, tmp_path, max_length=256, progress=False, dtype="bfloat16")
+    assert half.dtype == np.float32
+    assert len(list((tmp_path / "embeddings").glob("*.parquet"))) == 2
+    cosine = (full * half).sum(1) / (np.linalg.norm(full, axis=1) * np.linalg.norm(half, axis=1))
+    assert cosine.min() > 0.99  # bf16 rounding, not another embedding
