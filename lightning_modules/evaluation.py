@@ -167,12 +167,21 @@ def load_for_eval(cfg: DictConfig, folder: Path, table: Any = None) -> tuple[Any
     qc = quantization_config(str(a.quantization), _DTYPES[resolve_dtype(str(a.get("compute_dtype", "float32")), "auto")])
     if qc is not None:
         kwargs["quantization_config"] = qc
+    if eval_on_gpu(cfg):  # the trainer's device: decoding a 1B model on the CPU would take days
+        kwargs["device_map"] = {"": 0}
     model, tokenizer, meta = load_aligned(folder, **kwargs)
     model.eval()
     table = CodeTable.read_parquet(Path(folder) / "codes.parquet") if table is None else table
     encoder = ChatEncoder(tokenizer, meta["system_prompt"], max_length=int(a.max_length))
-    trie = CodeTrie(table, tokenizer, vocab_size=int(model.config.vocab_size))
+    trie = CodeTrie(table, tokenizer, vocab_size=int(model.config.vocab_size)).to(next(model.parameters()).device)
     return model, tokenizer, encoder, trie
+
+
+def eval_on_gpu(cfg: DictConfig) -> bool:
+    """Whether the test and predict stages decode on a GPU (``trainer.accelerator`` gpu/cuda, or auto
+    with one present)."""
+    accelerator = str(cfg.trainer.accelerator)
+    return torch.cuda.is_available() and accelerator in ("gpu", "cuda", "auto")
 
 
 def rank_prompts(model: torch.nn.Module, encoder: Any, trie: Any, prompts: list[str], num_beams: int,

@@ -19,6 +19,7 @@ import lightning as L
 import torch
 from torch import Tensor
 
+from lightning_modules.hardware import autocast_dtype
 from location_tokenizers.rqvae import RQVAE, code_usage, perplexity
 
 
@@ -38,6 +39,8 @@ class RQVAEModule(L.LightningModule):
         reseed_every: Re-seed never-used codes every this many epochs (0 = never).
         kmeans_init: Initialise codebooks by k-means on the first fit.
         seed: Seed of k-means and re-seeding.
+        mlp_precision: Resolved precision of the encoder/decoder MLPs (``bf16-mixed`` autocasts them;
+            the quantizer stays float32, see :class:`RQVAE`).
     """
 
     def __init__(
@@ -54,6 +57,7 @@ class RQVAEModule(L.LightningModule):
         reseed_every: int = 20,
         kmeans_init: bool = True,
         seed: int = 0,
+        mlp_precision: str = "32-true",
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
@@ -65,6 +69,7 @@ class RQVAEModule(L.LightningModule):
             codebook_size=codebook_size,
             beta=beta,
             sinkhorn_epsilon=sinkhorn_epsilon,
+            mlp_dtype=autocast_dtype(mlp_precision),
         )
         # Whole-table figures need all embeddings; set by the caller (not saved in checkpoints).
         self.all_embeddings: Tensor | None = None

@@ -403,6 +403,10 @@ class RQVAE(nn.Module):
         beta: Commitment weight.
         sinkhorn_epsilon: Entropic regularisation of the last-level balanced assignment.
         dropout: Dropout after each hidden activation of both MLPs.
+        mlp_dtype: Autocast dtype of the encoder and decoder MLPs (e.g. ``torch.bfloat16`` where the
+            hardware multiplies bf16 natively), or None for float32. The quantizer (distances, code
+            choice, VQ losses) and the reconstruction loss always run in float32: code assignment
+            must not depend on bf16 rounding.
     """
 
     def __init__(
@@ -415,8 +419,10 @@ class RQVAE(nn.Module):
         beta: float = 0.25,
         sinkhorn_epsilon: float = 0.003,
         dropout: float = 0.0,
+        mlp_dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
+        self.mlp_dtype = mlp_dtype
         hidden = list(hidden_dims)
         self.encoder = MLP([in_dim, *hidden, latent_dim], dropout)
         self.decoder = MLP([latent_dim, *reversed(hidden), in_dim], dropout)
@@ -434,9 +440,9 @@ class RQVAE(nn.Module):
             ``recon`` ``(B, in_dim)``, ``z`` and ``z_q`` ``(B, latent)``, ``codes`` ``(B, L)``,
             ``quant_loss`` and ``recon_loss`` (MSE) scalars.
         """
-        z = self.encoder(x)
+        z = self.encode(x)
         z_q, quant_loss, codes, _ = self.quantizer(z, use_sinkhorn=use_sinkhorn)
-        recon = self.decoder(z_q)
+        recon = self._run_mlp(self.decoder, z_q)
         return {
             "recon": recon,
             "z": z,
@@ -446,14 +452,21 @@ class RQVAE(nn.Module):
             "recon_loss": F.mse_loss(recon, x),
         }
 
+    def _run_mlp(self, mlp: nn.Module, x: Tensor) -> Tensor:
+        """``mlp(x)`` in ``mlp_dtype`` (autocast), returned as float32."""
+        if self.mlp_dtype is None:
+            return mlp(x)
+        with torch.autocast(x.device.type, dtype=self.mlp_dtype):
+            return mlp(x).float()
+
     def encode(self, x: Tensor) -> Tensor:
-        """Latents ``(B, latent)`` of embeddings ``(B, in_dim)``."""
-        return self.encoder(x)
+        """Latents ``(B, latent)`` (float32) of embeddings ``(B, in_dim)``."""
+        return self._run_mlp(self.encoder, x)
 
     @torch.no_grad()
     def get_codes(self, x: Tensor) -> Tensor:
         """Nearest codes ``(B, L)`` of embeddings ``(B, in_dim)`` (no Sinkhorn, no collision repair)."""
-        return self.quantizer.encode_codes(self.encoder(x))
+        return self.quantizer.encode_codes(self.encode(x))
 
 
 def _histograms(codes: Tensor, codebook_size: int) -> Tensor:

@@ -46,7 +46,8 @@ def tokenizer_dir(cfg: DictConfig) -> Path:
 def tokenizer_fingerprint(cfg: DictConfig) -> str:
     """Everything that determines the codes: data, tokenizer settings, embedder model, seed."""
     tok = {k: v for k, v in OmegaConf.to_container(cfg.tokenizer, resolve=True).items() if k != "progress_bar"}
-    tok["embed_dtype"] = embed_dtype(cfg)  # resolved: `auto` computes in another dtype on another machine
+    # resolved: `auto` computes in another dtype on another machine
+    tok["embed_dtype"], tok["precision"] = embed_dtype(cfg), rqvae_precision(cfg)
     llm = OmegaConf.to_container(cfg.llm, resolve=True) if tok.get("embedder") == "llm" else None
     return fingerprint({"data": data_fingerprint(cfg), "tokenizer": tok, "llm": llm, "seed": int(cfg.seed)})
 
@@ -56,6 +57,13 @@ def embed_dtype(cfg: DictConfig) -> str:
     from lightning_modules.hardware import resolve_dtype
 
     return resolve_dtype(str(cfg.tokenizer.get("embed_dtype", "float32")), str(cfg.trainer.accelerator))
+
+
+def rqvae_precision(cfg: DictConfig) -> str:
+    """The precision of the RQ-VAE's MLPs (``tokenizer.precision=auto`` resolved here)."""
+    from lightning_modules.hardware import resolve_precision
+
+    return resolve_precision(str(cfg.tokenizer.get("precision", "32-true")), str(cfg.trainer.accelerator))
 
 
 def load_codes(cfg: DictConfig) -> CodeTable:
@@ -132,10 +140,14 @@ def _train_rqvae(cfg: DictConfig, embeddings: np.ndarray, out: Path) -> tuple[Co
         reseed_every=int(t.get("reseed_every", 20)),
         kmeans_init=bool(t.get("kmeans_init", True)),
         seed=int(cfg.seed),
+        mlp_precision=rqvae_precision(cfg),
     )
     module.set_embeddings(x)
     logger = TensorBoardLogger(save_dir=str(tb_dir(cfg)), name="tokenizer", default_hp_metric=False)
-    checkpoint = ModelCheckpoint(dirpath=out / "checkpoints", monitor="rqvae/score", mode="min", save_last=True, filename="best")
+    # Weights only (a third of the size with AdamW's moments): the folder is atomic, so a killed run is
+    # retrained from scratch, never resumed; the checkpoints keep the best and the last weights.
+    checkpoint = ModelCheckpoint(dirpath=out / "checkpoints", monitor="rqvae/score", mode="min", save_last=True,
+                                 filename="best", save_weights_only=True)
     callbacks = [checkpoint, ForkSafeThreads()]
     if int(t.get("patience", 0)) > 0:
         callbacks.append(EarlyStopping(monitor="rqvae/score", mode="min", patience=int(t.patience), min_delta=float(t.get("min_delta", 1e-4))))

@@ -9,7 +9,8 @@ import torch
 import lightning_modules.hardware as hw
 import location_tokenizers.embed as embed
 from lightning_modules.align_stage import align_fingerprint, run_precision
-from location_tokenizers.tokenizer_stage import embed_dtype, tokenizer_fingerprint
+from location_tokenizers.rqvae import RQVAE
+from location_tokenizers.tokenizer_stage import embed_dtype, rqvae_precision, tokenizer_fingerprint
 from tests.conftest import compose_cfg
 
 
@@ -51,6 +52,7 @@ def test_configs_resolve_per_machine(amx) -> None:
     assert cfg.trainer.precision == "auto" and cfg.tokenizer.embed_dtype == "auto" and cfg.align.compute_dtype == "auto"
     assert run_precision(cfg) == ("bf16-mixed" if amx else "32-true")
     assert embed_dtype(cfg) == ("bfloat16" if amx else "float32")
+    assert rqvae_precision(cfg) == ("bf16-mixed" if amx else "32-true")
 
 
 def test_fingerprints_hold_the_resolved_precision(monkeypatch) -> None:
@@ -63,7 +65,8 @@ def test_fingerprints_hold_the_resolved_precision(monkeypatch) -> None:
         prints[has_amx] = (tokenizer_fingerprint(cfg), align_fingerprint(cfg))
     assert prints[True][0] != prints[False][0] and prints[True][1] != prints[False][1]
     # an explicit setting fingerprints the same on both
-    cfg = compose_cfg(["experiment=smoke", "trainer.precision=32-true", "tokenizer.embed_dtype=float32", "align.compute_dtype=float32"])
+    cfg = compose_cfg(["experiment=smoke", "trainer.precision=32-true", "tokenizer.embed_dtype=float32",
+                       "tokenizer.precision=32-true", "align.compute_dtype=float32"])
     same = set()
     for has_amx in (True, False):
         monkeypatch.setattr(hw, "cpu_has_amx_bf16", lambda has_amx=has_amx: has_amx)
@@ -81,3 +84,21 @@ def test_bf16_embeddings_cache_apart_and_agree(tmp_path) -> None:
     assert len(list((tmp_path / "embeddings").glob("*.parquet"))) == 2
     cosine = (full * half).sum(1) / (np.linalg.norm(full, axis=1) * np.linalg.norm(half, axis=1))
     assert cosine.min() > 0.99  # bf16 rounding, not another embedding
+
+
+def test_bf16_rqvae_mlps_keep_the_quantizer_in_float32() -> None:
+    torch.manual_seed(0)
+    full = RQVAE(in_dim=48, hidden_dims=[64, 32], latent_dim=8, num_levels=3, codebook_size=8)
+    half = RQVAE(in_dim=48, hidden_dims=[64, 32], latent_dim=8, num_levels=3, codebook_size=8, mlp_dtype=torch.bfloat16)
+    half.load_state_dict(full.state_dict())
+    x = torch.randn(64, 48)
+    a, b = full(x, use_sinkhorn=True), half(x, use_sinkhorn=True)
+    assert all(b[key].dtype == torch.float32 for key in ("z", "z_q", "recon"))  # float32 again after the MLPs
+    assert half.quantizer.codebooks.dtype == torch.float32
+    torch.testing.assert_close(b["z"], a["z"], rtol=0.05, atol=0.05)
+    # the codes come from float32 distances to the latents; bf16 only moves latents that sit on a boundary
+    same = (b["codes"] == a["codes"]).all(1)
+    assert same.float().mean() > 0.8
+    torch.testing.assert_close(b["recon"][same], a["recon"][same], rtol=0.05, atol=0.05)
+    (b["recon_loss"] + b["quant_loss"]).backward()
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in half.encoder.parameters())
