@@ -102,3 +102,14 @@ def test_bf16_rqvae_mlps_keep_the_quantizer_in_float32() -> None:
     torch.testing.assert_close(b["recon"][same], a["recon"][same], rtol=0.05, atol=0.05)
     (b["recon_loss"] + b["quant_loss"]).backward()
     assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in half.encoder.parameters())
+
+
+def test_evaluation_decodes_on_the_trainer_device(monkeypatch) -> None:
+    from lightning_modules.evaluation import eval_on_gpu
+
+    gpu = compose_cfg(["experiment=nyc_qlora"])   # trainer=gpu: accelerator auto
+    cpu = compose_cfg(["experiment=nyc_qlora_cpu"])
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert not eval_on_gpu(gpu) and not eval_on_gpu(cpu)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert eval_on_gpu(gpu) and not eval_on_gpu(cpu)
