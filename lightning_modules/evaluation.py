@@ -29,7 +29,7 @@ from datamodules.dataset import sample_config
 from datamodules.errors import DataError
 from datamodules.samples import render_samples
 from lightning_modules.baselines import CountBaselines, GRUBaseline, eval_cases
-from lightning_modules.hardware import autocast_dtype, resolve_dtype
+from lightning_modules.hardware import autocast, resolve_dtype
 from lightning_modules.metrics import RankingMetrics
 
 log = logging.getLogger(__name__)
@@ -197,11 +197,10 @@ def rank_prompts(model: torch.nn.Module, encoder: Any, trie: Any, prompts: list[
     locs = np.full((len(prompts), num_beams), -1, dtype=np.int64)
     scores = np.full((len(prompts), num_beams), -np.inf)
     device = next(model.parameters()).device
-    dtype = autocast_dtype(precision)
     for start in range(0, len(prompts), batch_size):
         rows = order[start : start + batch_size]
         batch = encoder.prompt_batch([prompts[i] for i in rows], device=device)
-        with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
+        with autocast(precision, device.type):
             ranked = beam_search(model, batch["input_ids"], batch["attention_mask"], trie, num_beams=num_beams)
         locs[rows] = ranked.loc_ids.cpu().numpy()
         scores[rows] = ranked.scores.cpu().numpy()
@@ -221,8 +220,7 @@ def exact_agreement(model: torch.nn.Module, encoder: Any, trie: Any, table: Any,
     miss, recall = [], []
     for i, prompt in enumerate(prompts):
         batch = encoder.prompt_batch([prompt], device=device)
-        dtype = autocast_dtype(precision)
-        with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
+        with autocast(precision, device.type):
             scores = exact_scores(model, batch["input_ids"], batch["attention_mask"], code_ids)
         exact = rank_exact(scores, torch.as_tensor(table.loc_ids), top=10).loc_ids[0].cpu().numpy()
         miss.append(float(exact[0] != beam_locs[i, 0]))
@@ -386,8 +384,7 @@ def run_predict_stage(cfg: DictConfig) -> dict[str, Any]:
     model, _, encoder, trie = load_for_eval(cfg, folder, table)
     top = int(p.top_k)
     batch = encoder.prompt_batch(encoder.prompt_texts(samples), device=next(model.parameters()).device)
-    dtype = autocast_dtype(run_precision(cfg))
-    with torch.autocast(batch["input_ids"].device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
+    with autocast(run_precision(cfg), batch["input_ids"].device.type):
         ranked = beam_search(model, batch["input_ids"], batch["attention_mask"], trie, num_beams=max(top, int(cfg.eval.num_beams)))
     preds = pl.DataFrame({"rank": list(range(1, top + 1)), "loc_id": ranked.loc_ids[0, :top].tolist(),
                           "log_prob": [round(float(x), 4) for x in ranked.scores[0, :top]]})

@@ -75,4 +75,11 @@ def autocast_dtype(precision: str) -> torch.dtype | None:
     return None
 
 
-__all__ = ["autocast_dtype", "cpu_has_amx_bf16", "fast_bf16", "resolve_dtype", "resolve_precision"]
+def autocast(precision: str, device_type: str = "cpu") -> torch.autocast:
+    """An autocast context for a resolved Lightning precision (disabled for ``32-true``): decoding and
+    scoring outside the Trainer compute as training did."""
+    dtype = autocast_dtype(precision)
+    return torch.autocast(device_type, dtype=dtype or torch.float32, enabled=dtype is not None)
+
+
+__all__ = ["autocast", "autocast_dtype", "cpu_has_amx_bf16", "fast_bf16", "resolve_dtype", "resolve_precision"]

@@ -41,6 +41,11 @@ def test_autocast_dtype() -> None:
     assert hw.autocast_dtype("bf16-true") is torch.bfloat16
     assert hw.autocast_dtype("16-mixed") is torch.float16
     assert hw.autocast_dtype("32-true") is None
+    a = torch.randn(4, 4)
+    with hw.autocast("bf16-mixed"):
+        assert (a @ a).dtype == torch.bfloat16
+    with hw.autocast("32-true"):
+        assert (a @ a).dtype == torch.float32
 
 
 def test_cpu_probe_answers() -> None:
