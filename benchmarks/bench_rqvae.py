@@ -1,7 +1,7 @@
 """Seconds per RQ-VAE training epoch at NYC size, float32 MLPs against bf16-autocast MLPs, side by side.
 
 5,765 random "embeddings" of SmolLM2's width (576), the official 4 x 64 RQ-VAE (MLP
-2048-1024-512-256-128-64, latent 32), batch 512, AdamW, Sinkhorn on the last level: the training
+2048-1024-512-256-128-64, latent 32), batch 512, fused AdamW, Sinkhorn on the last level: the training
 loop of ``RQVAEModule`` without Lightning. The settings alternate epoch by epoch, so machine drift
 hits both alike; the median epoch of each is reported.
 
@@ -38,7 +38,7 @@ def main() -> None:
     for name, dtype in settings.items():
         torch.manual_seed(0)
         models[name] = RQVAE(in_dim=args.dim, mlp_dtype=dtype)
-        opts[name] = torch.optim.AdamW(models[name].parameters(), lr=1e-3)
+        opts[name] = torch.optim.AdamW(models[name].parameters(), lr=1e-3, fused=True)  # as RQVAEModule
     for _ in range(args.epochs + 1):  # the first epoch warms up kernels and allocators
         for name in settings:
             model, opt = models[name], opts[name]

