@@ -110,15 +110,19 @@ def plot_code_map(table: CodeTable, locations: pl.DataFrame, path: Path, title: 
     return fig
 
 
-def _train_rqvae(cfg: DictConfig, embeddings: np.ndarray, out: Path) -> tuple[CodeTable | None, dict[str, Any], Any]:
-    """Fit the RQ-VAE and assign codes. Returns the table (loc ids filled by the caller), figures, logger."""
+def _train_rqvae(cfg: DictConfig, embeddings: np.ndarray, out: Path, locations: pl.DataFrame | None = None,
+                 loc_ids: np.ndarray | None = None) -> tuple[CodeTable | None, dict[str, Any], Any]:
+    """Fit the RQ-VAE and assign codes. Returns the table (loc ids filled by the caller), figures, logger.
+
+    With ``locations`` and ``loc_ids`` (the row order of ``embeddings``), coherence figures are
+    logged every ``tokenizer.coherence_every`` epochs."""
     import lightning as L
     from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
     from lightning.pytorch.loggers import TensorBoardLogger
     from torch.utils.data import DataLoader, TensorDataset
 
     from lightning_modules.distributed import ForkSafeThreads
-    from lightning_modules.rqvae_module import RQVAEModule
+    from lightning_modules.rqvae_module import CoherenceMonitor, RQVAEModule
     from location_tokenizers.assign import assign_codes
 
     t = cfg.tokenizer
@@ -149,6 +153,8 @@ def _train_rqvae(cfg: DictConfig, embeddings: np.ndarray, out: Path) -> tuple[Co
     checkpoint = ModelCheckpoint(dirpath=out / "checkpoints", monitor="rqvae/score", mode="min", save_last=True,
                                  filename="best", save_weights_only=True)
     callbacks = [checkpoint, ForkSafeThreads()]
+    if locations is not None and int(t.get("coherence_every", 0)) > 0:
+        callbacks.append(CoherenceMonitor(locations, loc_ids, int(t.coherence_every)))
     if int(t.get("patience", 0)) > 0:
         callbacks.append(EarlyStopping(monitor="rqvae/score", mode="min", patience=int(t.patience), min_delta=float(t.get("min_delta", 1e-4))))
     trainer = L.Trainer(
@@ -263,7 +269,7 @@ def run_tokenizer_stage(cfg: DictConfig, force: bool | None = None) -> dict[str,
             metrics["embedding_dtype"] = embed_dtype(cfg)
             metrics["embedding_seconds"] = round(time.perf_counter() - te, 2)
             metrics["embedding_dim"] = int(embeddings.shape[1])
-            codes, figures, logger = _train_rqvae(cfg, embeddings, tmp)
+            codes, figures, logger = _train_rqvae(cfg, embeddings, tmp, locations, loc_ids)
             metrics["training"] = figures
             table = CodeTable(loc_ids=loc_ids, codes=codes, codebook_size=int(cfg.tokenizer.codebook_size))
         elif kind in ("id", "random"):

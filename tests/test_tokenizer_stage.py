@@ -60,7 +60,8 @@ def test_tensorboard_has_rqvae_figures_and_code_map(smoke_run) -> None:
     acc = EventAccumulator(str(runs[-1]), size_guidance={"images": 0, "scalars": 0})
     acc.Reload()
     scalars = set(acc.Tags()["scalars"])
-    for tag in ("rqvae/recon", "rqvae/quant", "rqvae/usage_l0", "rqvae/perplexity_l3", "rqvae/collision_rate"):
+    for tag in ("rqvae/recon", "rqvae/quant", "rqvae/usage_l0", "rqvae/perplexity_l3", "rqvae/collision_rate",
+                "rqvae/km_same_l1", "rqvae/km_same_l12", "rqvae/purity_l12"):
         assert tag in scalars, (tag, sorted(scalars))
     assert "rqvae/code_map" in acc.Tags()["images"]
 
@@ -135,6 +136,43 @@ def test_module_logs_table_figures() -> None:
     before = fresh.table_figures()["rqvae/usage_l0"]
     fresh.on_fit_start()
     assert fresh.table_figures()["rqvae/usage_l0"] >= max(before, 6 / 8)
+
+
+def test_coherence_monitor_sees_spatial_clusters(monkeypatch) -> None:
+    """Embeddings that follow three far-apart neighbourhoods: the level-1 groups the monitor logs are
+    spatially tight, against the mean distance of random pairs."""
+    import lightning as L
+    from torch.utils.data import DataLoader, TensorDataset
+
+    import lightning_modules.rqvae_module as rqvae_module
+    from location_tokenizers.quality import coherence
+    from lightning_modules.rqvae_module import CoherenceMonitor, RQVAEModule
+
+    torch.manual_seed(0)
+    rng = np.random.default_rng(0)
+    hood = np.repeat(np.arange(3), 60)
+    lat = 40.6 + 0.1 * hood + 0.002 * rng.standard_normal(hood.size)
+    lon = -74.0 + 0.1 * hood + 0.002 * rng.standard_normal(hood.size)
+    locations = pl.DataFrame({"loc_id": np.arange(hood.size), "lat": lat, "lon": lon, "category": ["Bar", "Café", "Gym"] * 60})
+    x = torch.randn(3, 32)[torch.from_numpy(hood)] * 3 + 0.1 * torch.randn(hood.size, 32)
+    # A small learning rate keeps the k-means start (one level-1 code per neighbourhood): the test is
+    # of the monitor, not of training.
+    module = RQVAEModule(in_dim=32, hidden_dims=[64], latent_dim=8, num_levels=2, codebook_size=4, reseed_every=0, lr=1e-5)
+    module.set_embeddings(x)
+    epochs: list[int] = []
+
+    def spy(*args, **kwargs):
+        epochs.append(module.current_epoch + 1)
+        return coherence(*args, **kwargs)
+
+    monkeypatch.setattr(rqvae_module, "coherence", spy)
+    trainer = L.Trainer(max_epochs=5, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                        enable_model_summary=False, callbacks=[CoherenceMonitor(locations, np.arange(hood.size), every=2)])
+    trainer.fit(module, DataLoader(TensorDataset(x), batch_size=60, shuffle=True))
+    assert epochs == [2, 4, 5]  # every 2 epochs, and after the last
+    km, purity = float(trainer.callback_metrics["rqvae/km_same_l12"]), float(trainer.callback_metrics["rqvae/purity_l12"])
+    random_km = coherence(np.zeros((hood.size, 1), dtype=np.int64), locations, np.arange(hood.size), 4)["mean_km_random"]
+    assert km < 0.2 * random_km and 0.0 < purity <= 1.0
 
 
 def test_released_index_on_nyc(nyc_release, tmp_path) -> None:
