@@ -29,7 +29,8 @@ from datamodules.artifacts import atomic_dir, fingerprint, reusable, run_dir, tb
 from datamodules.data_stage import data_dir, data_fingerprint
 from datamodules.dataset import sample_config
 from datamodules.samples import SYSTEM_PROMPT
-from lightning_modules.hardware import resolve_dtype, resolve_precision
+from lightning_modules.hardware import resolve_precision
+from lightning_modules.llm import align_compute_dtype
 from location_tokenizers.codes import CodeTable, all_code_tokens
 from location_tokenizers.tokenizer_stage import load_codes, run_tokenizer_stage, tokenizer_fingerprint
 
@@ -46,7 +47,7 @@ def align_fingerprint(cfg: DictConfig) -> str:
     return fingerprint({
         "data": data_fingerprint(cfg), "tokenizer": tokenizer_fingerprint(cfg), "llm": part(cfg.llm),
         "align": {**{k: v for k, v in part(cfg.align).items() if k not in ("num_workers", "num_generations")},
-                  "compute_dtype": resolve_dtype(str(cfg.align.get("compute_dtype", "float32")), "auto")},
+                  "compute_dtype": align_compute_dtype(cfg.align)},
         "objectives": part(cfg.objectives), "trainer": trainer, "seed": int(cfg.seed),
     })
 

@@ -29,7 +29,7 @@ from datamodules.dataset import sample_config
 from datamodules.errors import DataError
 from datamodules.samples import render_samples
 from lightning_modules.baselines import CountBaselines, GRUBaseline, eval_cases
-from lightning_modules.hardware import autocast, resolve_dtype
+from lightning_modules.hardware import autocast, compute_device
 from lightning_modules.metrics import RankingMetrics
 
 log = logging.getLogger(__name__)
@@ -158,13 +158,13 @@ def load_for_eval(cfg: DictConfig, folder: Path, table: Any = None) -> tuple[Any
     """
     from lightning_modules.align_stage import load_aligned
     from lightning_modules.chat_encoding import ChatEncoder
-    from lightning_modules.llm import _DTYPES, quantization_config
+    from lightning_modules.llm import _DTYPES, align_compute_dtype, quantization_config
     from location_tokenizers.codes import CodeTable
     from location_tokenizers.trie import CodeTrie
 
     a = cfg.align
     kwargs: dict[str, Any] = {"dtype": _DTYPES[str(a.get("dtype", "float32"))]}
-    qc = quantization_config(str(a.quantization), _DTYPES[resolve_dtype(str(a.get("compute_dtype", "float32")), "auto")])
+    qc = quantization_config(str(a.quantization), _DTYPES[align_compute_dtype(a)])
     if qc is not None:
         kwargs["quantization_config"] = qc
     if eval_on_gpu(cfg):  # the trainer's device: decoding a 1B model on the CPU would take days
@@ -180,8 +180,7 @@ def load_for_eval(cfg: DictConfig, folder: Path, table: Any = None) -> tuple[Any
 def eval_on_gpu(cfg: DictConfig) -> bool:
     """Whether the test and predict stages decode on a GPU (``trainer.accelerator`` gpu/cuda, or auto
     with one present)."""
-    accelerator = str(cfg.trainer.accelerator)
-    return torch.cuda.is_available() and accelerator in ("gpu", "cuda", "auto")
+    return compute_device(str(cfg.trainer.accelerator)) == "cuda"
 
 
 def rank_prompts(model: torch.nn.Module, encoder: Any, trie: Any, prompts: list[str], num_beams: int,

@@ -42,6 +42,12 @@ def _gpu_will_be_used(accelerator: str) -> bool:
     return accelerator in ("gpu", "cuda") or (accelerator == "auto" and torch.cuda.is_available())
 
 
+def compute_device(accelerator: str = "cpu") -> str:
+    """``cuda`` when ``accelerator`` resolves to a GPU that is present, else ``cpu``: where work done
+    outside the Trainer (description embeddings) runs."""
+    return "cuda" if _gpu_will_be_used(accelerator) and torch.cuda.is_available() else "cpu"
+
+
 def fast_bf16(accelerator: str = "cpu") -> bool:
     """Whether bf16 compute is faster than float32 on the device ``accelerator`` resolves to."""
     if _gpu_will_be_used(accelerator):
@@ -82,4 +88,4 @@ def autocast(precision: str, device_type: str = "cpu") -> torch.autocast:
     return torch.autocast(device_type, dtype=dtype or torch.float32, enabled=dtype is not None)
 
 
-__all__ = ["autocast", "autocast_dtype", "cpu_has_amx_bf16", "fast_bf16", "resolve_dtype", "resolve_precision"]
+__all__ = ["autocast", "autocast_dtype", "compute_device", "cpu_has_amx_bf16", "fast_bf16", "resolve_dtype", "resolve_precision"]

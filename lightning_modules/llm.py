@@ -180,6 +180,13 @@ def random_model_dir(llm_cfg: Any, cache_dir: str | Path, vocab_size: int, seed:
     return target
 
 
+def align_compute_dtype(align_cfg: Any) -> str:
+    """The dtype the quantised matmuls compute in (``align.compute_dtype``; ``auto`` resolved for this
+    machine, see ``lightning_modules/hardware.py``): one answer for training, evaluation and the
+    alignment fingerprint."""
+    return resolve_dtype(str(_get(align_cfg, "compute_dtype", "float32")), "auto")
+
+
 def quantization_config(kind: str, compute_dtype: torch.dtype):
     """``BitsAndBytesConfig`` for ``nf4`` (QLoRA: NF4 + double quantisation), ``int8``, or None for ``none``."""
     if kind in ("none", None):
@@ -236,8 +243,7 @@ def build_peft_model(llm_cfg: Any, align_cfg: Any, cache_dir: str | Path, new_to
         path = str(random_model_dir(llm_cfg, cache_dir, vocab_size=base_vocab, seed=seed))
     else:
         path = model_path(llm_cfg, cache_dir)
-    # compute_dtype=auto: bf16 where the hardware multiplies it natively (lightning_modules/hardware.py).
-    compute_dtype = _DTYPES[resolve_dtype(str(_get(align_cfg, "compute_dtype", "float32")), "auto")]
+    compute_dtype = _DTYPES[align_compute_dtype(align_cfg)]
     quant = str(_get(align_cfg, "quantization", "none"))
     kwargs: dict[str, Any] = {}
     if (qc := quantization_config(quant, compute_dtype)) is not None:

@@ -9,6 +9,12 @@
 Embeddings are cached per (model, description hash) in ``<paths.cache>/embeddings/<key>.parquet``,
 so a rerun, another RQ-VAE shape or another seed never recomputes them; texts are batched by length
 (little padding) behind a progress bar.
+
+Speed, measured on 2 Sapphire Rapids cores with SmolLM2-135M in bf16 (eager and compiled batches
+interleaved in one process): ``torch.compile`` of the encoder embeds 1.14x faster at ~520 tokens a
+text and 1.27x at 128, but compiling takes ~55 s, so on the NYC table (5,765 texts) it saves
+nothing at 128 tokens and ~8 % at full length; the encoder runs eagerly. The batch size matters more
+for short texts: at 128 tokens, 32 texts a batch embed 1.2x faster than 8.
 """
 
 from __future__ import annotations
@@ -48,7 +54,7 @@ class _Encoder:
     """A tokenizer + backbone that maps texts to pooled vectors."""
 
     def __init__(self, embedder: str, llm_cfg: Any, cache_dir: str | Path, max_length: int, seed: int,
-                 dtype: torch.dtype = torch.float32) -> None:
+                 dtype: torch.dtype = torch.float32, device: str = "cpu") -> None:
         from transformers import AutoModel, AutoTokenizer
 
         self.max_length = max_length
@@ -63,18 +69,20 @@ class _Encoder:
             self.model = causal.get_decoder() if hasattr(causal, "get_decoder") else causal.model
         else:
             raise ValueError(f"tokenizer.embedder={embedder!r}; choose llm or minilm")
-        self.model.eval()
+        self.model.to(device).eval()
+        self.device = device
         if self.tokenizer.pad_token is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token
 
     @torch.inference_mode()
     def __call__(self, texts: list[str]) -> np.ndarray:
         batch = self.tokenizer(texts, return_tensors="pt", padding=True, truncation=True, max_length=self.max_length)
-        hidden = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
-        pooled = _mean_pool(hidden.float(), batch["attention_mask"])
+        ids, mask = batch["input_ids"].to(self.device), batch["attention_mask"].to(self.device)
+        hidden = self.model(input_ids=ids, attention_mask=mask).last_hidden_state
+        pooled = _mean_pool(hidden.float(), mask)
         if self.normalize:
             pooled = torch.nn.functional.normalize(pooled, dim=-1)
-        return pooled.numpy().astype(np.float32)
+        return pooled.cpu().numpy().astype(np.float32)
 
 
 def cache_key(embedder: str, llm_cfg: Any, max_length: int, dtype: str = "float32") -> str:
@@ -122,6 +130,7 @@ def embed_texts(
     progress: bool = True,
     flush_seconds: float = 300.0,
     dtype: str = "float32",
+    device: str = "cpu",
 ) -> np.ndarray:
     """Embed texts, using and extending the on-disk cache.
 
@@ -137,6 +146,8 @@ def embed_texts(
         flush_seconds: Save the cache at least this often during a long run.
         dtype: Compute dtype of the encoder (``float32`` or ``bfloat16``; bf16 is ~2.7x faster for
             SmolLM2 on a CPU with AMX, see ``lightning_modules/hardware.py``). The vectors are float32.
+        device: Where the encoder runs (``cpu`` or ``cuda``); the vectors are the same up to
+            rounding and share the cache.
 
     Returns:
         ``(len(texts), dim)`` float32.
@@ -150,7 +161,7 @@ def embed_texts(
     todo = sorted({h: t for h, t in zip(hashes, texts) if h not in cached}.items(), key=lambda kv: len(kv[1]))
     if todo:
         log.info("embedding %d descriptions with %s (%d cached)", len(todo), key, len(texts) - len(todo))
-        encoder = _Encoder(embedder, llm_cfg, cache_dir, max_length, seed, dtype=getattr(torch, dtype))
+        encoder = _Encoder(embedder, llm_cfg, cache_dir, max_length, seed, dtype=getattr(torch, dtype), device=device)
         bar = tqdm(total=len(todo), desc=f"embed [{key}]", disable=not progress, unit="text")
         last_flush = time.monotonic()
         for i in range(0, len(todo), batch_size):

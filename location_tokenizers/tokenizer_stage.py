@@ -227,6 +227,7 @@ def run_tokenizer_stage(cfg: DictConfig, force: bool | None = None) -> dict[str,
             pass False: ``force`` applies to the stage that was asked for.
     """
     force = bool(cfg.get("force", False)) if force is None else force
+    from lightning_modules.hardware import compute_device
     from location_tokenizers.embed import embed_texts
 
     # The data it needs: reused when present (force applies to this stage, not again to data).
@@ -256,6 +257,7 @@ def run_tokenizer_stage(cfg: DictConfig, force: bool | None = None) -> dict[str,
             table = released
         elif kind == "rqvae":
             te = time.perf_counter()
+            dtype = embed_dtype(cfg)
             embeddings = embed_texts(
                 described["description"].to_list(),
                 str(cfg.tokenizer.embedder),
@@ -264,9 +266,10 @@ def run_tokenizer_stage(cfg: DictConfig, force: bool | None = None) -> dict[str,
                 batch_size=int(cfg.tokenizer.get("embed_batch_size", 8)),
                 max_length=int(cfg.tokenizer.get("embed_max_length", 1024)),
                 seed=int(cfg.seed),
-                dtype=embed_dtype(cfg),
+                dtype=dtype,
+                device=compute_device(str(cfg.trainer.accelerator)),
             )
-            metrics["embedding_dtype"] = embed_dtype(cfg)
+            metrics["embedding_dtype"] = dtype
             metrics["embedding_seconds"] = round(time.perf_counter() - te, 2)
             metrics["embedding_dim"] = int(embeddings.shape[1])
             codes, figures, logger = _train_rqvae(cfg, embeddings, tmp, locations, loc_ids)

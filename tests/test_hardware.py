@@ -118,3 +118,10 @@ def test_evaluation_decodes_on_the_trainer_device(monkeypatch) -> None:
     assert not eval_on_gpu(gpu) and not eval_on_gpu(cpu)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     assert eval_on_gpu(gpu) and not eval_on_gpu(cpu)
+
+
+def test_compute_device_follows_the_accelerator(monkeypatch) -> None:
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert {hw.compute_device(a) for a in ("cpu", "auto", "gpu", "cuda")} == {"cpu"}  # no GPU present
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert [hw.compute_device(a) for a in ("cpu", "auto", "gpu")] == ["cpu", "cuda", "cuda"]
