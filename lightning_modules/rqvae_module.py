@@ -23,7 +23,7 @@ import torch
 from torch import Tensor
 
 from lightning_modules.hardware import autocast_dtype
-from location_tokenizers.quality import coherence
+from location_tokenizers.quality import coherence_arrays, location_arrays
 from location_tokenizers.rqvae import RQVAE, code_usage, perplexity
 
 
@@ -155,7 +155,10 @@ class CoherenceMonitor(L.Callback):
     """
 
     def __init__(self, locations: Any, loc_ids: Any, every: int = 25) -> None:
-        self.locations, self.loc_ids, self.every = locations, loc_ids, int(every)
+        # Aligned arrays, made here in the parent: the per-epoch figures are numpy only, because Polars
+        # deadlocks in processes forked after its thread pool started (ddp_fork).
+        self.places = location_arrays(locations, loc_ids)
+        self.every = int(every)
 
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         epoch = trainer.current_epoch + 1
@@ -164,6 +167,6 @@ class CoherenceMonitor(L.Callback):
             return
         with torch.no_grad():
             codes = pl_module.model.get_codes(pl_module.all_embeddings.to(pl_module.device)).cpu().numpy()
-        fig = coherence(codes, self.locations, self.loc_ids, int(pl_module.hparams.codebook_size))
+        fig = coherence_arrays(codes, *self.places, int(pl_module.hparams.codebook_size))
         pl_module.log_dict({"rqvae/km_same_l1": fig["mean_km_same_l1"], "rqvae/km_same_l12": fig["mean_km_same_l12"],
                             "rqvae/purity_l12": fig["category_purity_l12"]})

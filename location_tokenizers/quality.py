@@ -40,6 +40,26 @@ def _mean_pairwise_km(lat: np.ndarray, lon: np.ndarray, groups: np.ndarray, max_
     return float(total / pairs) if pairs else 0.0
 
 
+def purity(groups: np.ndarray, labels: np.ndarray) -> float:
+    """Share of locations whose label is their group's most common one (pooled over groups)."""
+    if groups.size == 0:
+        return 0.0
+    _, label_ids = np.unique(labels, return_inverse=True)
+    width = int(label_ids.max()) + 1
+    keys, counts = np.unique(groups.astype(np.int64) * width + label_ids, return_counts=True)
+    owner = keys // width  # sorted, since keys are
+    starts = np.flatnonzero(np.r_[True, owner[1:] != owner[:-1]])
+    return float(np.maximum.reduceat(counts, starts).sum() / groups.size)
+
+
+def location_arrays(locations: pl.DataFrame, loc_ids: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``lat``, ``lon`` and ``category`` (``?`` when unknown) of ``loc_ids``, in their order."""
+    table = pl.DataFrame({"loc_id": loc_ids}).join(
+        locations.select("loc_id", "lat", "lon", "category"), on="loc_id", how="left", maintain_order="left"
+    )
+    return table["lat"].to_numpy(), table["lon"].to_numpy(), table["category"].fill_null("?").to_numpy()
+
+
 def coherence(codes: np.ndarray, locations: pl.DataFrame, loc_ids: np.ndarray, codebook_size: int) -> dict[str, Any]:
     """Quality figures of a code table.
 
@@ -55,11 +75,12 @@ def coherence(codes: np.ndarray, locations: pl.DataFrame, loc_ids: np.ndarray, c
         ``mean_km_same_l12``, ``mean_km_random`` (all pairs, for scale), ``category_purity_l12``,
         ``category_purity_random`` (the same group sizes with shuffled categories).
     """
-    table = pl.DataFrame({"loc_id": loc_ids}).join(
-        locations.select("loc_id", "lat", "lon", "category"), on="loc_id", how="left", maintain_order="left"
-    )
-    lat, lon = table["lat"].to_numpy(), table["lon"].to_numpy()
-    cats = table["category"].fill_null("?").to_numpy()
+    return coherence_arrays(codes, *location_arrays(locations, loc_ids), codebook_size)
+
+
+def coherence_arrays(codes: np.ndarray, lat: np.ndarray, lon: np.ndarray, cats: np.ndarray, codebook_size: int) -> dict[str, Any]:
+    """:func:`coherence` on arrays aligned with ``codes``' rows: numpy only, so it is safe in processes
+    forked after Polars started its thread pool (DDP's ``ddp_fork``)."""
     n, levels = codes.shape
     full = np.unique(codes, axis=0).shape[0]
     usage = [int(np.unique(codes[:, level]).size) for level in range(levels)]
@@ -70,12 +91,6 @@ def coherence(codes: np.ndarray, locations: pl.DataFrame, loc_ids: np.ndarray, c
         perplexity.append(float(np.exp(-(p * np.log(p)).sum())))
     l1 = codes[:, 0]
     l12 = codes[:, 0] * codebook_size + codes[:, 1] if levels > 1 else l1
-
-    def purity(groups: np.ndarray, labels: np.ndarray) -> float:
-        df = pl.DataFrame({"g": groups, "c": labels})
-        top = df.group_by("g", "c").len().group_by("g").agg(pl.col("len").max(), pl.col("len").sum().alias("n"))
-        return float(top["len"].sum() / top["n"].sum())
-
     shuffled = np.random.default_rng(0).permutation(cats)
     return {
         "locations": n,

@@ -161,11 +161,13 @@ def test_coherence_monitor_sees_spatial_clusters(monkeypatch) -> None:
     module.set_embeddings(x)
     epochs: list[int] = []
 
+    real = rqvae_module.coherence_arrays
+
     def spy(*args, **kwargs):
         epochs.append(module.current_epoch + 1)
-        return coherence(*args, **kwargs)
+        return real(*args, **kwargs)
 
-    monkeypatch.setattr(rqvae_module, "coherence", spy)
+    monkeypatch.setattr(rqvae_module, "coherence_arrays", spy)
     trainer = L.Trainer(max_epochs=5, logger=False, enable_checkpointing=False, enable_progress_bar=False,
                         enable_model_summary=False, callbacks=[CoherenceMonitor(locations, np.arange(hood.size), every=2)])
     trainer.fit(module, DataLoader(TensorDataset(x), batch_size=60, shuffle=True))
@@ -214,3 +216,11 @@ def test_ablation_tokenizations_are_collision_free(kind, smoke_run) -> None:
         other = plain(f"tokenizer={kind}", "seed=5")
         run_module.run(other)
         assert not np.array_equal(CodeTable.read_parquet(tokenizer_dir(other) / "codes.parquet").codes, table.codes)
+
+
+def test_purity_hand_case() -> None:
+    from location_tokenizers.quality import purity
+
+    # group 0: a a b -> 2 of 3 agree; group 7: c d -> 1 of 2; pooled (2 + 1) / 5
+    assert purity(np.array([0, 0, 0, 7, 7]), np.array(["a", "a", "b", "c", "d"])) == pytest.approx(0.6)
+    assert purity(np.array([3, 3]), np.array(["x", "x"])) == 1.0 and purity(np.array([], dtype=np.int64), np.array([])) == 0.0
