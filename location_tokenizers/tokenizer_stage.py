@@ -110,11 +110,11 @@ def plot_code_map(table: CodeTable, locations: pl.DataFrame, path: Path, title: 
     return fig
 
 
-def _train_rqvae(cfg: DictConfig, embeddings: np.ndarray, out: Path, locations: pl.DataFrame | None = None,
-                 loc_ids: np.ndarray | None = None) -> tuple[CodeTable | None, dict[str, Any], Any]:
+def _train_rqvae(cfg: DictConfig, embeddings: np.ndarray, out: Path, locations: pl.DataFrame,
+                 loc_ids: np.ndarray) -> tuple[CodeTable | None, dict[str, Any], Any]:
     """Fit the RQ-VAE and assign codes. Returns the table (loc ids filled by the caller), figures, logger.
 
-    With ``locations`` and ``loc_ids`` (the row order of ``embeddings``), coherence figures are
+    ``loc_ids`` is the row order of ``embeddings``; with ``locations`` it gives the coherence figures
     logged every ``tokenizer.coherence_every`` epochs."""
     import lightning as L
     from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
@@ -153,7 +153,7 @@ def _train_rqvae(cfg: DictConfig, embeddings: np.ndarray, out: Path, locations: 
     checkpoint = ModelCheckpoint(dirpath=out / "checkpoints", monitor="rqvae/score", mode="min", save_last=True,
                                  filename="best", save_weights_only=True)
     callbacks = [checkpoint, ForkSafeThreads()]
-    if locations is not None and int(t.get("coherence_every", 0)) > 0:
+    if int(t.get("coherence_every", 0)) > 0:
         callbacks.append(CoherenceMonitor(locations, loc_ids, int(t.coherence_every)))
     if int(t.get("patience", 0)) > 0:
         callbacks.append(EarlyStopping(monitor="rqvae/score", mode="min", patience=int(t.patience), min_delta=float(t.get("min_delta", 1e-4))))
