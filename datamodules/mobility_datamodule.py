@@ -13,6 +13,7 @@ so it is passed in as ``collate_fn``; without one a batch is a list of sample di
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -23,7 +24,10 @@ import polars as pl
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from datamodules.errors import DataError
+from datamodules.fitting import fit_history
 from datamodules.samples import TASKS, SampleConfig, render_samples
+
+log = logging.getLogger(__name__)
 
 
 class SampleDataset(Dataset):
@@ -190,7 +194,8 @@ class MobilityDataModule(L.LightningDataModule):
         sample_cfg: Rendering settings (profiles on/off).
         seed: Seed of the training sampler.
         encoder: A :class:`~lightning_modules.chat_encoding.ChatEncoder`. With it, loaders serve
-            tokenised samples in length-grouped batches collated by ``encoder.collate``.
+            tokenised samples in length-grouped batches collated by ``encoder.collate``, and samples
+            longer than ``encoder.max_length`` lose their oldest visits (:func:`fit_history`).
         eval_per_task: Validation/test samples kept per task (None: all), the first ones of a
             seeded shuffle, so that per-epoch validation stays affordable and always uses the same set.
         group_batches: Batches per length-sorting group (see :class:`LengthGroupedBatchSampler`).
@@ -229,6 +234,8 @@ class MobilityDataModule(L.LightningDataModule):
         self.group_batches = group_batches
         self._samples: dict[str, pl.DataFrame] = {}
         self._encoded: dict[str, Any] = {}
+        # Per split and task: samples whose oldest visits were cut to fit the encoder's max_length.
+        self.cut_history: dict[str, dict[str, int]] = {}
         self.train_batch_sampler: LengthGroupedBatchSampler | None = None
         # Batches of the current epoch already trained before a restart (set when resuming).
         self.resume_skip = 0
@@ -261,12 +268,19 @@ class MobilityDataModule(L.LightningDataModule):
                 raise DataError("samples need location codes: pass codes= (run the tokenizer stage first)")
             self.setup()
             index = self.index.filter((pl.col("split") == split) & pl.col("task").is_in(list(self.tasks)))
-            samples = render_samples(index, self.checkins, self.codes, self.locations, self.profiles, self.sample_cfg)
+            render = lambda ix: render_samples(ix, self.checkins, self.codes, self.locations, self.profiles, self.sample_cfg)  # noqa: E731
+            samples = render(index)
             if split != "train" and self.eval_per_task is not None:
                 samples = (
                     samples.with_columns(_r=pl.int_range(pl.len()).shuffle(seed=self.seed).over("task"))
                     .filter(pl.col("_r") < self.eval_per_task).drop("_r")
                 )
+            if self.encoder is not None:
+                samples, cut = fit_history(index, samples, render, self.encoder.lengths, self.encoder.max_length)
+                self.cut_history[split] = cut
+                if any(cut.values()):
+                    log.info("%s: oldest visits cut to fit max_length=%d tokens in %s samples", split,
+                             self.encoder.max_length, {t: n for t, n in cut.items() if n})
             self._samples[split] = samples
         return self._samples[split]
 

@@ -32,8 +32,9 @@ SYSTEM_PROMPT = (
     "as a POI index: a few special tokens that encode where it is and what it is."
 )
 
-# Templates use {name} placeholders; see _template_expr. Several wordings per task keep the model
-# from overfitting one phrasing; evaluation always uses template 0.
+# Templates use {name} placeholders; see _template_expr. Evaluation always uses template 0. The
+# official code has one next-location wording, so by default (``next_paraphrases: false``) training
+# uses template 0 too; the other tasks draw among their wordings, as the official code does.
 TEMPLATES: dict[str, list[str]] = {
     "next": [
         "{profile}Here is the current trajectory of user {user}: {history} "
@@ -95,6 +96,11 @@ class SampleConfig:
     mask_ratio: tuple[float, float] = (0.2, 0.5)
     add_profile: bool = True
     random_templates: bool = True
+    # Next-location training draws among the paraphrases (a departure; the official code has one).
+    next_paraphrases: bool = False
+    # 0-based description lines left out of the token-semantic tasks (index2loc, loc2index). The
+    # official default (ablation_location_prompt=1) drops line 3, the nearby-category counts.
+    drop_description_lines: tuple[int, ...] = (3,)
     seed: int = 42
 
 
@@ -123,7 +129,7 @@ def _trajectories(visits: pl.DataFrame) -> pl.DataFrame:
 
 def _templates(n: int, task: str, split: str, cfg: SampleConfig, rng: np.random.Generator) -> pl.Series:
     k = len(TEMPLATES[task])
-    if split == "test" or not cfg.random_templates or k == 1:
+    if split == "test" or not cfg.random_templates or k == 1 or (task == "next" and not cfg.next_paraphrases):
         return pl.Series("template", np.zeros(n, dtype=np.int8))
     return pl.Series("template", rng.integers(0, k, size=n).astype(np.int8))
 
@@ -292,6 +298,14 @@ def _visit_joiner(v: pl.DataFrame, text: pl.Series, separator: str) -> Callable[
     return window
 
 
+def _without_lines(text: pl.Expr, drop: tuple[int, ...]) -> pl.Expr:
+    """``text`` without its 0-based lines ``drop``."""
+    if not drop:
+        return text
+    keep = pl.element().filter(~pl.int_range(pl.len()).is_in(list(drop)))
+    return text.str.split("\n").list.eval(keep).list.join("\n")
+
+
 def render_samples(
     index: pl.DataFrame,
     visits: pl.DataFrame,
@@ -426,7 +440,8 @@ def render_samples(
             continue
         sub = (
             sub.join(codes.select("loc_id", "code"), on="loc_id", how="left", maintain_order="left")
-            .join(descriptions.select("loc_id", "description"), on="loc_id", how="left", maintain_order="left")
+            .join(descriptions.select("loc_id", description=_without_lines(pl.col("description"), cfg.drop_description_lines)),
+                  on="loc_id", how="left", maintain_order="left")
         )
         if sub["code"].null_count():
             missing = sub.filter(pl.col("code").is_null())["loc_id"].head(5).to_list()

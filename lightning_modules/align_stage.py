@@ -176,6 +176,7 @@ def build_alignment(cfg: DictConfig, table: CodeTable | None = None) -> dict[str
         warmup_ratio=float(a.warmup_ratio), min_lr_ratio=float(a.get("min_lr_ratio", 0.0)),
         generation_prompts=prompts, generation_fn=lambda m, p: greedy_generate(m, encoder, p),
         evaluator=next_location_evaluator(cfg, dm, encoder, tokenizer, model, table),
+        loss_reduction=str(a.get("loss_reduction", "sample")), batch_size=int(a.batch_size),
     )
     return {"model": model, "tokenizer": tokenizer, "info": info, "encoder": encoder, "datamodule": dm,
             "module": module, "table": table}
@@ -270,6 +271,9 @@ def run_align_stage(cfg: DictConfig, force: bool | None = None) -> dict[str, Any
         "fingerprint": fp, "run_dir": str(out), "model_dir": str(out / "model"), "llm": str(cfg.llm.name),
         "steps": steps, "epochs": epochs, "seconds": round(seconds, 1), "processes": world_size(cfg),
         "resumed_from": resume, "metrics": metrics, "peak_rss_mb": round(_peak_rss_mb(), 1),
+        # The length rule: samples whose oldest visits were cut (per split and task), and those still cut
+        # by tokens as a last resort (no visits to drop).
+        "cut_history": dm.cut_history, "truncated_by_tokens": {s: dm.encoded(s).truncated_by_task or {} for s in ("train", "valid")},
         "truncated_samples": int(dm.encoded("train").truncated), "train_samples": len(dm.encoded("train")),
         **{k: v for k, v in parts["info"].items() if k != "new_token_ids"},
     }
@@ -277,7 +281,8 @@ def run_align_stage(cfg: DictConfig, force: bool | None = None) -> dict[str, Any
         with atomic_dir(out / "model") as tmp:
             save_aligned(tmp, parts["model"], parts["tokenizer"], parts["table"], parts["info"], parts["encoder"])
         write_json_atomic(out / "align.json", result)
-    log.info("align: %d steps in %.0f s, train loss %.3f -> %s", result["steps"], seconds, metrics.get("train/loss", float("nan")), out)
+    log.info("align: %d steps in %.0f s, train loss %.3f, samples with history cut to max_length %s -> %s", result["steps"],
+             seconds, metrics.get("train/loss", float("nan")), result["cut_history"], out)
     return result
 
 

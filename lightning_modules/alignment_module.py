@@ -5,6 +5,15 @@ only at answer positions (labels ≠ −100: a next-location answer is ~10 of ~4
 skips almost all of the vocabulary-sized matmul), and the cross-entropy is split per sample so
 that per-task losses come for free.
 
+``loss_reduction`` decides what one sample weighs. ``sample`` (the paper's: the official code trains
+one sample per device with gradient accumulation) averages each sample's answer tokens, then the
+samples: a 5-token next-location answer counts as much as a 534-token description. ``token``
+averages all answer tokens of a batch, so long answers dominate (with the paper mixture,
+next-location is 44 % of the samples but ~12 % of a token-mean loss). In ``sample`` mode the batch
+sum is divided by the *nominal* batch size, so a short last batch, gradient accumulation (Lightning
+divides by the accumulation steps) and DDP (gradients are averaged over ranks) all give every sample
+the same weight.
+
 Logged: ``train/loss`` and per objective ``train/loss_next``, ``train/loss_recovery`` (multi and
 single), ``train/loss_index2loc``, ``train/loss_loc2index``, ``train/loss_translation``; the same
 under ``val/``; ``train/tokens_per_s`` and ``train/padding_share``; a few sample generations as
@@ -40,6 +49,9 @@ OBJECTIVE = {
 }
 
 
+LOSS_REDUCTIONS = ("sample", "token")
+
+
 class AlignmentModule(L.LightningModule):
     """Mixed-objective alignment of a (quantised) LLM with LoRA adapters.
 
@@ -47,6 +59,9 @@ class AlignmentModule(L.LightningModule):
         model: A peft model (see :func:`lightning_modules.llm.build_peft_model`).
         tasks: The tasks being trained (their objectives get loss metrics).
         lr: Peak learning rate (AdamW).
+        loss_reduction: ``sample`` (mean per sample, then over samples) or ``token`` (mean over all
+            answer tokens of the batch).
+        batch_size: Nominal samples per batch (the ``sample`` divisor).
         weight_decay: AdamW weight decay.
         warmup_ratio: Share of the steps with linear warm-up; then cosine decay to ``min_lr_ratio``.
         min_lr_ratio: Final learning rate as a share of ``lr``.
@@ -68,8 +83,12 @@ class AlignmentModule(L.LightningModule):
         generation_prompts: Sequence[tuple[str, str]] = (),
         generation_fn: Callable[[torch.nn.Module, list[str]], list[str]] | None = None,
         evaluator: Callable[[torch.nn.Module], dict[str, float]] | None = None,
+        loss_reduction: str = "sample",
+        batch_size: int = 8,
     ) -> None:
         super().__init__()
+        if loss_reduction not in LOSS_REDUCTIONS:
+            raise ValueError(f"align.loss_reduction={loss_reduction!r}; choose from {list(LOSS_REDUCTIONS)}")
         self.save_hyperparameters(ignore=["model", "generation_prompts", "generation_fn", "evaluator"])
         self.model = model
         self.objectives = sorted({OBJECTIVE[t] for t in tasks})
@@ -89,7 +108,8 @@ class AlignmentModule(L.LightningModule):
         return base.model, base.get_output_embeddings()
 
     def model_step(self, batch: dict[str, Any]) -> dict[str, Tensor]:
-        """Loss of a batch: token-mean over all answer tokens, plus per-sample sums and counts."""
+        """Loss of a batch (``loss``: what is differentiated; ``mean_loss``: its per-batch mean for logging),
+        plus per-sample sums and counts."""
         decoder, head = self._decoder_and_head()
         hidden = decoder(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
         labels = batch["labels"][:, 1:]
@@ -100,7 +120,16 @@ class AlignmentModule(L.LightningModule):
         n = labels.shape[0]
         per_sample = torch.zeros(n, device=token_loss.device).index_add_(0, rows, token_loss.detach())
         counts = torch.zeros(n, device=token_loss.device).index_add_(0, rows, torch.ones_like(token_loss))
-        return {"loss": token_loss.mean(), "sample_loss": per_sample, "sample_tokens": counts}
+        if self.hparams.loss_reduction == "token":
+            loss = token_loss.mean()
+            mean = loss.detach()
+        else:
+            # Each sample's token mean, summed with gradients, over the nominal batch size.
+            weight = 1.0 / counts.clamp(min=1)[rows]
+            loss = (token_loss * weight).sum() / max(int(self.hparams.batch_size), n)
+            has = counts > 0
+            mean = (per_sample[has] / counts[has]).mean() if has.any() else loss.detach()
+        return {"loss": loss, "mean_loss": mean, "sample_loss": per_sample, "sample_tokens": counts}
 
     def _update(self, metrics: torch.nn.ModuleDict, batch: dict[str, Any], out: dict[str, Tensor]) -> None:
         for objective in self.objectives:
@@ -122,7 +151,7 @@ class AlignmentModule(L.LightningModule):
         out = self.model_step(batch)
         self._update(self.train_losses, batch, out)
         bs = batch["input_ids"].shape[0]
-        self.log("train/loss", out["loss"], prog_bar=True, batch_size=bs)
+        self.log("train/loss", out["mean_loss"], prog_bar=True, batch_size=bs)
         return out["loss"]
 
     def on_train_batch_end(self, outputs: Any, batch: dict[str, Any], batch_idx: int) -> None:
@@ -225,4 +254,4 @@ class AlignmentModule(L.LightningModule):
             )
 
 
-__all__ = ["OBJECTIVE", "AlignmentModule"]
+__all__ = ["LOSS_REDUCTIONS", "OBJECTIVE", "AlignmentModule"]

@@ -9,8 +9,10 @@ The template is rendered once with placeholders and split around them, so encodi
 is one batched call of the fast tokenizer, not 90k Jinja renders. Prompt and answer are tokenised
 separately and concatenated: generation sees exactly the prompt ids it was trained on.
 
-Samples longer than ``max_length`` keep their chat header and the end of the prompt (the most
-recent visits) and the whole answer; the number cut is reported, never silently dropped.
+Over-long samples first lose their oldest visits (:func:`datamodules.fitting.fit_history`, fed by
+:meth:`ChatEncoder.lengths`). What still does not fit — a sample without visits, or one whose
+profile alone is too long — keeps its chat header, the end of the prompt and the answer as a last
+resort; those are counted per task and logged, never silently dropped.
 """
 
 from __future__ import annotations
@@ -59,7 +61,8 @@ class EncodedSamples:
         offsets: ``ids[offsets[i]:offsets[i+1]]`` is sample ``i``.
         prompt_len: Number of prompt (unlabelled) tokens of each sample.
         task: Task name of each sample.
-        truncated: How many samples were cut to ``max_length``.
+        truncated: How many samples were cut to ``max_length`` by tokens (the last resort).
+        truncated_by_task: The same per task.
     """
 
     ids: np.ndarray
@@ -67,6 +70,7 @@ class EncodedSamples:
     prompt_len: np.ndarray
     task: np.ndarray
     truncated: int = 0
+    truncated_by_task: dict[str, int] | None = None
 
     def __len__(self) -> int:
         return len(self.prompt_len)
@@ -112,14 +116,23 @@ class ChatEncoder:
             return []
         return self.tokenizer(texts, add_special_tokens=False)["input_ids"]
 
+    def lengths(self, samples: pl.DataFrame) -> np.ndarray:
+        """Tokens of each sample (prompt + answer), as :meth:`encode` would count them before any cut."""
+        prompts = self._ids(self.prompt_texts(samples))
+        answers = self._ids(samples.select(pl.concat_str([pl.col("target"), pl.lit(self.end)])).to_series().to_list())
+        return np.array([len(p) + len(a) for p, a in zip(prompts, answers)], dtype=np.int64)
+
     def encode(self, samples: pl.DataFrame) -> EncodedSamples:
         """Tokenise every sample (prompt and answer separately) and apply the length limit."""
         prompts = self._ids(self.prompt_texts(samples))
         answers = self._ids(samples.select(pl.concat_str([pl.col("target"), pl.lit(self.end)])).to_series().to_list())
         chunks, prompt_len, truncated = [], np.empty(len(prompts), dtype=np.int32), 0
+        tasks = samples["task"].to_list()
+        by_task: dict[str, int] = {}
         for i, (p, a) in enumerate(zip(prompts, answers)):
             if len(p) + len(a) > self.max_length:
                 truncated += 1
+                by_task[tasks[i]] = by_task.get(tasks[i], 0) + 1
                 a = a[: max(self.max_length - self.keep_head - 8, 1)]
                 room = self.max_length - len(a) - self.keep_head
                 p = p[: self.keep_head] + (p[len(p) - room :] if room > 0 else [])
@@ -131,9 +144,9 @@ class ChatEncoder:
         np.cumsum(lengths, out=offsets[1:])
         ids = np.fromiter((t for c in chunks for t in c), dtype=np.int32, count=int(offsets[-1]))
         if truncated:
-            log.warning("%d of %d samples were longer than max_length=%d tokens and were shortened (prompt start cut)",
-                        truncated, len(prompts), self.max_length)
-        return EncodedSamples(ids, offsets, prompt_len, samples["task"].to_numpy(), truncated)
+            log.warning("%d of %d samples still had more than max_length=%d tokens after history cuts and were "
+                        "shortened by tokens (prompt middle cut): %s", truncated, len(prompts), self.max_length, by_task)
+        return EncodedSamples(ids, offsets, prompt_len, samples["task"].to_numpy(), truncated, by_task)
 
     def collate(self, items: Sequence[tuple[np.ndarray, int, int, str]]) -> dict[str, Any]:
         """Right-padded ``input_ids``, ``attention_mask``, ``labels`` (−100 on prompt and padding).

@@ -27,15 +27,14 @@ from datamodules.artifacts import fingerprint, reusable, tb_dir, write_json_atom
 from datamodules.data_stage import data_dir, data_fingerprint, run_data_stage
 from datamodules.dataset import sample_config
 from datamodules.errors import DataError
+from datamodules.fitting import fit_history
 from datamodules.samples import render_samples
-from lightning_modules.baselines import CountBaselines, GRUBaseline, eval_cases
+from lightning_modules.baselines import CountBaselines, eval_cases, fit_gru
 from lightning_modules.hardware import autocast, compute_device
-from lightning_modules.metrics import RankingMetrics
+from lightning_modules.results import TASK_LABEL, bootstrap_by_task, results_markdown, score, score_by_task
+from lightning_modules.user_time import UserTimeBaseline, params_dict, tune_user_time
 
 log = logging.getLogger(__name__)
-
-METRIC_ORDER = ("acc@1", "acc@5", "acc@10", "ndcg@5", "ndcg@10", "mrr")
-TASK_LABEL = {"next": "next-location", "recovery_single": "recovery"}
 
 
 def _read(cfg: DictConfig, name: str) -> pl.DataFrame:
@@ -59,61 +58,56 @@ def test_index(cfg: DictConfig) -> pl.DataFrame:
     return index
 
 
-def score(ranked: np.ndarray | torch.Tensor, target: np.ndarray, top_k: int) -> dict[str, float]:
-    """Metrics of ranked lists against targets (cut to ``top_k``)."""
-    metric = RankingMetrics()
-    # Copies: Polars hands out read-only arrays, which torch refuses to wrap without a warning.
-    metric.update(torch.tensor(np.array(ranked)[:, :top_k], dtype=torch.long), torch.tensor(np.array(target), dtype=torch.long))
-    return {k: round(float(v), 6) for k, v in metric.compute().items()}
-
-
-def score_by_task(ranked: np.ndarray, cases: pl.DataFrame, top_k: int) -> dict[str, dict[str, float]]:
-    """``{task: metrics}`` over the cases of each task."""
-    out = {}
-    for task in cases["task"].unique(maintain_order=True).to_list():
-        rows = np.flatnonzero(cases["task"].to_numpy() == task)
-        out[task] = score(ranked[rows], cases["target_loc"].to_numpy()[rows], top_k)
-    return out
+def valid_cases(cfg: DictConfig, checkins: pl.DataFrame) -> pl.DataFrame:
+    """The valid-split cases that tune the baselines, built as the test cases are: next-location = the
+    last visit of each valid trajectory, recovery = the single-mask valid samples. Never test cases."""
+    index = _read(cfg, "sample_index.parquet").filter(
+        (pl.col("split") == "valid") & pl.col("task").is_in(list(cfg.eval.tasks))
+        & ((pl.col("task") != "next") | pl.col("is_last"))
+    )
+    return eval_cases(index, checkins)
 
 
 def baseline_rankings(cfg: DictConfig, cases: pl.DataFrame, checkins: pl.DataFrame, loc_ids: np.ndarray,
-                      with_gru: bool, logger: Any = None) -> tuple[dict[str, np.ndarray], dict[str, float]]:
-    """Rankings of every baseline on ``cases`` and the seconds each took (fit + rank)."""
+                      with_gru: bool, logger: Any = None) -> tuple[dict[str, np.ndarray], dict[str, float], dict[str, Any]]:
+    """Rankings of every baseline on ``cases``, the seconds each took (fit + tuning + rank) and what
+    was tuned on the valid split (``user_time`` weights per task, the GRU's width and epochs)."""
     train = checkins.filter(pl.col("split") == "train")
+    valid = valid_cases(cfg, checkins)
     top = int(cfg.eval.top_k)
-    rankings, seconds = {}, {}
+    rankings, seconds, tuned = {}, {}, {}
     t0 = time.perf_counter()
     counts = CountBaselines(train, size=top)
     for name in counts.names:
         rankings[name] = counts.rank(name, cases)
     seconds["count_baselines"] = round(time.perf_counter() - t0, 3)
+    t0 = time.perf_counter()
+    user_time = UserTimeBaseline(train, size=top)
+    ranked = np.full((cases.height, top), -1, dtype=np.int64)
+    tuned["user_time"] = {}
+    for task in cases["task"].unique(maintain_order=True).to_list():
+        rows = np.flatnonzero(cases["task"].to_numpy() == task)
+        params, figures = tune_user_time(user_time, valid.filter(pl.col("task") == task))
+        ranked[rows] = user_time.rank(cases[rows], params)
+        tuned["user_time"][task] = {**params_dict(params), "valid": figures}
+    rankings["user_time"] = ranked
+    seconds["user_time"] = round(time.perf_counter() - t0, 3)
     if with_gru:
         t0 = time.perf_counter()
-        gru = GRUBaseline(train, loc_ids, epochs=int(cfg.eval.gru.epochs), dim=int(cfg.eval.gru.dim), size=top,
-                          seed=int(cfg.seed), logger=logger)
+        g = cfg.eval.gru
+        gru, info = fit_gru(train, loc_ids, list(g.dims), int(g.epochs), valid.filter(pl.col("task") == "next"), size=top,
+                            seed=int(cfg.seed), logger=logger)
         rankings["gru"] = gru.rank(cases)
+        tuned["gru"] = {"all": info}
         seconds["gru"] = round(time.perf_counter() - t0, 3)
-    return rankings, seconds
+    return rankings, seconds, tuned
 
 
-def results_markdown(results: dict[str, Any]) -> str:
-    """``results.md``: one row per model and task."""
-    lines = [
-        f"# Results: {results['dataset']} / {results.get('run', 'baselines')}",
-        "",
-        "Cases: " + ", ".join(f"{TASK_LABEL.get(t, t)} {n}" for t, n in results["cases"].items()),
-        "",
-        "| model | task | " + " | ".join(METRIC_ORDER) + " |",
-        "|---|---|" + "---|" * len(METRIC_ORDER),
-    ]
-    for model, per_task in results["metrics"].items():
-        for task, m in per_task.items():
-            lines.append(f"| {model} | {TASK_LABEL.get(task, task)} | " + " | ".join(f"{m[k]:.4f}" for k in METRIC_ORDER) + " |")
-    if results.get("exact"):
-        lines += ["", "Beam search vs exact scoring of every code: " + ", ".join(
-            f"{TASK_LABEL.get(t, t)}: top-1 differs in {e['top1_miss_rate']:.1%} of {e['cases']} cases, "
-            f"{e['top10_recall']:.1%} of the exact top-10 found" for t, e in results["exact"].items())]
-    return "\n".join(lines) + "\n"
+def intervals(cfg: DictConfig, rankings: dict[str, np.ndarray], cases: pl.DataFrame, reference: str | None) -> dict[str, Any]:
+    """Paired bootstrap intervals per task (``eval.bootstrap``)."""
+    b = cfg.eval.bootstrap
+    return bootstrap_by_task(rankings, cases, int(cfg.eval.top_k), reference, resamples=int(b.resamples),
+                             seed=int(b.seed), level=float(b.level))
 
 
 def _write(out: Path, results: dict[str, Any]) -> None:
@@ -134,12 +128,14 @@ def run_baselines_stage(cfg: DictConfig) -> dict[str, Any]:
     cases = eval_cases(index, checkins)
     if cases.is_empty():
         raise DataError(f"no test cases for eval.tasks={list(cfg.eval.tasks)} in {data_dir(cfg)}")
-    rankings, seconds = baseline_rankings(cfg, cases, checkins, np.empty(0), with_gru=False)
+    rankings, seconds, tuned = baseline_rankings(cfg, cases, checkins, np.empty(0), with_gru=False)
     results = {
         "fingerprint": fingerprint({"data": data_fingerprint(cfg), "eval": OmegaConf.to_container(cfg.eval, resolve=True)}),
         "dataset": str(cfg.data.name), "run": "baselines",
         "cases": {t: int(n) for t, n in cases.group_by("task", maintain_order=True).len().iter_rows()},
         "metrics": {name: score_by_task(r, cases, int(cfg.eval.top_k)) for name, r in rankings.items()},
+        # Without a model, the strongest rule is the reference the others are compared with.
+        "reference": "user_time", "intervals": intervals(cfg, rankings, cases, "user_time"), "tuned": tuned,
         "seconds": {**seconds, "total": round(time.perf_counter() - t0, 3)},
     }
     out = Path(cfg.paths.artifacts) / str(cfg.data.name) / "baselines"
@@ -252,8 +248,10 @@ def run_test_stage(cfg: DictConfig, force: bool | None = None) -> dict[str, Any]
     model, tokenizer, encoder, trie = load_for_eval(cfg, out / "model", table)
     index = test_index(cfg)
     checkins = _read(cfg, "checkins.parquet")
-    samples = render_samples(index, checkins, table.strings(), _read(cfg, "locations.parquet"),
-                             _read(cfg, "profiles.parquet"), sample_config(cfg.data))
+    locations, profiles, sample_cfg = _read(cfg, "locations.parquet"), _read(cfg, "profiles.parquet"), sample_config(cfg.data)
+    render = lambda ix: render_samples(ix, checkins, table.strings(), locations, profiles, sample_cfg)  # noqa: E731
+    # The training length rule: a prompt over align.max_length loses its oldest visits.
+    samples, cut = fit_history(index, render(index), render, encoder.lengths, encoder.max_length)
     cases = eval_cases(index, checkins).join(samples.select("sample_id", "prompt", "response_prefix"), on="sample_id", how="left")
     if cases.is_empty():
         raise DataError(f"no test cases for eval.tasks={list(cfg.eval.tasks)} in {data_dir(cfg)}")
@@ -264,11 +262,12 @@ def run_test_stage(cfg: DictConfig, force: bool | None = None) -> dict[str, Any]
     locs, _ = rank_prompts(model, encoder, trie, prompts, int(e.num_beams), int(e.batch_size), precision=precision)
     llm_seconds = time.perf_counter() - t_llm
     logger = TensorBoardLogger(save_dir=str(tb_dir(cfg)), name="test", default_hp_metric=False)
-    rankings, seconds = baseline_rankings(cfg, cases, checkins, table.loc_ids, with_gru=True, logger=logger)
+    rankings, seconds, tuned = baseline_rankings(cfg, cases, checkins, table.loc_ids, with_gru=True, logger=logger)
     top = int(e.top_k)
     model_name = f"QT-Mob ({cfg.llm.name})"
     metrics = {model_name: score_by_task(locs, cases, top)}
     metrics.update({name: score_by_task(r, cases, top) for name, r in rankings.items()})
+    bounds = intervals(cfg, {model_name: locs, **rankings}, cases, model_name)
     exact = {}
     if len(table) <= int(e.exact_max_locations) and int(e.exact_cases) > 0:
         for task in cases["task"].unique(maintain_order=True).to_list():
@@ -278,8 +277,8 @@ def run_test_stage(cfg: DictConfig, force: bool | None = None) -> dict[str, Any]
     results = {
         "fingerprint": fp, "dataset": str(cfg.data.name), "run": str(cfg.run_name), "llm": str(cfg.llm.name),
         "tokenizer": str(cfg.tokenizer.name), "num_beams": int(e.num_beams), "precision": precision,
-        "cases": {t: int(n) for t, n in cases.group_by("task", maintain_order=True).len().iter_rows()},
-        "metrics": metrics, "exact": exact,
+        "cases": {t: int(n) for t, n in cases.group_by("task", maintain_order=True).len().iter_rows()}, "cut_history": cut,
+        "metrics": metrics, "reference": model_name, "intervals": bounds, "tuned": tuned, "exact": exact,
         "seconds": {"llm_ranking": round(llm_seconds, 2), "llm_per_case": round(llm_seconds / cases.height, 4), **seconds,
                     "total": round(time.perf_counter() - t0, 2)},
     }
@@ -294,7 +293,8 @@ def run_test_stage(cfg: DictConfig, force: bool | None = None) -> dict[str, Any]
     logger.log_metrics(flat, step=0)
     logger.experiment.add_text("test/results", results_markdown(results), global_step=0)
     logger.finalize("success")
-    log.info("test: %d cases, LLM ranking %.1f s -> %s", cases.height, llm_seconds, out / "results.md")
+    log.info("test: %d cases (history cut to fit max_length: %s), LLM ranking %.1f s -> %s", cases.height, cut, llm_seconds,
+             out / "results.md")
     return results
 
 
@@ -379,8 +379,10 @@ def run_predict_stage(cfg: DictConfig) -> dict[str, Any]:
                            "start": max(0, n - max_history), "end": n, "target_pos": n, "masked": None, "loc_id": None,
                            "template": 0, "is_last": True}], schema=INDEX_SCHEMA)
     locations = _read(cfg, "locations.parquet")
-    samples = render_samples(index, traj, table.strings(), locations, _read(cfg, "profiles.parquet"), sample_config(cfg.data))
+    profiles, sample_cfg = _read(cfg, "profiles.parquet"), sample_config(cfg.data)
+    render = lambda ix: render_samples(ix, traj, table.strings(), locations, profiles, sample_cfg)  # noqa: E731
     model, _, encoder, trie = load_for_eval(cfg, folder, table)
+    samples, _ = fit_history(index, render(index), render, encoder.lengths, encoder.max_length)
     top = int(p.top_k)
     batch = encoder.prompt_batch(encoder.prompt_texts(samples), device=next(model.parameters()).device)
     with autocast(run_precision(cfg), batch["input_ids"].device.type):

@@ -8,6 +8,11 @@ the true location in that list (absent: no credit):
 * ``mrr``: ``1 / (r + 1)`` over the returned list (0 when absent).
 
 The sums are metric states with ``dist_reduce_fx="sum"``, so DDP ranks aggregate exactly.
+
+:func:`per_case` gives the same figures case by case, and :func:`paired_bootstrap` turns them into
+95 % intervals: every model is resampled on the *same* draws of cases, so the interval of a
+difference between two models is that of a paired comparison (400 cases give Acc@1 a standard error
+of about 0.02; a 0.03 gap can be noise).
 """
 
 from __future__ import annotations
@@ -15,6 +20,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 
+import numpy as np
 import torch
 from torch import Tensor
 from torchmetrics import Metric
@@ -71,4 +77,67 @@ class RankingMetrics(Metric):
         return out
 
 
-__all__ = ["RankingMetrics"]
+def per_case(ranked: np.ndarray, target: np.ndarray, acc_at: Sequence[int] = (1, 5, 10),
+             ndcg_at: Sequence[int] = (5, 10)) -> dict[str, np.ndarray]:
+    """Each case's Acc@k, NDCG@k and reciprocal rank (their means are :class:`RankingMetrics`)."""
+    ranked, target = np.asarray(ranked), np.asarray(target)
+    hit = ranked == target[:, None]
+    found = hit.any(1)
+    rank = np.where(found, hit.argmax(1), ranked.shape[1]).astype(np.float64)
+    out = {f"acc@{k}": (found & (rank < k)).astype(np.float64) for k in acc_at}
+    gain = 1.0 / np.log2(rank + 2.0)
+    out.update({f"ndcg@{k}": np.where(found & (rank < k), gain, 0.0) for k in ndcg_at})
+    out["mrr"] = np.where(found, 1.0 / (rank + 1.0), 0.0)
+    return out
+
+
+def paired_bootstrap(
+    values: dict[str, dict[str, np.ndarray]], reference: str | None = None, diff_metrics: Sequence[str] = ("acc@1", "ndcg@5"),
+    resamples: int = 1000, seed: int = 0, level: float = 0.95,
+) -> dict[str, dict]:
+    """Seeded paired bootstrap intervals of every metric of every model, and of ``reference`` − each other model.
+
+    Args:
+        values: ``{model: {metric: per-case values}}``, all on the same cases in the same order.
+        reference: The model compared with the others (None: no differences).
+        diff_metrics: Metrics whose differences get intervals.
+        resamples: Bootstrap draws (each draws n cases with replacement, shared by all models).
+        seed: Seed of the draws.
+        level: Coverage of the percentile intervals.
+
+    Returns:
+        ``{"intervals": {model: {metric: [lo, hi]}}, "differences": {other: {metric: {"diff", "ci",
+        "above_zero"}}}, "resamples", "level", "seed"}``.
+    """
+    models = list(values)
+    n = len(next(iter(next(iter(values.values())).values()))) if models else 0
+    out: dict[str, dict] = {"intervals": {}, "differences": {}, "resamples": int(resamples), "level": level, "seed": int(seed)}
+    if n == 0:
+        return out
+    rng = np.random.default_rng(seed)
+    # counts[b, i]: how often case i is drawn in resample b; a resample's mean is counts @ v / n.
+    counts = np.zeros((resamples, n), dtype=np.float64)
+    for b in range(resamples):
+        counts[b] = np.bincount(rng.integers(0, n, size=n), minlength=n)
+    q = [(1 - level) / 2 * 100, (1 + level) / 2 * 100]
+
+    def interval(v: np.ndarray) -> list[float]:
+        lo, hi = np.percentile(counts @ v / n, q)
+        return [round(float(lo), 6), round(float(hi), 6)]
+
+    for model in models:
+        out["intervals"][model] = {m: interval(v) for m, v in values[model].items()}
+    if reference is not None and reference in values:
+        for other in models:
+            if other == reference:
+                continue
+            diffs = {}
+            for m in diff_metrics:
+                d = values[reference][m] - values[other][m]
+                ci = interval(d)
+                diffs[m] = {"diff": round(float(d.mean()), 6), "ci": ci, "above_zero": ci[0] > 0}
+            out["differences"][other] = diffs
+    return out
+
+
+__all__ = ["RankingMetrics", "paired_bootstrap", "per_case"]

@@ -137,11 +137,43 @@ def test_model_step_matches_the_hf_loss(parts) -> None:
     module, dm = parts["module"], parts["datamodule"]
     batch = next(iter(dm.val_dataloader()))
     module.model.eval()
-    with torch.no_grad():
-        ours = module.model_step(batch)
-        hf = module.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"]).loss
+    module.hparams.loss_reduction = "token"  # HF's loss is the token mean
+    try:
+        with torch.no_grad():
+            ours = module.model_step(batch)
+            hf = module.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"]).loss
+    finally:
+        module.hparams.loss_reduction = "sample"
     assert float(ours["loss"]) == pytest.approx(float(hf), rel=1e-4)
     assert set(batch["task"]) <= set(OBJECTIVE)
+
+
+def test_loss_reduction_gives_each_sample_the_same_weight(parts) -> None:
+    """A 5-token and a 500-token answer: with ``sample`` each is half the loss; with ``token`` the long
+    one dominates. A short batch (the last one, or a rank's under DDP) keeps the per-sample weight."""
+    from lightning_modules.alignment_module import AlignmentModule
+
+    enc, model = parts["encoder"], parts["model"]
+    rng = np.random.default_rng(0)
+    prompt = rng.integers(10, 1000, size=20)
+    short = (np.concatenate([prompt, rng.integers(10, 1000, size=5)]).astype(np.int32), 20, 0, "next")
+    long = (np.concatenate([prompt, rng.integers(10, 1000, size=500)]).astype(np.int32), 20, 1, "index2loc")
+    batch = enc.collate([short, long])
+    sample = AlignmentModule(model, tasks=["next", "index2loc"], loss_reduction="sample", batch_size=2)
+    token = AlignmentModule(model, tasks=["next", "index2loc"], loss_reduction="token", batch_size=2)
+    model.eval()
+    with torch.no_grad():
+        out = sample.model_step(batch)
+        means = out["sample_loss"] / out["sample_tokens"]
+        assert out["sample_tokens"].tolist() == [5, 500]
+        assert float(out["loss"]) == pytest.approx(0.5 * float(means[0]) + 0.5 * float(means[1]), rel=1e-5)
+        tok = token.model_step(batch)
+        assert float(tok["loss"]) == pytest.approx((5 * float(means[0]) + 500 * float(means[1])) / 505, rel=1e-5)
+        # The short sample alone in a batch of nominal size 2: the same weight (1/2) as beside the long one.
+        alone = sample.model_step(enc.collate([short]))
+        assert float(alone["loss"]) == pytest.approx(0.5 * float(means[0]), rel=1e-4)
+    with pytest.raises(ValueError, match="loss_reduction"):
+        AlignmentModule(model, tasks=["next"], loss_reduction="median")
 
 
 def test_nf4_path_runs_on_cpu(smoke_art, model_cache) -> None:

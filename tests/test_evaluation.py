@@ -188,7 +188,15 @@ def test_stage_baselines_on_the_nyc_release(nyc_release, tmp_path) -> None:
     assert 0.15 < m["user_most_frequent"]["next"]["acc@1"] < 0.25
     assert 0.07 < m["markov"]["next"]["acc@1"] < 0.16
     assert m["most_popular"]["next"]["acc@1"] < m["user_most_frequent"]["next"]["acc@1"]
-    assert (tmp_path / "nyc" / "baselines" / "results.md").is_file()
+    # The strongest rule: the user's visits near the target hour + the current trajectory, tuned on valid.
+    assert m["user_time"]["next"]["acc@1"] >= 0.21, m["user_time"]["next"]
+    assert res["tuned"]["user_time"]["next"]["valid"]["cases"] == 1000, "tuned on the 1,000 valid trajectories"
+    assert res["cases"]["recovery_single"] == 4238, "the full recovery test set"
+    lo, hi = res["intervals"]["next"]["intervals"]["user_time"]["acc@1"]
+    assert lo < m["user_time"]["next"]["acc@1"] < hi and hi - lo < 0.04
+    assert "user_most_frequent" in res["intervals"]["next"]["differences"]
+    md = (tmp_path / "nyc" / "baselines" / "results.md").read_text()
+    assert "| user_time | next-location | 0.2" in md and "paired bootstrap interval" in md
 
 
 # ----------------------------------------------------------------------------- stage=test
@@ -207,7 +215,7 @@ def test_stage_test_writes_model_and_baselines_on_the_same_cases(tested) -> None
     saved = json.loads((folder / "results.json").read_text())
     assert saved["metrics"] == res["metrics"]
     models = set(res["metrics"])
-    assert {"most_popular", "user_most_frequent", "markov", "gru"} <= models and len(models) == 5
+    assert {"most_popular", "user_most_frequent", "markov", "user_time", "gru"} <= models and len(models) == 6
     for name, per_task in res["metrics"].items():
         assert set(per_task) == {"next", "recovery_single"}, name
         for m in per_task.values():
@@ -215,6 +223,17 @@ def test_stage_test_writes_model_and_baselines_on_the_same_cases(tested) -> None
     assert res["cases"]["next"] > 0 and res["exact"]["next"]["cases"] > 0
     md = (folder / "results.md").read_text()
     assert "QT-Mob (tiny_random)" in md and "markov" in md
+    # Intervals on every row and the paired differences with their "beats" marks.
+    model = "QT-Mob (tiny_random)"
+    assert saved["reference"] == model and set(saved["intervals"]) == {"next", "recovery_single"}
+    for task, b in saved["intervals"].items():
+        assert set(b["intervals"]) == models and b["resamples"] >= 1000
+        assert set(b["differences"]) == models - {model}
+        for d in b["differences"].values():
+            assert d["acc@1"]["ci"][0] <= d["acc@1"]["diff"] <= d["acc@1"]["ci"][1]
+    assert "Paired differences QT-Mob (tiny_random) − row" in md and " beats " in md
+    assert set(saved["cut_history"]) == {"next", "recovery_single"}
+    assert saved["tuned"]["gru"]["all"]["dim"] in (64, 128) and "user_time" in saved["tuned"]
     assert list((art / "synthetic" / "smoke" / "tb" / "test").rglob("events.out.tfevents*"))
 
 

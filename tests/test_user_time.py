@@ -1,0 +1,71 @@
+"""The count baselines a model must beat: ``user_time`` (hour of day, user, trajectory), tuned on the
+valid split only, and the two-sided Markov rule for recovery."""
+
+from __future__ import annotations
+
+from datetime import datetime, timedelta
+
+import numpy as np
+import polars as pl
+
+from lightning_modules.baselines import CountBaselines
+from lightning_modules.user_time import GRID, UserTimeBaseline, UserTimeParams, tune_user_time
+
+
+def _train() -> pl.DataFrame:
+    """User u goes to place 1 (the office) at 9:00 on 10 days and to place 2 (home) at 20:00 on 14."""
+    rows = []
+    day = datetime(2024, 1, 1)
+    for d in range(10):
+        rows.append(("u", f"t{d}", day + timedelta(days=d, hours=9), 1))
+    for d in range(14):
+        rows.append(("u", f"t{d}", day + timedelta(days=d, hours=20), 2))
+    rows.append(("v", "tv", day + timedelta(hours=12), 3))
+    return pl.DataFrame(rows, schema=["user_id", "traj_id", "local_time", "loc_id"], orient="row").with_columns(
+        utc_time=pl.col("local_time").dt.replace_time_zone("UTC"), loc_id=pl.col("loc_id").cast(pl.Int64))
+
+
+def _cases(hours: list[int], contexts: list[list[int]], targets: list[int]) -> pl.DataFrame:
+    n = len(hours)
+    return pl.DataFrame({"user_id": ["u"] * n, "target_hour": hours, "context": contexts, "target_loc": targets},
+                        schema={"user_id": pl.String, "target_hour": pl.Int32, "context": pl.List(pl.Int64), "target_loc": pl.Int64})
+
+
+def test_the_hour_of_day_decides_between_a_users_places() -> None:
+    model = UserTimeBaseline(_train(), size=3)
+    ranked = model.rank(_cases([9, 20, 10, 3], [[], [], [], []], [1, 2, 1, 2]), UserTimeParams(hours=1, w_user=0.1, w_traj=0.0))
+    # 9:00 and 10:00 (within ±1 h) -> the office; 20:00 -> home; 3:00 (no visit near) -> overall frequency (home).
+    assert ranked[:, 0].tolist() == [1, 2, 1, 2]
+    assert ranked[0].tolist() == [1, 2, 3], "then the user's other place, then popularity fills the list"
+
+
+def test_the_current_trajectory_counts_recent_visits_more() -> None:
+    model = UserTimeBaseline(_train(), size=3)
+    cases = _cases([3], [[7, 8]], [8])
+    assert model.rank(cases, UserTimeParams(hours=1, w_user=0.1, w_traj=0.0))[0, 0] == 2
+    # Weighted by recency: the last visit (8) counts 1, the one before (7) counts decay.
+    assert model.rank(cases, UserTimeParams(hours=1, w_user=0.1, w_traj=10.0, decay=0.5))[0, :2].tolist() == [8, 7]
+
+
+def test_tuning_uses_the_cases_it_is_given_and_picks_the_hour_window() -> None:
+    model = UserTimeBaseline(_train(), size=3)
+    # Valid cases where only the hour term finds the target (the user's overall favourite is home).
+    valid = _cases([9, 10, 8, 9], [[2], [2], [2], [2]], [1, 1, 1, 1])
+    params, fig = tune_user_time(model, valid)
+    assert fig["acc@1"] == 1.0 and fig["cases"] == 4 and fig["grid_points"] == int(np.prod([len(v) for v in GRID.values()]))
+    assert params.hours in GRID["hours"] and params.w_traj < 4.0
+
+
+def test_markov_recovery_uses_both_neighbours() -> None:
+    rows, t0 = [], datetime(2024, 1, 1)
+    # From 10 one usually goes to 11, but 12 is the place between 10 and 20.
+    for k, seq in enumerate([[10, 11]] * 5 + [[10, 12, 20]] * 3 + [[11, 30]] * 4):
+        rows += [("u", f"t{k}", t0 + timedelta(days=k, hours=i), loc) for i, loc in enumerate(seq)]
+    train = pl.DataFrame(rows, schema=["user_id", "traj_id", "local_time", "loc_id"], orient="row").with_columns(
+        utc_time=pl.col("local_time").dt.replace_time_zone("UTC"), loc_id=pl.col("loc_id").cast(pl.Int64))
+    base = CountBaselines(train, size=3)
+    cases = pl.DataFrame({"user_id": ["u", "u"], "prev_loc": [10, 10], "next_loc": [20, None]},
+                         schema={"user_id": pl.String, "prev_loc": pl.Int64, "next_loc": pl.Int64})
+    ranked = base.rank("markov", cases)
+    assert ranked[0, 0] == 12, "two-sided: P(c | 10) * P(20 | c)"
+    assert ranked[1, 0] == 11, "one-sided when nothing is visible after the mask"
