@@ -129,9 +129,13 @@ def _trajectories(visits: pl.DataFrame) -> pl.DataFrame:
 
 def _templates(n: int, task: str, split: str, cfg: SampleConfig, rng: np.random.Generator) -> pl.Series:
     k = len(TEMPLATES[task])
-    if split == "test" or not cfg.random_templates or k == 1 or (task == "next" and not cfg.next_paraphrases):
+    if split == "test" or not cfg.random_templates or k == 1:
         return pl.Series("template", np.zeros(n, dtype=np.int8))
-    return pl.Series("template", rng.integers(0, k, size=n).astype(np.int8))
+    drawn = rng.integers(0, k, size=n).astype(np.int8)
+    # Drawn even when unused, so that the masks drawn after it do not depend on this switch.
+    if task == "next" and not cfg.next_paraphrases:
+        drawn[:] = 0
+    return pl.Series("template", drawn)
 
 
 def _draw_masks(trajs: pl.DataFrame, cfg: SampleConfig, rng: np.random.Generator) -> pl.DataFrame:
