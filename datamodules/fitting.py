@@ -72,9 +72,10 @@ def fit_history(
         return samples, cut
     ids = samples["sample_id"].to_numpy().astype(np.int64)
     n_tok = np.asarray(lengths(samples), dtype=np.int64)
-    bounds = _bounds(index)
-    start = index["start"].to_numpy().astype(np.int64).copy()
-    end = index["end"].to_numpy().astype(np.int64).copy()
+    # Token-semantic rows have no window (nulls): 0 marks them as having nothing to drop.
+    bounds = _bounds(index).fill_null(0)
+    start = index["start"].fill_null(0).to_numpy().astype(np.int64).copy()
+    end = index["end"].fill_null(0).to_numpy().astype(np.int64).copy()
     latest = bounds["latest"].to_numpy().astype(np.int64)
     earliest_end = bounds["earliest_end"].to_numpy().astype(np.int64)
     task_of = index["task"].to_numpy()

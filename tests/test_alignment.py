@@ -8,6 +8,7 @@ import json
 from collections import Counter
 
 import numpy as np
+import polars as pl
 import pytest
 import torch
 
@@ -146,6 +147,32 @@ def test_model_step_matches_the_hf_loss(parts) -> None:
         module.hparams.loss_reduction = "sample"
     assert float(ours["loss"]) == pytest.approx(float(hf), rel=1e-4)
     assert set(batch["task"]) <= set(OBJECTIVE)
+
+
+def test_over_long_samples_lose_their_oldest_visits_in_every_split(parts) -> None:
+    """The data module applies the length rule with the model's tokenizer: no sample is cut by tokens,
+    the history is, and validation prompts follow the same rule as training."""
+    from datamodules.mobility_datamodule import MobilityDataModule
+    from datamodules.samples import SYSTEM_PROMPT
+    from lightning_modules.chat_encoding import ChatEncoder
+
+    base, tok = parts["datamodule"], parts["tokenizer"]
+    enc = ChatEncoder(tok, SYSTEM_PROMPT, max_length=720)  # the profile alone is ~450 tokens
+    dm = MobilityDataModule(base.data_dir, codes=base.codes, tasks=["next", "recovery_single"], encoder=enc,
+                            sample_cfg=base.sample_cfg, eval_per_task=16)
+    full = base.samples("train").filter(pl.col("task") == "next")
+    for split in ("train", "valid"):
+        encoded = dm.encoded(split)
+        assert encoded.truncated == 0 and encoded.lengths.max() <= 720
+        assert dm.cut_history[split]["next"] > 0
+    fitted = dm.samples("train").filter(pl.col("task") == "next")
+    assert fitted["target"].to_list() == full["target"].to_list()
+    shorter = [(a, b) for a, b in zip(full["prompt"].to_list(), fitted["prompt"].to_list()) if a != b]
+    assert len(shorter) == dm.cut_history["train"]["next"]
+    for old, new in shorter:
+        assert new.startswith(old[: old.index("Here is the current trajectory")]), "the profile stays"
+        assert new.endswith(old[old.rindex("Given this trajectory") :]), "the question stays"
+        assert old.endswith(new[new.index("At time") :]), "the most recent visits stay"
 
 
 def test_loss_reduction_gives_each_sample_the_same_weight(parts) -> None:
