@@ -115,6 +115,7 @@ def save_aligned(folder: Path, model: Any, tokenizer: Any, table: CodeTable, inf
         **{k: v for k, v in info.items() if k != "new_token_ids"},
         "vocab_size": len(tokenizer),
         "system_prompt": encoder.system_prompt,
+        "prompt_format": encoder.prompt_format,
         "chat": {"head": encoder.head, "tail": encoder.tail, "end": encoder.end},
     }
     (folder / "qtmob.json").write_text(json.dumps(meta, indent=2) + "\n")
@@ -157,7 +158,7 @@ def build_alignment(cfg: DictConfig, table: CodeTable | None = None) -> dict[str
     table = load_codes(cfg) if table is None else table
     tokens = all_code_tokens(table.num_levels, table.codebook_size)
     model, tokenizer, info = build_peft_model(cfg.llm, a, cfg.paths.cache, tokens, seed=int(cfg.seed))
-    encoder = ChatEncoder(tokenizer, SYSTEM_PROMPT, max_length=int(a.max_length))
+    encoder = ChatEncoder(tokenizer, SYSTEM_PROMPT, max_length=int(a.max_length), prompt_format=str(a.get("prompt_format", "chat")))
     weights = cfg.objectives.get("weights")
     dm = MobilityDataModule(
         data_dir(cfg), codes=table.strings(), tasks=list(cfg.objectives.tasks),

@@ -31,11 +31,20 @@ log = logging.getLogger(__name__)
 _USER, _ANSWER = "\x00", "\x01"
 
 
-def chat_parts(tokenizer: Any, system_prompt: str) -> tuple[str, str, str]:
+PROMPT_FORMATS = ("chat", "inst")
+
+
+def chat_parts(tokenizer: Any, system_prompt: str, prompt_format: str = "chat") -> tuple[str, str, str]:
     """``(head, tail, end)``: a prompt renders as ``head + user_text + tail``, an answer ends with ``end``.
 
-    Models without a chat template get a plain ``### System/User/Assistant`` layout.
+    ``chat``: the model's own chat template (what an instruct model was tuned on); models without one
+    get a plain ``### System/User/Assistant`` layout. ``inst``: the official QT-Mob layout,
+    ``<bos>[INST] {system + instruction} [/INST] {response}<eos>`` whatever the model.
     """
+    if prompt_format not in PROMPT_FORMATS:
+        raise ValueError(f"align.prompt_format={prompt_format!r}; choose from {list(PROMPT_FORMATS)}")
+    if prompt_format == "inst":
+        return f"{tokenizer.bos_token or ''}[INST] {system_prompt}\n", " [/INST] ", tokenizer.eos_token or ""
     if getattr(tokenizer, "chat_template", None):
         user = tokenizer.apply_chat_template(
             [{"role": "system", "content": system_prompt}, {"role": "user", "content": _USER}],
@@ -93,14 +102,17 @@ class ChatEncoder:
         system_prompt: The system turn of every sample.
         max_length: Longest sequence in tokens.
         keep_head: Tokens kept from the start of an over-long prompt (the chat header and system turn).
+        prompt_format: ``chat`` or ``inst`` (see :func:`chat_parts`).
     """
 
-    def __init__(self, tokenizer: Any, system_prompt: str, max_length: int = 1024, keep_head: int = 64) -> None:
+    def __init__(self, tokenizer: Any, system_prompt: str, max_length: int = 1024, keep_head: int = 64,
+                 prompt_format: str = "chat") -> None:
         self.tokenizer = tokenizer
         self.system_prompt = system_prompt
         self.max_length = int(max_length)
         self.keep_head = int(keep_head)
-        self.head, self.tail, self.end = chat_parts(tokenizer, system_prompt)
+        self.prompt_format = prompt_format
+        self.head, self.tail, self.end = chat_parts(tokenizer, system_prompt, prompt_format)
         if tokenizer.pad_token_id is None:
             raise ValueError("the tokenizer has no pad token; set tokenizer.pad_token first")
         self.pad_id = int(tokenizer.pad_token_id)
@@ -184,4 +196,4 @@ class ChatEncoder:
         return {"input_ids": ids.to(device), "attention_mask": mask.to(device)}
 
 
-__all__ = ["ChatEncoder", "EncodedSamples", "chat_parts"]
+__all__ = ["PROMPT_FORMATS", "ChatEncoder", "EncodedSamples", "chat_parts"]

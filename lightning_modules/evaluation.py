@@ -36,6 +36,8 @@ from lightning_modules.user_time import UserTimeBaseline, params_dict, tune_user
 
 log = logging.getLogger(__name__)
 
+DECODINGS = ("beam", "sampled_beams")
+
 
 def _read(cfg: DictConfig, name: str) -> pl.DataFrame:
     path = data_dir(cfg) / name
@@ -168,7 +170,8 @@ def load_for_eval(cfg: DictConfig, folder: Path, table: Any = None) -> tuple[Any
     model, tokenizer, meta = load_aligned(folder, **kwargs)
     model.eval()
     table = CodeTable.read_parquet(Path(folder) / "codes.parquet") if table is None else table
-    encoder = ChatEncoder(tokenizer, meta["system_prompt"], max_length=int(a.max_length))
+    encoder = ChatEncoder(tokenizer, meta["system_prompt"], max_length=int(a.max_length),
+                          prompt_format=str(meta.get("prompt_format", "chat")))
     trie = CodeTrie(table, tokenizer, vocab_size=int(model.config.vocab_size)).to(next(model.parameters()).device)
     return model, tokenizer, encoder, trie
 
@@ -180,13 +183,19 @@ def eval_on_gpu(cfg: DictConfig) -> bool:
 
 
 def rank_prompts(model: torch.nn.Module, encoder: Any, trie: Any, prompts: list[str], num_beams: int,
-                 batch_size: int, precision: str = "32-true") -> tuple[np.ndarray, np.ndarray]:
+                 batch_size: int, precision: str = "32-true", decoding: str = "beam", seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
     """Constrained beam search over ``prompts`` in length-sorted batches; rows in input order.
 
     ``precision`` is the run's resolved Lightning precision: ``bf16-mixed`` decodes under bf16
     autocast, as the model was trained (the scores that rank the beams are accumulated in float32).
+    ``decoding``: ``beam`` (deterministic) or ``sampled_beams`` (the official protocol, seeded per batch).
     """
-    from lightning_modules.constrained_decoding import beam_search
+    from functools import partial
+
+    from lightning_modules.constrained_decoding import beam_search, sampled_beam_search
+
+    if decoding not in DECODINGS:
+        raise DataError(f"eval.decoding={decoding!r}; choose from {list(DECODINGS)}")
 
     order = np.argsort([-len(p) for p in prompts], kind="stable")
     locs = np.full((len(prompts), num_beams), -1, dtype=np.int64)
@@ -195,8 +204,9 @@ def rank_prompts(model: torch.nn.Module, encoder: Any, trie: Any, prompts: list[
     for start in range(0, len(prompts), batch_size):
         rows = order[start : start + batch_size]
         batch = encoder.prompt_batch([prompts[i] for i in rows], device=device)
+        search = beam_search if decoding == "beam" else partial(sampled_beam_search, seed=seed + start, pad_token_id=encoder.pad_id)
         with autocast(precision, device.type):
-            ranked = beam_search(model, batch["input_ids"], batch["attention_mask"], trie, num_beams=num_beams)
+            ranked = search(model, batch["input_ids"], batch["attention_mask"], trie, num_beams=num_beams)
         locs[rows] = ranked.loc_ids.cpu().numpy()
         scores[rows] = ranked.scores.cpu().numpy()
     return locs, scores
@@ -259,7 +269,8 @@ def run_test_stage(cfg: DictConfig, force: bool | None = None) -> dict[str, Any]
     e = cfg.eval
     t_llm = time.perf_counter()
     precision = run_precision(cfg)
-    locs, _ = rank_prompts(model, encoder, trie, prompts, int(e.num_beams), int(e.batch_size), precision=precision)
+    locs, _ = rank_prompts(model, encoder, trie, prompts, int(e.num_beams), int(e.batch_size), precision=precision,
+                           decoding=str(e.get("decoding", "beam")), seed=int(cfg.seed))
     llm_seconds = time.perf_counter() - t_llm
     logger = TensorBoardLogger(save_dir=str(tb_dir(cfg)), name="test", default_hp_metric=False)
     rankings, seconds, tuned = baseline_rankings(cfg, cases, checkins, table.loc_ids, with_gru=True, logger=logger)

@@ -175,6 +175,26 @@ def test_over_long_samples_lose_their_oldest_visits_in_every_split(parts) -> Non
         assert old.endswith(new[new.index("At time") :]), "the most recent visits stay"
 
 
+def test_official_inst_layout(parts) -> None:
+    """align.prompt_format=inst: "<bos>[INST] system + prompt [/INST] prefix" + answer + <eos>, labels on
+    the answer and <eos> only."""
+    from datamodules.samples import SYSTEM_PROMPT
+    from lightning_modules.chat_encoding import ChatEncoder
+
+    tok, dm = parts["tokenizer"], parts["datamodule"]
+    enc = ChatEncoder(tok, SYSTEM_PROMPT, max_length=4096, prompt_format="inst")
+    sample = dm.samples("train").filter(pl.col("task") == "next").head(1)
+    text = enc.prompt_texts(sample)[0]
+    assert text.startswith(f"{tok.bos_token}[INST] {SYSTEM_PROMPT}\n") and " [/INST] " in text
+    assert text.endswith(" [/INST] " + sample["response_prefix"][0])
+    encoded = enc.encode(sample)
+    batch = enc.collate([(*encoded.sample(0), 0, "next")])
+    labelled = batch["labels"][0][batch["labels"][0] != -100]
+    assert tok.decode(labelled) == sample["target"][0] + tok.eos_token
+    with pytest.raises(ValueError, match="prompt_format"):
+        ChatEncoder(tok, SYSTEM_PROMPT, prompt_format="alpaca")
+
+
 def test_loss_reduction_gives_each_sample_the_same_weight(parts) -> None:
     """A 5-token and a 500-token answer: with ``sample`` each is half the loss; with ``token`` the long
     one dominates. A short batch (the last one, or a rank's under DDP) keeps the per-sample weight."""

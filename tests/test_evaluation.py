@@ -117,6 +117,25 @@ def test_beam_search_equals_hf_generate_on_a_tiny_llama(num_beams: int) -> None:
     assert (ours.loc_ids >= 100).all(), "every returned code is a valid location"
 
 
+def test_sampled_beams_follow_the_trie_and_the_seed() -> None:
+    """eval.decoding=sampled_beams (the official protocol): valid codes only, ranked by score, and the
+    same seed gives the same ranking."""
+    from lightning_modules.constrained_decoding import sampled_beam_search
+
+    vocab, levels, k = 300, 3, 8
+    table = _table(120, levels, k, seed=3)
+    token_ids = [[50 + lv * k + c for c in range(k)] for lv in range(levels)]
+    mapping = {t: token_ids[lv][c] for lv in range(levels) for c, t in enumerate(all_code_tokens(levels, k)[lv * k:(lv + 1) * k])}
+    trie = CodeTrie(table, mapping, vocab_size=vocab)
+    model = _tiny_lm(vocab, seed=3)
+    ids = torch.randint(3, 50, (2, 10), generator=torch.Generator().manual_seed(0))
+    mask = torch.ones_like(ids)
+    a = sampled_beam_search(model, ids, mask, trie, num_beams=5, seed=7)
+    b = sampled_beam_search(model, ids, mask, trie, num_beams=5, seed=7)
+    assert torch.equal(a.loc_ids, b.loc_ids) and (a.loc_ids >= 100).all()
+    assert (a.scores[:, :-1] >= a.scores[:, 1:]).all()
+
+
 def test_exact_scores_agree_with_beam_scores() -> None:
     from lightning_modules.constrained_decoding import beam_search, exact_scores, rank_exact
 
