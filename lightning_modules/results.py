@@ -103,8 +103,13 @@ def results_markdown(results: dict[str, Any]) -> str:
             lines.append(f"{TASK_LABEL.get(task, task)}: {reference} beats " + (", ".join(rows) if rows else "none of the rows")
                          + " (Acc@1 and NDCG@5, whole 95 % interval of the difference above 0).")
     if results.get("tuned"):
-        lines += ["", "Tuned on the valid split only: " + "; ".join(
-            f"{name} {TASK_LABEL.get(task, task)}: {info}" for name, per_task in results["tuned"].items() for task, info in per_task.items())]
+        lines += ["", "Picked on the valid split only (never on test cases):"]
+        for name, per_task in results["tuned"].items():
+            for task, info in per_task.items():
+                chosen = ", ".join(f"{k} {v}" for k, v in info.items() if k != "valid")
+                valid = info.get("valid") or {}
+                seen = f" (valid Acc@1 {valid['acc@1']:.3f} on {valid['cases']} cases)" if "acc@1" in valid else ""
+                lines.append(f"- {name}, {TASK_LABEL.get(task, task)}: {chosen}{seen}")
     if results.get("exact"):
         lines += ["", "Beam search vs exact scoring of every code: " + ", ".join(
             f"{TASK_LABEL.get(t, t)}: top-1 differs in {e['top1_miss_rate']:.1%} of {e['cases']} cases, "
