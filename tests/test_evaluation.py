@@ -71,6 +71,14 @@ def _table(n: int, levels: int, k: int, seed: int = 0) -> CodeTable:
     return CodeTable(loc_ids=np.arange(100, 100 + n), codes=np.array(sorted(codes)), codebook_size=k)
 
 
+def _tiny_trie(n: int, levels: int, k: int, first_id: int, vocab: int, seed: int = 0) -> tuple[CodeTable, list[list[int]], CodeTrie]:
+    """A random code table of ``n`` locations, its code tokens at ids ``first_id...`` and their trie."""
+    table = _table(n, levels, k, seed=seed)
+    token_ids = [[first_id + lv * k + c for c in range(k)] for lv in range(levels)]
+    mapping = {t: token_ids[lv][c] for lv in range(levels) for c, t in enumerate(all_code_tokens(levels, k)[lv * k:(lv + 1) * k])}
+    return table, token_ids, CodeTrie(table, mapping, vocab_size=vocab)
+
+
 def _hf_beams(model, input_ids, attention_mask, trie, table, token_ids, num_beams):
     """Reference: transformers' beam search with a prefix_allowed_tokens_fn over the same trie."""
     prefixes = trie.valid_prefixes()
@@ -98,10 +106,7 @@ def test_beam_search_equals_hf_generate_on_a_tiny_llama(num_beams: int) -> None:
     from lightning_modules.constrained_decoding import beam_search
 
     vocab, levels, k = 300, 3, 8
-    table = _table(120, levels, k, seed=num_beams)
-    token_ids = [[50 + lv * k + c for c in range(k)] for lv in range(levels)]
-    mapping = {t: token_ids[lv][c] for lv in range(levels) for c, t in enumerate(all_code_tokens(levels, k)[lv * k:(lv + 1) * k])}
-    trie = CodeTrie(table, mapping, vocab_size=vocab)
+    table, token_ids, trie = _tiny_trie(120, levels, k, 50, vocab, seed=num_beams)
     model = _tiny_lm(vocab, seed=num_beams)
     g = torch.Generator().manual_seed(1)
     # Left-padded prompts of different lengths: positions must ignore the padding.
@@ -123,10 +128,7 @@ def test_sampled_beams_follow_the_trie_and_the_seed() -> None:
     from lightning_modules.constrained_decoding import sampled_beam_search
 
     vocab, levels, k = 300, 3, 8
-    table = _table(120, levels, k, seed=3)
-    token_ids = [[50 + lv * k + c for c in range(k)] for lv in range(levels)]
-    mapping = {t: token_ids[lv][c] for lv in range(levels) for c, t in enumerate(all_code_tokens(levels, k)[lv * k:(lv + 1) * k])}
-    trie = CodeTrie(table, mapping, vocab_size=vocab)
+    table, token_ids, trie = _tiny_trie(120, levels, k, 50, vocab, seed=3)
     model = _tiny_lm(vocab, seed=3)
     ids = torch.randint(3, 50, (2, 10), generator=torch.Generator().manual_seed(0))
     mask = torch.ones_like(ids)
@@ -140,10 +142,7 @@ def test_exact_scores_agree_with_beam_scores() -> None:
     from lightning_modules.constrained_decoding import beam_search, exact_scores, rank_exact
 
     vocab, levels, k = 200, 3, 4
-    table = _table(40, levels, k)
-    token_ids = [[60 + lv * k + c for c in range(k)] for lv in range(levels)]
-    mapping = {t: token_ids[lv][c] for lv in range(levels) for c, t in enumerate(all_code_tokens(levels, k)[lv * k:(lv + 1) * k])}
-    trie = CodeTrie(table, mapping, vocab_size=vocab)
+    table, token_ids, trie = _tiny_trie(40, levels, k, 60, vocab)
     model = _tiny_lm(vocab, seed=3)
     ids = torch.randint(3, 50, (2, 9), generator=torch.Generator().manual_seed(2))
     mask = torch.ones_like(ids)
