@@ -194,7 +194,7 @@ def fitted_progress(trainer: Any, last_ckpt: Path) -> tuple[int, int]:
     """``(global_step, epochs)`` of a finished fit. A forked/spawned DDP run trains in child processes
     and hands back only weights and metrics, so its counters are read from its last checkpoint."""
     if trainer.global_step == 0 and last_ckpt.is_file():
-        ckpt = torch.load(last_ckpt, map_location="cpu", weights_only=False)
+        ckpt = torch.load(last_ckpt, map_location="cpu", weights_only=True)
         return int(ckpt.get("global_step", 0)), int(ckpt.get("epoch", 0)) + 1
     return int(trainer.global_step), int(trainer.current_epoch)
 

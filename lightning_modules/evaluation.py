@@ -377,11 +377,28 @@ def run_predict_stage(cfg: DictConfig) -> dict[str, Any]:
     folder = run_dir(cfg) / "model"
     if not (folder / "qtmob.json").is_file():
         raise DataError(f"{folder} has no aligned model: run stage=align (or the whole pipeline) with this config first")
+    fmt = str(p.format)
+    if fmt not in ("csv", "json"):
+        raise DataError(f"eval.predict.format={fmt!r}; choose csv or json")
     table = CodeTable.read_parquet(folder / "codes.parquet")
+    try:
+        top = int(p.top_k)
+    except (TypeError, ValueError):
+        top = 0
+    if not 1 <= top <= len(table):
+        raise DataError(f"eval.predict.top_k={p.top_k!r}; choose a whole number from 1 to {len(table)} (the locations this model knows)")
     visits = read_user_checkins(p.input, set(table.loc_ids.tolist()))
     at = _parse_time(str(p.at)) if p.get("at") else visits["local_time"].max() + timedelta(hours=1)
     if at is None:
         raise DataError(f"eval.predict.at={p.at!r} is not like 2012-04-03 18:00:09")
+    if at <= visits["local_time"].max():
+        raise DataError(f"eval.predict.at={at} is not after the last check-in of {p.input} ({visits['local_time'].max()}): "
+                        "give a time to predict for that follows the history")
+    user = str(visits["user_id"][0])
+    known_users = set(_read(cfg, "checkins.parquet").filter(pl.col("split") == "train")["user_id"].unique().to_list())
+    if user not in known_users:
+        log.warning("predict: user %r has no train check-ins (cold start): the prompt has no profile, and the model "
+                    "predicts from these %d visits alone", user, visits.height)
     n = visits.height
     traj = pl.concat([visits, pl.DataFrame({"local_time": [at], "loc_id": [visits["loc_id"][-1]], "user_id": [visits["user_id"][0]]})])
     traj = traj.with_columns(traj_id=pl.lit("predict"), utc_time=pl.col("local_time").dt.replace_time_zone("UTC"))
@@ -394,16 +411,17 @@ def run_predict_stage(cfg: DictConfig) -> dict[str, Any]:
     render = lambda ix: render_samples(ix, traj, table.strings(), locations, profiles, sample_cfg)  # noqa: E731
     model, _, encoder, trie = load_for_eval(cfg, folder, table)
     samples, _ = fit_history(index, render(index), render, encoder.lengths, encoder.max_length)
-    top = int(p.top_k)
     batch = encoder.prompt_batch(encoder.prompt_texts(samples), device=next(model.parameters()).device)
     with autocast(run_precision(cfg), batch["input_ids"].device.type):
         ranked = beam_search(model, batch["input_ids"], batch["attention_mask"], trie, num_beams=max(top, int(cfg.eval.num_beams)))
     preds = pl.DataFrame({"rank": list(range(1, top + 1)), "loc_id": ranked.loc_ids[0, :top].tolist(),
                           "log_prob": [round(float(x), 4) for x in ranked.scores[0, :top]]})
+    # Beam search returns -1 only when fewer codes exist than beams; never print those as predictions.
+    preds = preds.filter(pl.col("loc_id") >= 0)
     preds = preds.join(locations.select("loc_id", "lat", "lon", "category", "name"), on="loc_id", how="left").sort("rank")
-    text = preds.write_json() if str(p.format) == "json" else preds.write_csv()
+    text = preds.write_json() if fmt == "json" else preds.write_csv()
     print(text)
-    return {"at": str(at), "user_id": visits["user_id"][0], "predictions": preds.to_dicts()}
+    return {"at": str(at), "user_id": visits["user_id"][0], "cold_start": user not in known_users, "predictions": preds.to_dicts()}
 
 
 __all__ = ["read_user_checkins", "results_markdown", "run_baselines_stage", "run_predict_stage", "run_test_stage", "score", "test_index"]

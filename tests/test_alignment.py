@@ -250,7 +250,7 @@ def test_stage_saves_a_folder_that_plain_peft_reloads(smoke_art, model_cache) ->
     result = run_align_stage(cfg)
     folder = smoke_art / "synthetic" / "reload" / "model"
     assert result["steps"] == 4 and (folder / "adapter_model.safetensors").is_file()
-    ckpt = torch.load(smoke_art / "synthetic" / "reload" / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    ckpt = torch.load(smoke_art / "synthetic" / "reload" / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
     assert all(("lora_" in k) or ("trainable_tokens" in k) for k in ckpt["state_dict"]), "checkpoint holds trainable parameters only"
     # Reload with transformers + peft alone, as a user of the folder would.
     meta = json.loads((folder / "qtmob.json").read_text())
@@ -313,7 +313,7 @@ def test_a_crashed_run_resumes_from_last_ckpt_to_the_same_weights(smoke_art, mod
     assert resumed["resumed_from"] and resumed["steps"] == straight["steps"] == 8
 
     def weights(run):
-        ckpt = torch.load(smoke_art / "synthetic" / run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+        ckpt = torch.load(smoke_art / "synthetic" / run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
         return ckpt["state_dict"]
 
     a, b = weights("straight"), weights("crashed")

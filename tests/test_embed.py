@@ -86,3 +86,27 @@ def test_concurrent_runs_do_not_drop_each_others_vectors(tmp_path, monkeypatch) 
     embed._write_cache(path, {embed.text_hash("only in run B"): np.zeros(3, np.float32)})
     merged = embed._read_cache(path)
     assert set(merged) == {embed.text_hash("only in run A"), embed.text_hash("only in run B")}
+
+
+def test_a_random_llm_cache_is_keyed_by_its_seed(model_cache) -> None:
+    """Regression: the key lacked the seed, so a warm cache returned another seed's vectors (and other codes)."""
+    llm = OmegaConf.load(CONFIG_DIR / "llm" / "tiny_random.yaml")
+    texts = [f"{t} ({uuid.uuid4().hex})" for t in TEXTS]
+    assert embed.cache_key("llm", llm, 1024, seed=1) != embed.cache_key("llm", llm, 1024, seed=2)
+    cold_1 = embed.embed_texts(texts, "llm", llm, model_cache, seed=1, progress=False)
+    cold_2 = embed.embed_texts(texts, "llm", llm, model_cache, seed=2, progress=False)
+    warm_1 = embed.embed_texts(texts, "llm", llm, model_cache, seed=1, progress=False)
+    assert not np.allclose(cold_1, cold_2), "two seeds, two models, two sets of vectors"
+    assert np.array_equal(warm_1, cold_1), "a warm cache gives what a cold one computes"
+
+
+def test_minilm_reads_at_most_its_512_positions(tmp_path, caplog) -> None:
+    """Regression: embed_max_length=1024 with MiniLM died on the first description over 512 tokens."""
+    assert embed.effective_max_length("minilm", None, 1024) == 512
+    assert embed.effective_max_length("minilm", None, 256) == 256
+    assert embed.cache_key("minilm", None, embed.effective_max_length("minilm", None, 1024)).endswith("-512")
+    long_text = " ".join(["Coffee Shop, 71(avg: 63);"] * 300)  # far over 512 word pieces
+    with caplog.at_level("INFO"):
+        vectors = embed.embed_texts([long_text, TEXTS[0]], "minilm", None, tmp_path, max_length=1024, progress=False)
+    assert vectors.shape == (2, 384) and np.isfinite(vectors).all()
+    assert any("512 positions" in r.getMessage() for r in caplog.records)

@@ -279,6 +279,20 @@ def test_stage_predict_ranks_next_locations_for_a_csv(tested, tmp_path, capsys) 
     assert out["at"] == "2024-03-01 19:05:00"
     printed = capsys.readouterr().out
     assert printed.startswith("rank,loc_id,log_prob,lat,lon,category,name")
+    # Extreme settings end in one line each, before any decoding.
+    for key, value, message in [("top_k", 200, "top_k=200; choose a whole number from 1 to"), ("top_k", 0, "top_k=0"),
+                                ("top_k", -3, "top_k=-3"), ("format", "xml", "format='xml'; choose csv or json"),
+                                ("at", "2024-03-01 07:00:00", "is not after the last check-in")]:
+        old = cfg.eval.predict[key]
+        cfg.eval.predict[key] = value
+        with pytest.raises(DataError, match=message):
+            run_predict_stage(cfg)
+        cfg.eval.predict[key] = old
+    stranger = tmp_path / "stranger.csv"
+    stranger.write_text(f"time,loc_id,user_id\n2024-03-01 08:10:00,{locs[0]},nobody\n")
+    cfg.eval.predict.input = str(stranger)
+    assert run_predict_stage(cfg)["cold_start"] is True
+    assert out["cold_start"] is False or out["user_id"] == "anonymous"
     bad = tmp_path / "bad.csv"
     bad.write_text(f"time,loc_id\n2024-03-01 08:10:00,{locs[0]}\nyesterday,{locs[1]}\n2024-03-01 18:05:00,999999\n")
     cfg.eval.predict.input = str(bad)
