@@ -22,7 +22,7 @@ from datamodules.artifacts import run_dir, write_json_atomic
 
 from datamodules.data_stage import run_data_stage
 from datamodules.errors import DataError
-from lightning_modules.align_stage import run_align_stage
+from lightning_modules.align_stage import run_align_stage, validate_align
 from lightning_modules.evaluation import results_markdown, run_baselines_stage, run_predict_stage, run_test_stage
 from lightning_modules.llm import ModelUnavailableError
 from lightning_modules.report import JOB_RECORD, point_name, run_report_stage
@@ -59,6 +59,8 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     if stage != "all" and stage not in known:
         raise DataError(f"stage={stage!r} is not one of: all, {', '.join(known)}")
     names = list(STAGES) if stage == "all" else [stage]
+    if {"align", "test", "predict"} & set(names):
+        validate_align(cfg)  # a bad align setting fails here, before the data and tokenizer stages run
     return {name: known[name](cfg) for name in names}
 
 

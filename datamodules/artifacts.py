@@ -2,7 +2,8 @@
 
 Everything is written under a temporary name next to its final path and renamed into place
 (``os.replace`` is atomic on one filesystem). Readers therefore see either the old artefact or the
-complete new one.
+complete new one. Each stage's result JSON carries a manifest (size and SHA-256 of every artefact),
+so reuse verifies what it reuses instead of trusting that a file exists.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import shutil
 import socket
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -114,13 +115,55 @@ def fingerprint(obj: Any) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
+def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
+    """SHA-256 of a file, read in 1 MiB chunks (a 400 MB input costs about a second, not its size in memory)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while block := fh.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def file_manifest(folder: str | Path, names: Iterable[str]) -> dict[str, dict[str, Any]]:
+    """``{relative path: {"size", "sha256"}}`` of the named files of a stage folder (a named folder is walked).
+
+    Each stage stores it in the result JSON it writes last, so reuse can tell a finished artefact from a
+    truncated, deleted or edited one."""
+    folder = Path(folder)
+    out: dict[str, dict[str, Any]] = {}
+    for name in names:
+        path = folder / name
+        files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
+        for f in files:
+            out[str(f.relative_to(folder))] = {"size": f.stat().st_size, "sha256": sha256_file(f)}
+    return out
+
+
+def manifest_problem(folder: str | Path, manifest: dict[str, dict[str, Any]] | None) -> str | None:
+    """What is wrong with a stage folder against its manifest (None: every file is as written)."""
+    if not manifest:
+        return "it has no manifest of its files (written by an older version)"
+    folder = Path(folder)
+    for name, want in manifest.items():
+        path = folder / name
+        if not path.is_file():
+            return f"{path} is missing"
+        if path.stat().st_size != want["size"] or sha256_file(path) != want["sha256"]:
+            return f"{path} changed since the stage wrote it ({path.stat().st_size} bytes, {want['size']} written)"
+    return None
+
+
 def reusable(out: Path, result_file: str, files: tuple[str, ...], fp: str, force: bool, stage: str | None = None) -> dict[str, Any] | None:
-    """The stored result of a stage whose artefacts match its config, else None.
+    """The stored result of a stage whose artefacts match its config and its manifest, else None.
+
+    A result file that does not parse, or an artefact that is missing or differs from the manifest, is
+    said in one log line and the stage is rebuilt (the stage that owns the broken artefact, whatever stage
+    was asked for).
 
     Args:
         stage: Name to log the skip under (nothing is logged without it).
         out: The stage's folder.
-        result_file: The JSON written last (it carries the ``fingerprint``).
+        result_file: The JSON written last (it carries the ``fingerprint`` and the ``manifest``).
         files: Every artefact that must exist.
         fp: The current config's fingerprint.
         force: Recompute regardless.
@@ -128,9 +171,18 @@ def reusable(out: Path, result_file: str, files: tuple[str, ...], fp: str, force
     path = Path(out) / result_file
     if force or not path.is_file():
         return None
-    old = json.loads(path.read_text())
-    if old.get("fingerprint") == fp and all((Path(out) / f).is_file() for f in files):
-        if stage:
-            log.info("%s: artefacts in %s match the config; skipping (force=true recomputes)", stage, out)
-        return old
-    return None
+    try:
+        old = json.loads(path.read_text())
+    except (ValueError, OSError):  # cut or corrupt JSON (JSONDecodeError and UnicodeDecodeError are ValueErrors)
+        log.warning("%s: %s is unreadable (cut or corrupt); rebuilding the %s stage", stage or "stage", path, stage or "")
+        return None
+    if not isinstance(old, dict) or old.get("fingerprint") != fp:
+        return None
+    missing = [f for f in files if not (Path(out) / f).is_file()]
+    problem = f"{Path(out) / missing[0]} is missing" if missing else manifest_problem(out, old.get("manifest"))
+    if problem:
+        log.warning("%s: %s; rebuilding the %s stage (force=true does the same)", stage or "stage", problem, stage or "")
+        return None
+    if stage:
+        log.info("%s: artefacts in %s match the config and their manifest; skipping (force=true recomputes)", stage, out)
+    return old

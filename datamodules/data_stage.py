@@ -17,8 +17,8 @@ from typing import Any
 import polars as pl
 from omegaconf import DictConfig, OmegaConf
 
-from datamodules.artifacts import atomic_dir, fingerprint, reusable, write_json_atomic
-from datamodules.dataset import MobilityData, load_dataset, sample_config
+from datamodules.artifacts import atomic_dir, file_manifest, fingerprint, reusable, sha256_file, write_json_atomic
+from datamodules.dataset import MobilityData, input_files, load_dataset, prepare_inputs, sample_config
 from datamodules.samples import build_sample_index, count_samples
 from datamodules.schema import SPLITS
 
@@ -33,11 +33,31 @@ def data_dir(cfg: DictConfig) -> Path:
     return Path(cfg.paths.artifacts) / str(cfg.data.name) / f"data-{data_fingerprint(cfg)[:8]}"
 
 
+# (path, size, mtime_ns) -> sha256: an input is read once per process however often the fingerprint is asked for.
+_HASHES: dict[tuple[str, int, int], str] = {}
+
+
+def input_manifest(data_cfg: Any) -> dict[str, dict[str, Any]]:
+    """Size, modification time and content hash of every input file (streamed: SNAP Gowalla's ~400 MB
+    costs seconds, once per process)."""
+    out = {}
+    for path in input_files(data_cfg):
+        st = path.stat()
+        key = (str(path.resolve()), st.st_size, st.st_mtime_ns)
+        if key not in _HASHES:
+            _HASHES[key] = sha256_file(path)
+        out[str(path)] = {"size": st.st_size, "mtime_ns": st.st_mtime_ns, "sha256": _HASHES[key]}
+    return out
+
+
 def data_fingerprint(cfg: DictConfig) -> str:
-    """Hash of everything that determines the data artefacts (the ``data`` node, resolved, without the
-    settings that do not change them: loader workers/batch size, downloading)."""
+    """Hash of everything that determines the data artefacts: the ``data`` node (resolved, without the
+    settings that do not change them: loader workers/batch size, downloading) and the *content* of every
+    input file (size and SHA-256; a touched but unchanged file keeps the fingerprint). A fixed row or a
+    cut file means a new data folder, and so a rebuild of every later stage."""
     data = OmegaConf.to_container(cfg.data, resolve=True)
-    return fingerprint({k: v for k, v in data.items() if k not in ("loader", "download")})
+    inputs = {name: (m["size"], m["sha256"]) for name, m in input_manifest(cfg.data).items()}
+    return fingerprint({**{k: v for k, v in data.items() if k not in ("loader", "download")}, "inputs": inputs})
 
 
 def summarize(data: MobilityData, index: pl.DataFrame) -> dict[str, Any]:
@@ -78,6 +98,7 @@ def run_data_stage(cfg: DictConfig, force: bool | None = None) -> dict[str, Any]
     Returns:
         The summary (also written to ``summary.json``).
     """
+    prepare_inputs(cfg.data)  # a download first, so the fingerprint hashes what will be read
     out = data_dir(cfg)
     fp = data_fingerprint(cfg)
     force = bool(cfg.get("force", False)) if force is None else force
@@ -86,7 +107,7 @@ def run_data_stage(cfg: DictConfig, force: bool | None = None) -> dict[str, Any]
     t0 = time.perf_counter()
     data = load_dataset(cfg.data)
     index = build_sample_index(data.checkins, data.locations.filter(pl.col("description").is_not_null())["loc_id"], sample_config(cfg.data))
-    summary = {"fingerprint": fp, **summarize(data, index)}
+    summary = {"fingerprint": fp, **summarize(data, index), "inputs": input_manifest(cfg.data)}
     summary["seconds"] = round(time.perf_counter() - t0, 3)
     with atomic_dir(out) as tmp:
         data.checkins.write_parquet(tmp / "checkins.parquet")
@@ -95,6 +116,7 @@ def run_data_stage(cfg: DictConfig, force: bool | None = None) -> dict[str, Any]
         index.write_parquet(tmp / "sample_index.parquet")
         data.quarantine.table().write_csv(tmp / "quarantine.csv")
         summary["quarantine_file"] = str(out / "quarantine.csv")
+        summary["manifest"] = file_manifest(tmp, [f for f in DATA_FILES if f != "summary.json"] + ["quarantine.csv"])
         write_json_atomic(tmp / "summary.json", summary)
     log.info(
         "data: %s check-ins, %s trajectories, %s users, %s locations, %s quarantined rows -> %s",

@@ -122,6 +122,33 @@ def _raw_file(root: Path, file: str) -> Path:
     return plain if plain.is_file() else root / file
 
 
+def input_files(data_cfg: Any) -> list[Path]:
+    """The files a ``data`` config reads (none for the synthetic city; every file of a release folder).
+
+    Hidden files and macOS archive debris are not inputs. Missing files are simply absent here: loading
+    them reports the problem."""
+    fmt = _sub(data_cfg, "format")
+    if fmt == "synthetic" or _sub(data_cfg, "root") is None:
+        return []
+    root = _root(data_cfg)
+    if fmt == "qtmob_release":
+        if not root.is_dir():
+            return []
+        return sorted(p for p in root.rglob("*") if p.is_file()
+                      and not any(part.startswith(".") or part == "__MACOSX" for part in p.relative_to(root).parts))
+    files = [_raw_file(root, _sub(data_cfg, "file"))] if _sub(data_cfg, "file") else []
+    if _sub(data_cfg, "categories"):
+        files.append(Path(str(_sub(data_cfg, "categories"))))
+    return [f for f in files if f.is_file()]
+
+
+def prepare_inputs(data_cfg: Any) -> None:
+    """Download the dataset first when asked to (``data.download=true``), so that the data fingerprint,
+    which hashes the input files, is computed on the files the stage will read."""
+    if _sub(data_cfg, "download", False) and _sub(data_cfg, "root") is not None and _sub(data_cfg, "format") != "synthetic":
+        _ensure(data_cfg, _root(data_cfg))
+
+
 def load_dataset(data_cfg: Any) -> MobilityData:
     """Read and prepare the dataset a ``data`` config describes.
 
@@ -185,7 +212,8 @@ def load_dataset(data_cfg: Any) -> MobilityData:
     elif fmt == "tsmc":
         root = _root(data_cfg)
         _ensure(data_cfg, root)
-        raw = read_tsmc(_raw_file(root, _sub(data_cfg, "file")), quarantine)
+        raw = read_tsmc(_raw_file(root, _sub(data_cfg, "file")), quarantine, encoding=str(_sub(data_cfg, "encoding", "auto")),
+                        drop_duplicates=bool(_sub(data_cfg, "drop_duplicates", False)))
     else:  # gowalla
         root = _root(data_cfg)
         _ensure(data_cfg, root)
@@ -197,6 +225,8 @@ def load_dataset(data_cfg: Any) -> MobilityData:
             bbox=list(bbox) if bbox is not None else None,
             categories=Path(str(categories)) if categories else None,
             timezone=_sub(data_cfg, "timezone"),
+            encoding=str(_sub(data_cfg, "encoding", "utf-8")),
+            drop_duplicates=bool(_sub(data_cfg, "drop_duplicates", False)),
         )
     raw = fill_parent_categories(raw)
     checkins, stats = apply_protocol(raw, protocol_config(data_cfg))

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import resource
 import shutil
 import time
@@ -25,9 +26,10 @@ import polars as pl
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from datamodules.artifacts import atomic_dir, fingerprint, reusable, run_dir, tb_dir, write_json_atomic
+from datamodules.artifacts import atomic_dir, file_manifest, fingerprint, reusable, run_dir, tb_dir, write_json_atomic
 from datamodules.data_stage import data_dir, data_fingerprint
 from datamodules.dataset import sample_config
+from datamodules.errors import DataError
 from datamodules.samples import SYSTEM_PROMPT
 from lightning_modules.hardware import resolve_precision
 from lightning_modules.llm import align_compute_dtype
@@ -228,6 +230,71 @@ def make_trainer(cfg: DictConfig, out: Path, **overrides: Any):
     return L.Trainer(**kwargs)
 
 
+ALIGN_CHOICES = {
+    "quantization": ("nf4", "int8", "none"), "new_tokens": ("modules", "rows", "frozen"),
+    "new_token_init": ("mean", "vocab"), "loss_reduction": ("sample", "token"), "prompt_format": ("chat", "inst"),
+}
+ALIGN_NUMBERS = {"lr": float, "weight_decay": float, "warmup_ratio": float, "batch_size": int, "max_length": int,
+                 "checkpoint_every_n_steps": int}
+
+
+def validate_align(cfg: DictConfig) -> None:
+    """One line per bad ``align`` setting, before any run folder is touched (a typo must never cost a
+    resumable checkpoint)."""
+    a = cfg.align
+    for key, allowed in ALIGN_CHOICES.items():
+        if key in a and str(a[key]) not in allowed:
+            raise DataError(f"align.{key}={a[key]!r} is not one of {list(allowed)}")
+    for key, kind in ALIGN_NUMBERS.items():
+        if key not in a:
+            continue
+        try:
+            value = kind(a[key])
+        except (TypeError, ValueError):
+            raise DataError(f"align.{key}={a[key]!r} is not a {'number' if kind is float else 'whole number'}") from None
+        if value < 0 or (key in ("lr", "batch_size", "max_length") and value == 0):
+            raise DataError(f"align.{key}={a[key]!r} must be {'positive' if key in ('lr', 'batch_size', 'max_length') else '>= 0'}")
+
+
+def _resume_point(out: Path, fp: str, force: bool) -> str | None:
+    """The checkpoint to resume from, or None to start afresh; stops with one line rather than lose work.
+
+    * A finished model or a resumable checkpoint of *another* configuration in this run folder is never
+      replaced silently: the run stops and says how to keep it (another ``run_name``) or replace it
+      (``force=true``).
+    * A ``last.ckpt`` that does not load (cut by a crash or a full disk) is moved aside, said in the log,
+      and training starts from scratch.
+    """
+    ckpt_dir = out / "checkpoints"
+    last, stamp = ckpt_dir / "last.ckpt", ckpt_dir / "fingerprint"
+    if force:
+        return None
+    finished = out / "align.json"
+    if finished.is_file():
+        try:
+            other = json.loads(finished.read_text()).get("fingerprint")
+        except (ValueError, OSError):
+            other = None
+        if other is not None and other != fp:
+            raise DataError(f"{out} holds a model aligned with another configuration ({other}); keep it with another "
+                            "run_name=..., or replace it with force=true")
+    if not last.is_file():
+        return None
+    if not stamp.is_file() or stamp.read_text().strip() != fp:
+        raise DataError(f"{last} is a resumable checkpoint of another configuration; rerun that configuration to resume it, "
+                        "use another run_name=..., or discard it with force=true")
+    try:
+        torch.load(last, map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - any unreadable checkpoint is handled the same way
+        aside = out / f"unreadable-last-{int(time.time())}.ckpt"  # beside checkpoints/, which the fresh run clears
+        os.replace(last, aside)
+        log.warning("align: %s does not load (%s: %s); moved to %s, training starts from scratch", last,
+                    type(exc).__name__, str(exc).splitlines()[0][:120] if str(exc) else "", aside.name)
+        return None
+    log.info("align: resuming from %s", last)
+    return str(last)
+
+
 def run_align_stage(cfg: DictConfig, force: bool | None = None) -> dict[str, Any]:
     """Run (or skip, or resume) the alignment stage."""
     import lightning as L
@@ -238,14 +305,12 @@ def run_align_stage(cfg: DictConfig, force: bool | None = None) -> dict[str, Any
     fp = align_fingerprint(cfg)
     if (old := reusable(out, "align.json", ALIGN_FILES, fp, force, "align")) is not None:
         return old
+    validate_align(cfg)  # before anything in the run folder is touched
     ckpt_dir = out / "checkpoints"
+    resume = _resume_point(out, fp, force)
+    if resume is None and ckpt_dir.exists():
+        shutil.rmtree(ckpt_dir)  # a forced run's own restart, or nothing worth keeping (see _resume_point)
     stamp = ckpt_dir / "fingerprint"
-    resume = None
-    if not force and (ckpt_dir / "last.ckpt").is_file() and stamp.is_file() and stamp.read_text().strip() == fp:
-        resume = str(ckpt_dir / "last.ckpt")
-        log.info("align: resuming from %s", resume)
-    elif ckpt_dir.exists():
-        shutil.rmtree(ckpt_dir)  # another config's (or a forced run's) checkpoints: never resume from them
     ckpt_dir.mkdir(parents=True, exist_ok=True)
     stamp.write_text(fp + "\n")
     out.mkdir(parents=True, exist_ok=True)
@@ -281,6 +346,7 @@ def run_align_stage(cfg: DictConfig, force: bool | None = None) -> dict[str, Any
     if trainer.global_rank == 0:
         with atomic_dir(out / "model") as tmp:
             save_aligned(tmp, parts["model"], parts["tokenizer"], parts["table"], parts["info"], parts["encoder"])
+        result["manifest"] = file_manifest(out, ["model"])
         write_json_atomic(out / "align.json", result)
     log.info("align: %d steps in %.0f s, train loss %.3f, samples with history cut to max_length %s -> %s", result["steps"],
              seconds, metrics.get("train/loss", float("nan")), result["cut_history"], out)

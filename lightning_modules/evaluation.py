@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 import time
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +24,7 @@ import polars as pl
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from datamodules.artifacts import fingerprint, reusable, tb_dir, write_json_atomic
+from datamodules.artifacts import file_manifest, fingerprint, reusable, tb_dir, write_json_atomic
 from datamodules.data_stage import data_dir, data_fingerprint, run_data_stage
 from datamodules.dataset import sample_config
 from datamodules.errors import DataError
@@ -115,9 +116,10 @@ def intervals(cfg: DictConfig, rankings: dict[str, np.ndarray], cases: pl.DataFr
 def _write(out: Path, results: dict[str, Any]) -> None:
     """``results.md``, then ``results.json`` (each via a rename); the JSON carries the fingerprint and
     comes last, so a run killed in between is never taken as finished."""
-    md = out / ".tmp-results.md"
+    md = out / f".tmp-results.md-{uuid.uuid4().hex[:8]}"
     md.write_text(results_markdown(results))
     md.replace(out / "results.md")
+    results["manifest"] = file_manifest(out, ["results.md"])
     write_json_atomic(out / "results.json", results)
 
 

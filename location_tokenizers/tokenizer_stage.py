@@ -26,7 +26,7 @@ import polars as pl
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from datamodules.artifacts import atomic_dir, fingerprint, reusable, tb_dir, write_json_atomic
+from datamodules.artifacts import atomic_dir, file_manifest, fingerprint, reusable, tb_dir, write_json_atomic
 from datamodules.data_stage import data_dir, data_fingerprint, run_data_stage
 from datamodules.errors import DataError
 from location_tokenizers.codes import CodeTable
@@ -295,6 +295,7 @@ def run_tokenizer_stage(cfg: DictConfig, force: bool | None = None) -> dict[str,
                                 "that another location has; codes must be unique (use tokenizer=rqvae to learn collision-free ones)")
             raise RuntimeError(f"tokenizer produced {metrics['collisions']} collisions")  # assign_codes guarantees none
         metrics["seconds"] = round(time.perf_counter() - t0, 2)
+        metrics["manifest"] = file_manifest(tmp, ["codes.parquet", "index.json", "code_map.png"])
         write_json_atomic(tmp / "metrics.json", metrics)
     log.info(
         "tokenizer: %d locations, %d levels x %d codes, collisions %d, level usage %s -> %s",

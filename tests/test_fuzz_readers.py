@@ -149,8 +149,8 @@ def tsmc_line(draw) -> Line:
         i = draw(st.integers(0, 7))
         parts[i] = _insert(draw, parts[i], b"\x00")
     elif kind == "invalid_utf8":
-        # TSMC files that do not decode as UTF-8 are read as Latin-1, so a stray byte only breaks
-        # the numeric and time fields.
+        # In a file read as Latin-1 a stray byte only breaks the numeric and time fields; in a file
+        # read as UTF-8 the whole line is quarantined (tsmc_encoding_oracle decides which).
         i = draw(st.integers(0, 7))
         parts[i] = _insert(draw, parts[i], draw(st.sampled_from(INVALID_UTF8)))
         status = BAD if i >= 4 else GOOD
@@ -199,6 +199,25 @@ def gowalla_line(draw) -> Line:
         piece = b"\x00" if kind == "nul" else draw(st.sampled_from(INVALID_UTF8))
         parts[i] = _insert(draw, parts[i], piece)
     return Line(b"\t".join(parts), status)
+
+
+def _utf8(data: bytes) -> bool:
+    try:
+        data.decode("utf-8")
+    except UnicodeDecodeError:
+        return False
+    return True
+
+
+def tsmc_encoding_oracle(f: RawFile) -> RawFile:
+    """What the reader must do with encodings, stated independently of it: a file that decodes as UTF-8
+    is UTF-8; a file whose non-ASCII lines all fail UTF-8 is Latin-1 (statuses as drawn); any other file
+    is UTF-8 with its undecodable lines quarantined (reason "encoding")."""
+    non_ascii = [line for line in f.lines if not line.data.isascii()]
+    if _utf8(f.render()) or all(not _utf8(line.data) for line in non_ascii):
+        return f
+    lines = [Line(line.data, BAD) if line.status == GOOD and not _utf8(line.data) else line for line in f.lines]
+    return RawFile(lines, f.ending, f.crlf)
 
 
 @st.composite
@@ -279,6 +298,7 @@ def assert_budget_error_lists_first_lines(message: str, path: Path, reader, **kw
 @FUZZ
 @given(f=raw_file(tsmc_line()))
 def test_fuzz_tsmc_tolerant_budget(f: RawFile) -> None:
+    f = tsmc_encoding_oracle(f)
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "dataset_TSMC2014_NYC.txt"
         path.write_bytes(f.render())
@@ -311,6 +331,7 @@ def check_default_budget(reader, path: Path, f: RawFile, n_fields: int) -> None:
 @FUZZ
 @given(f=raw_file(tsmc_line()))
 def test_fuzz_tsmc_default_budget(f: RawFile) -> None:
+    f = tsmc_encoding_oracle(f)
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "dataset_TSMC2014_NYC.txt"
         path.write_bytes(f.render())
@@ -423,7 +444,7 @@ def test_budget_of_one_percent(tmp_path: Path, reader, good: str, bad: str, n_ba
     with pytest.raises(DataError) as err:
         reader(path, q)
     message = str(err.value)
-    assert str(path) in message and f"{n_bad} of 1000 rows are malformed" in message
+    assert str(path) in message and f"{n_bad} of 1000 lines are malformed" in message
     for n in bad_at[:5]:
         assert f"line {n}: " in message
     assert f"line {bad_at[5]}: " not in message  # only the first five are listed
@@ -559,10 +580,11 @@ def check_release_result(root: Path, df: pl.DataFrame, q: Quarantine, files: dic
         path = root / f"trips_{split}.csv"
         table = assert_quarantine_of_file(q, path, len(rows) + 1)
         n_out = df.filter(pl.col("split") == split).height
-        assert n_out + table.height == q.totals[str(path)], "rows read != rows kept + rows quarantined"
+        # The budget counts lines (records); the visits are accounted for separately.
+        assert q.totals[str(path)] == sum(1 for r in rows if r.data.strip()), "the budget's denominator is the data lines"
         lines = {i: r for i, r in enumerate(rows, 2)}  # the header is line 1
         if all(r.units is not None for r in rows):
-            assert q.totals[str(path)] == sum(r.units for r in rows)
+            assert n_out + table.height == sum(r.units for r in rows), "visits read != visits kept + visits quarantined"
         quarantined = table.group_by("line").len()
         per_line = dict(quarantined.iter_rows())
         for line, r in lines.items():
@@ -665,7 +687,7 @@ def test_release_malformed_row_is_quarantined(tmp_path: Path, defect: bytes, lin
     path = str(tmp_path / "trips_train.csv")
     assert df.filter(pl.col("split") == "train").height == 3 * n_good
     assert q.table().filter(pl.col("file") == path)["line"].to_list() == [102]
-    assert q.totals[path] == 3 * n_good + 1
+    assert q.totals[path] == n_good + 1, "the budget counts the lines (200 good + 1 bad)"
 
 
 def test_release_local_time_in_the_dst_gap(tmp_path: Path) -> None:
@@ -694,6 +716,17 @@ def test_release_budget_lists_first_bad_lines(tmp_path: Path) -> None:
     with pytest.raises(DataError) as err:
         read_qtmob_release(tmp_path, Quarantine())
     message = str(err.value)
-    # 44 good rows of 3 visits + 6 bad rows.
-    assert str(tmp_path / "trips_valid.csv") in message and "6 of 138 rows are malformed" in message
+    # 6 bad lines of 50 (the budget counts lines, not the 138 visits).
+    assert str(tmp_path / "trips_valid.csv") in message and "6 of 50 lines are malformed" in message
     assert [f"  line {k + 2}: " in message for k in (3, 9, 20, 21, 30, 44)] == [True] * 5 + [False]
+
+
+def test_release_budget_counts_lines_not_visits(tmp_path: Path) -> None:
+    """Regression: 2 % bad lines passed as 0.7 % of the visits."""
+    rows = good_rows("valid", 1000)
+    for k in range(0, 1000, 50):  # 20 lines with a NUL byte
+        rows[k] = ReleaseRow(rows[k].data.replace(b"valid_", b"valid\x00_"), BAD, 3)
+    files = {"train": (good_rows("train", 3), "newline"), "valid": (rows, "newline"), "test": (good_rows("test", 2), "newline")}
+    write_release(tmp_path, files)
+    with pytest.raises(DataError, match=r"trips_valid.csv: 20 of 1000 lines are malformed \(2.0% >"):
+        read_qtmob_release(tmp_path, Quarantine())

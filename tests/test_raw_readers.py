@@ -166,7 +166,7 @@ def test_tsmc_too_many_bad_rows_stop_with_a_data_error(tmp_path: Path) -> None:
     with pytest.raises(DataError) as err:
         read_tsmc(path, Quarantine())
     message = str(err.value)
-    assert str(path) in message and "2 of 33 rows" in message
+    assert str(path) in message and "2 of 33 lines" in message
     assert "line 1:" in message and "line 3:" in message
 
 
@@ -453,8 +453,9 @@ def test_tsmc_dump_end_to_end(tmp_path: Path, bad_rows: int) -> None:
     assert_summary_consistent(summary, out)
     assert summary["quarantined_rows"] == bad_rows
     assert summary["quarantine"]["files"][str(path)] == {
-        "rows": city.height, "quarantined": bad_rows,
+        "rows": city.height, "quarantined": bad_rows, "bad_lines": bad_rows,
         "reasons": {"unparsable UTC time (expected e.g. 'Tue Apr 03 18:00:09 +0000 2012')": bad_rows} if bad_rows else {},
+        "encoding": "latin-1", "duplicate_lines": 0, "duplicates_dropped": False,
     }
     assert summary["protocol"]["input_checkins"] == city.height - bad_rows
     checkins = pl.read_parquet(out / "checkins.parquet")
@@ -504,3 +505,38 @@ def test_gowalla_dump_end_to_end(tmp_path: Path) -> None:
     assert (checkins["local_time"] - checkins["utc_time"].dt.replace_time_zone(None) == timedelta(hours=-7)).all()
     assert checkins["category"].null_count() == 0 and checkins["parent_category"].null_count() == 0
     assert checkins["lat"].is_between(32.5, 42.0).all() and checkins["lon"].is_between(-124.5, -114.1).all()
+
+
+# ---- encodings and duplicates, per line --------------------------------------------------------------
+
+
+def test_one_stray_byte_does_not_turn_a_utf8_file_into_latin1(tmp_path: Path) -> None:
+    """Regression: a single invalid byte made the whole file Latin-1 ("Café" -> "CafÃ©", a new venue id)."""
+    cafe = tsmc_line("5", "v5", "c5", "Café", 40.7, -73.9, -240, datetime(2012, 4, 3, 18, 0, 9, tzinfo=UTC))
+    lines = (TSMC_ROWS + [cafe]) * 50
+    data = "".join(line + "\n" for line in lines).encode("utf-8").split(b"\n")
+    data[7] = data[7].replace(b"v5", b"v\xff5") if b"v5" in data[7] else data[7] + b"\xff"
+    path = tmp_path / "dataset_TSMC2014_NYC.txt"
+    path.write_bytes(b"\n".join(data))
+    q = Quarantine(max_bad_fraction=1.0)
+    df = read_tsmc(path, q)
+    assert set(df.filter(pl.col("poi_id") == "v5")["category"]) == {"Café"}
+    rows = q.table().select("line", "reason").rows()
+    assert rows == [(8, "encoding: not valid UTF-8 (invalid UTF-8)")]
+    assert q.summary()["files"][str(path)]["encoding"] == "utf-8"
+    # A declared encoding is taken as is (and recorded).
+    q2 = Quarantine(max_bad_fraction=1.0)
+    read_tsmc(write_text(tmp_path / "latin.txt", lines, encoding="latin-1"), q2, encoding="latin-1")
+    assert q2.summary()["files"][str(tmp_path / "latin.txt")]["encoding"] == "latin-1" and q2.count() == 0
+
+
+def test_exact_duplicate_lines_are_counted_and_optionally_dropped(tmp_path: Path) -> None:
+    """Regression: 5,000 duplicated lines were kept without a count."""
+    path = write_text(tmp_path / "dup.txt", TSMC_ROWS * 2 + TSMC_ROWS[:1])  # 4 repeats
+    q = Quarantine()
+    kept = read_tsmc(path, q)
+    assert kept.height == 7 and q.summary()["files"][str(path)]["duplicate_lines"] == 4
+    q2 = Quarantine()
+    dropped = read_tsmc(path, q2, drop_duplicates=True)
+    info = q2.summary()["files"][str(path)]
+    assert dropped.height == 3 and info["duplicate_lines"] == 4 and info["duplicates_dropped"] is True

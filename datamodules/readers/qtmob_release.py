@@ -94,7 +94,7 @@ def _read_trips_csv(path: Path, split: str, quarantine: Quarantine) -> pl.DataFr
         reason=pl.when(pl.col("text").str.contains("\x00", literal=True))
         .then(pl.lit("NUL byte in line"))
         .when(pl.col("text").str.contains("\ufffd", literal=True))
-        .then(pl.lit("invalid UTF-8"))
+        .then(pl.lit("encoding: not valid UTF-8 (invalid UTF-8)"))
         .when(~pl.col("text").str.contains(_ROW) & (pl.col("line") == last_line) & pl.lit(unterminated))
         .then(pl.lit("truncated last line"))
         .when(~pl.col("text").str.contains(_ROW))
@@ -141,7 +141,9 @@ def _read_trips_csv(path: Path, split: str, quarantine: Quarantine) -> pl.DataFr
             (pl.col("local_time").is_null(), "unparsable time (expected YYYY-MM-DD HH:MM:SS)"),
         ],
     )
-    quarantine.add(pl.concat([bad_rows, bad_visits]), path, visits.height + bad_rows.height)
+    # The budget counts trajectory lines (a line with one bad visit counts once); the summary also
+    # reports the visits dropped.
+    quarantine.add(pl.concat([bad_rows, bad_visits]), path, lines.height)
     return good.select(
         "line",
         user_id=pl.col("user_id").str.strip_chars(),

@@ -41,18 +41,22 @@ def _id_checks() -> list[tuple[pl.Expr, str]]:
     ]
 
 
-def read_tsmc(path: str | Path, quarantine: Quarantine) -> pl.DataFrame:
+def read_tsmc(path: str | Path, quarantine: Quarantine, encoding: str = "auto", drop_duplicates: bool = False) -> pl.DataFrame:
     """Read a raw TSMC2014 file (``dataset_TSMC2014_NYC.txt`` or ``_TKY.txt``).
 
     Args:
         path: The file.
-        quarantine: Receives malformed rows.
+        quarantine: Receives malformed rows (and the file's encoding and duplicate-line count).
+        encoding: ``auto`` (see :func:`~datamodules.readers.lines.decode`) or a declared codec.
+        drop_duplicates: Drop exact repeats of a line (always counted).
 
     Returns:
         Canonical check-ins (no trajectory or split yet); ``category`` is the venue category name.
     """
     path = Path(path)
-    lines, unterminated = read_lines(path, TSMC_FORMAT, encoding="auto")
+    info: dict = {}
+    lines, unterminated = read_lines(path, TSMC_FORMAT, encoding=encoding, info=info, drop_duplicates=drop_duplicates)
+    quarantine.note_file(path, **info)
     names = ["user_id", "poi_id", "category_id", "category", "lat_s", "lon_s", "tz_s", "utc_s"]
     df = split_fields(lines, names, "\t", unterminated).with_columns(
         lat=pl.col("lat_s").cast(pl.Float64, strict=False),
@@ -84,8 +88,11 @@ def read_gowalla(
     bbox: list[float] | None = None,
     categories: str | Path | None = None,
     timezone: str | None = None,
+    encoding: str = "utf-8",
+    drop_duplicates: bool = False,
 ) -> pl.DataFrame:
-    """Read SNAP's Gowalla check-ins, optionally cut to a bounding box.
+    """Read SNAP's Gowalla check-ins, optionally cut to a bounding box (``encoding`` and
+    ``drop_duplicates`` as in :func:`read_tsmc`).
 
     Args:
         path: ``loc-gowalla_totalCheckins.txt`` or its ``.gz``.
@@ -102,7 +109,9 @@ def read_gowalla(
     path = Path(path)
     if timezone:
         require_timezone(timezone, "data.timezone")
-    lines, unterminated = read_lines(path, GOWALLA_FORMAT)
+    info: dict = {}
+    lines, unterminated = read_lines(path, GOWALLA_FORMAT, encoding=encoding, info=info, drop_duplicates=drop_duplicates)
+    quarantine.note_file(path, **info)
     names = ["user_id", "utc_s", "lat_s", "lon_s", "poi_id"]
     df = split_fields(lines, names, "\t", unterminated).with_columns(
         lat=pl.col("lat_s").cast(pl.Float64, strict=False),

@@ -1,0 +1,117 @@
+"""Nothing half-checked is reused: broken artefacts are rebuilt by the stage that owns them, a run folder
+of another configuration is never replaced silently, a bad setting fails before anything is deleted,
+and a cut checkpoint restarts training instead of failing on every rerun."""
+
+from __future__ import annotations
+
+import json
+import logging
+
+import pytest
+
+from datamodules.errors import DataError
+from tests.conftest import compose_cfg
+
+
+def _cfg(art, cache, *overrides: str):
+    # tokenizer=id: the tokenizer stage in a blink, so these tests are about reuse, not training.
+    return compose_cfg(["experiment=smoke", "tokenizer=id", f"paths.artifacts={art}", f"paths.cache={cache}",
+                        *overrides])
+
+
+def _cut(path) -> None:
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+
+
+def test_broken_data_and_tokenizer_artefacts_are_rebuilt_by_their_stage(tmp_path, model_cache, caplog) -> None:
+    from datamodules.data_stage import data_dir, run_data_stage
+    from location_tokenizers.tokenizer_stage import run_tokenizer_stage, tokenizer_dir
+
+    cfg = _cfg(tmp_path, model_cache)
+    first = run_tokenizer_stage(cfg)
+    summary = json.loads((data_dir(cfg) / "summary.json").read_text())
+    assert set(summary["manifest"]) >= {"checkins.parquet", "sample_index.parquet", "quarantine.csv"}
+    assert set(first["manifest"]) == {"codes.parquet", "index.json", "code_map.png"}
+
+    # A cut summary.json: one warning line and a rebuild, not a JSONDecodeError.
+    (data_dir(cfg) / "summary.json").write_text('{"fingerprint": "')
+    with caplog.at_level(logging.WARNING):
+        assert run_data_stage(cfg)["checkins"] == summary["checkins"]
+    assert "summary.json is unreadable" in caplog.text
+
+    # A cut checkins.parquet is found by its manifest while a *later* stage is asked for; the data stage
+    # (its owner) rebuilds it, and the tokenizer stage is reused.
+    _cut(data_dir(cfg) / "checkins.parquet")
+    caplog.clear()
+    with caplog.at_level(logging.INFO):
+        assert run_tokenizer_stage(cfg)["manifest"] == first["manifest"]
+    assert "checkins.parquet changed since the stage wrote it" in caplog.text
+    assert "tokenizer: artefacts" in caplog.text and "skipping" in caplog.text
+
+    # A cut codes.parquet: the tokenizer stage rebuilds it to the same codes.
+    _cut(tokenizer_dir(cfg) / "codes.parquet")
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        again = run_tokenizer_stage(cfg)
+    assert "codes.parquet changed" in caplog.text and again["manifest"]["codes.parquet"] == first["manifest"]["codes.parquet"]
+
+
+def test_run_folders_keep_their_work(tmp_path, model_cache, caplog) -> None:
+    from lightning_modules.align_stage import run_align_stage
+
+    cfg = _cfg(tmp_path, model_cache, "align.train_samples=16", "align.checkpoint_every_n_steps=1", "align.num_generations=0",
+               "eval.val_cases=0")
+    done = run_align_stage(cfg)
+    run = tmp_path / "synthetic" / "smoke"
+    adapter, last = run / "model" / "adapter_model.safetensors", run / "checkpoints" / "last.ckpt"
+    assert done["steps"] == 2 and adapter.is_file() and last.is_file() and "model/adapter_model.safetensors" in done["manifest"]
+    config_before = (run / "config.yaml").read_text()
+
+    # A setting that is not a number: one line, before anything is touched.
+    with pytest.raises(DataError, match=r"align.lr='abc' is not a number"):
+        run_align_stage(_cfg(tmp_path, model_cache, "align.train_samples=16", "align.lr=abc"))
+    with pytest.raises(DataError, match=r"align.quantization='nf5' is not one of"):
+        run_align_stage(_cfg(tmp_path, model_cache, "align.train_samples=16", "align.quantization=nf5"))
+    # A valid but different setting in the same run folder: the finished model is kept, the run stops.
+    with pytest.raises(DataError, match=r"another configuration.*run_name=.*force=true"):
+        run_align_stage(_cfg(tmp_path, model_cache, "align.train_samples=16", "align.lr=0.01"))
+    assert adapter.is_file() and last.is_file() and (run / "config.yaml").read_text() == config_before
+
+    # A deleted adapter file is found by the manifest; a cut last.ckpt is set aside and training restarts.
+    adapter.unlink()
+    _cut(last)
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        again = run_align_stage(cfg)
+    assert "adapter_model.safetensors is missing" in caplog.text and "does not load" in caplog.text
+    assert again["steps"] == 2 and again["resumed_from"] is None and adapter.is_file()
+    assert len(list(run.glob("unreadable-last-*.ckpt"))) == 1, "the unreadable checkpoint is set aside, not deleted"
+
+
+def test_a_changed_input_file_rebuilds_the_data_stage(tmp_path, caplog) -> None:
+    """Regression: the data fingerprint hashed the config only, so a fixed row or a cut file was ignored."""
+    from datamodules.data_stage import data_dir, data_fingerprint, run_data_stage
+    from datamodules.readers.synthetic import generate_city
+    from tests.test_raw_readers import write_city_as_tsmc
+
+    raw = tmp_path / "raw"
+    raw.mkdir()
+    city = generate_city(seed=1, n_users=40, n_pois=200, days=60)
+    path = write_city_as_tsmc(city, raw / "dataset_TSMC2014_NYC.txt", bad_rows=2)
+    cfg = compose_cfg(["data=tsmc_nyc", f"data.root={raw}", f"paths.artifacts={tmp_path / 'art'}"])
+    first = run_data_stage(cfg)
+    assert first["quarantined_rows"] == 2 and first["inputs"][str(path)]["size"] == path.stat().st_size
+    before = data_fingerprint(cfg)
+    # Touching the file without changing it keeps everything.
+    path.touch()
+    assert data_fingerprint(cfg) == before
+    # Fixing the bad rows is a new input: a new data folder, rebuilt, without the quarantined rows.
+    write_city_as_tsmc(city, path, bad_rows=0)
+    assert data_fingerprint(cfg) != before
+    caplog.clear()
+    with caplog.at_level(logging.INFO):
+        fixed = run_data_stage(cfg)
+    assert "skipping" not in caplog.text and fixed["quarantined_rows"] == 0
+    assert fixed["protocol"]["input_checkins"] == first["protocol"]["input_checkins"] + 2
+    assert data_dir(cfg).name != f"data-{before[:8]}"
