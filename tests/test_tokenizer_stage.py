@@ -113,6 +113,25 @@ def test_failed_stage_leaves_previous_codebook(smoke_run, tmp_path, monkeypatch)
     assert not tokenizer_dir(fresh).exists()
 
 
+def test_a_released_index_with_shared_codes_is_never_saved(tmp_path, model_cache, monkeypatch) -> None:
+    """Regression: the collision check ran after the folder was renamed into place, so a rerun said
+    "skipping" and later stages would have used a tokenizer that had failed."""
+    import location_tokenizers.tokenizer_stage as stage
+    from datamodules.errors import DataError
+
+    cfg = compose_cfg(["experiment=smoke", "stage=tokenizer", "tokenizer=released", f"paths.artifacts={tmp_path}",
+                       f"paths.cache={model_cache}"])
+    run_module.run(compose_cfg(["experiment=smoke", "stage=data", f"paths.artifacts={tmp_path}"]))
+    loc_ids = pl.read_parquet(data_dir(cfg) / "locations.parquet")["loc_id"].sort().to_numpy()
+    codes = np.array([[i // 64, i % 64, 0, 0] for i in range(len(loc_ids))])
+    codes[1] = codes[0]  # two locations, one code
+    monkeypatch.setattr(stage, "released_table", lambda _cfg: CodeTable(loc_ids=loc_ids, codes=codes, codebook_size=64))
+    for _ in range(2):  # the same command again fails again: nothing was saved
+        with pytest.raises(DataError, match=r"gives 1 location\(s\) a code that another location has"):
+            run_module.run(cfg)
+        assert not tokenizer_dir(cfg).exists()
+
+
 def test_module_logs_table_figures() -> None:
     import lightning as L
     from torch.utils.data import DataLoader, TensorDataset
