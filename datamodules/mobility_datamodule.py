@@ -26,6 +26,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from datamodules.errors import DataError
 from datamodules.fitting import fit_history
 from datamodules.samples import TASKS, SampleConfig, render_samples
+from datamodules.user_memory import user_memory
 
 log = logging.getLogger(__name__)
 
@@ -268,7 +269,9 @@ class MobilityDataModule(L.LightningDataModule):
                 raise DataError("samples need location codes: pass codes= (run the tokenizer stage first)")
             self.setup()
             index = self.index.filter((pl.col("split") == split) & pl.col("task").is_in(list(self.tasks)))
-            render = lambda ix: render_samples(ix, self.checkins, self.codes, self.locations, self.profiles, self.sample_cfg)  # noqa: E731
+            memory = user_memory(self.checkins, self.codes, self.sample_cfg.user_places)
+            render = lambda ix: render_samples(ix, self.checkins, self.codes, self.locations, self.profiles,  # noqa: E731
+                                               self.sample_cfg, memory)
             samples = render(index)
             if split != "train" and self.eval_per_task is not None:
                 samples = (

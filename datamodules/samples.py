@@ -101,6 +101,9 @@ class SampleConfig:
     # 0-based description lines left out of the token-semantic tasks (index2loc, loc2index). The
     # official default (ablation_location_prompt=1) drops line 3, the nearby-category counts.
     drop_description_lines: tuple[int, ...] = (3,)
+    # The user's top-K train places as location tokens in next-location and recovery prompts (0: off,
+    # the paper's; see datamodules/user_memory.py).
+    user_places: int = 0
     seed: int = 42
 
 
@@ -317,6 +320,7 @@ def render_samples(
     descriptions: pl.DataFrame | None = None,
     profiles: pl.DataFrame | None = None,
     cfg: SampleConfig = SampleConfig(),
+    memory: pl.DataFrame | None = None,
 ) -> pl.DataFrame:
     """Render a sample index into text.
 
@@ -332,6 +336,8 @@ def render_samples(
             translation tasks).
         profiles: ``user_id, profile`` (prepended to next-location and recovery prompts).
         cfg: Sample settings (``add_profile``).
+        memory: ``user_id, memory`` (:func:`datamodules.user_memory.user_memory`), placed after the
+            profile in next-location and recovery prompts.
 
     Returns:
         ``sample_id, task, split, traj_id, user_id, target_loc, is_last, template, prompt,
@@ -372,8 +378,13 @@ def render_samples(
         values = v[col].gather(rows.fill_null(0))
         return pl.select(pl.when(rows.is_not_null()).then(values).otherwise(None)).to_series()
 
+    heads = []  # per user: the profile sentence, then the memory sentence
     if profiles is not None and cfg.add_profile:
-        prof = profiles.select("user_id", profile=pl.format("User {} has the following profile: {}\n", "user_id", "profile"))
+        heads.append(profiles.select("user_id", text=pl.format("User {} has the following profile: {}\n", "user_id", "profile"), k=pl.lit(0)))
+    if memory is not None and memory.height:
+        heads.append(memory.select("user_id", text="memory", k=pl.lit(1)))
+    if heads:
+        prof = pl.concat(heads).sort("user_id", "k").group_by("user_id", maintain_order=True).agg(profile=pl.col("text").str.join(""))
     else:
         prof = pl.DataFrame(schema={"user_id": pl.String, "profile": pl.String})
     index = index.with_columns(

@@ -30,6 +30,7 @@ from datamodules.dataset import sample_config
 from datamodules.errors import DataError
 from datamodules.fitting import fit_history
 from datamodules.samples import render_samples
+from datamodules.user_memory import user_memory
 from lightning_modules.baselines import CountBaselines, eval_cases, fit_gru
 from lightning_modules.hardware import autocast, compute_device
 from lightning_modules.results import TASK_LABEL, bootstrap_by_task, results_markdown, score, score_by_task
@@ -261,7 +262,8 @@ def run_test_stage(cfg: DictConfig, force: bool | None = None) -> dict[str, Any]
     index = test_index(cfg)
     checkins = _read(cfg, "checkins.parquet")
     locations, profiles, sample_cfg = _read(cfg, "locations.parquet"), _read(cfg, "profiles.parquet"), sample_config(cfg.data)
-    render = lambda ix: render_samples(ix, checkins, table.strings(), locations, profiles, sample_cfg)  # noqa: E731
+    memory = user_memory(checkins, table.strings(), sample_cfg.user_places)
+    render = lambda ix: render_samples(ix, checkins, table.strings(), locations, profiles, sample_cfg, memory)  # noqa: E731
     # The training length rule: a prompt over align.max_length loses its oldest visits.
     samples, cut = fit_history(index, render(index), render, encoder.lengths, encoder.max_length)
     cases = eval_cases(index, checkins).join(samples.select("sample_id", "prompt", "response_prefix"), on="sample_id", how="left")
@@ -410,7 +412,8 @@ def run_predict_stage(cfg: DictConfig) -> dict[str, Any]:
                            "template": 0, "is_last": True}], schema=INDEX_SCHEMA)
     locations = _read(cfg, "locations.parquet")
     profiles, sample_cfg = _read(cfg, "profiles.parquet"), sample_config(cfg.data)
-    render = lambda ix: render_samples(ix, traj, table.strings(), locations, profiles, sample_cfg)  # noqa: E731
+    memory = user_memory(_read(cfg, "checkins.parquet"), table.strings(), sample_cfg.user_places)
+    render = lambda ix: render_samples(ix, traj, table.strings(), locations, profiles, sample_cfg, memory)  # noqa: E731
     model, _, encoder, trie = load_for_eval(cfg, folder, table)
     samples, _ = fit_history(index, render(index), render, encoder.lengths, encoder.max_length)
     batch = encoder.prompt_batch(encoder.prompt_texts(samples), device=next(model.parameters()).device)
