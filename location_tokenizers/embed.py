@@ -31,7 +31,6 @@ from typing import Any
 import numpy as np
 import polars as pl
 import torch
-from tqdm.auto import tqdm
 
 from lightning_modules.llm import load_model, load_tokenizer, package_dir
 
@@ -154,7 +153,7 @@ def embed_texts(
     batch_size: int = 8,
     max_length: int = 1024,
     seed: int = 0,
-    progress: bool = True,
+    progress: Any = True,
     flush_seconds: float = 300.0,
     dtype: str = "float32",
     device: str = "cpu",
@@ -169,7 +168,8 @@ def embed_texts(
         batch_size: Texts per forward pass.
         max_length: Token limit per text (longer texts are truncated).
         seed: Initialisation seed of a ``random`` LLM.
-        progress: Show a progress bar.
+        progress: A :class:`lightning_modules.progress.ProgressStyle` (a bar in a terminal, log lines
+            otherwise); True = its default, False = silent.
         flush_seconds: Save the cache at least this often during a long run.
         dtype: Compute dtype of the encoder (``float32`` or ``bfloat16``; bf16 is ~2.7x faster for
             SmolLM2 on a CPU with AMX, see ``lightning_modules/hardware.py``). The vectors are float32.
@@ -190,17 +190,19 @@ def embed_texts(
     if todo:
         log.info("embedding %d descriptions with %s (%d cached)", len(todo), key, len(texts) - len(todo))
         encoder = _Encoder(embedder, llm_cfg, cache_dir, max_length, seed, dtype=getattr(torch, dtype), device=device)
-        bar = tqdm(total=len(todo), desc=f"embed [{key}]", disable=not progress, unit="text")
+        from lightning_modules.progress import ProgressStyle
+
+        style = progress if isinstance(progress, ProgressStyle) else ProgressStyle("auto" if progress else "none")
         last_flush = time.monotonic()
-        for i in range(0, len(todo), batch_size):
-            chunk = todo[i : i + batch_size]
-            cached.update(zip([h for h, _ in chunk], encoder([t for _, t in chunk])))
-            bar.update(len(chunk))
-            # Long runs (hours for an LLM on a CPU) save progress every few minutes, so a killed
-            # run resumes where it stopped instead of starting over.
-            if time.monotonic() - last_flush > flush_seconds:
-                _write_cache(path, cached)
-                last_flush = time.monotonic()
-        bar.close()
+        with style.loop(f"embed {key}", len(todo), "texts") as bar:
+            for i in range(0, len(todo), batch_size):
+                chunk = todo[i : i + batch_size]
+                cached.update(zip([h for h, _ in chunk], encoder([t for _, t in chunk])))
+                bar.update(len(chunk))
+                # Long runs (hours for an LLM on a CPU) save progress every few minutes, so a killed
+                # run resumes where it stopped instead of starting over.
+                if time.monotonic() - last_flush > flush_seconds:
+                    _write_cache(path, cached)
+                    last_flush = time.monotonic()
         _write_cache(path, cached)
     return np.stack([cached[h] for h in hashes]).astype(np.float32)
