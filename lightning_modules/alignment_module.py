@@ -14,11 +14,17 @@ sum is divided by the *nominal* batch size, so a short last batch, gradient accu
 divides by the accumulation steps) and DDP (gradients are averaged over ranks) all give every sample
 the same weight.
 
-Logged: ``train/loss`` and per objective ``train/loss_next``, ``train/loss_recovery`` (multi and
-single), ``train/loss_index2loc``, ``train/loss_loc2index``, ``train/loss_translation``; the same
-under ``val/``; ``train/tokens_per_s`` and ``train/padding_share``; a few sample generations as
-TensorBoard text; and, when an evaluator is given, ``val/acc@1`` of next-location prediction with
-constrained decoding.
+Logged under ``align/`` (so that the RQ-VAE's and the GRU's curves never share a tag):
+
+* ``align/train/loss`` and per objective ``align/train/loss_next``, ``…/loss_recovery`` (multi and
+  single), ``…/loss_index2loc``, ``…/loss_loc2index``, ``…/loss_translation``, and the same under
+  ``align/val/``. Train and validation losses are computed the same way: the answer-token mean over
+  a window (train: the steps since the last log point; validation: the validation subset), so a
+  train and a validation curve can be laid on each other;
+* ``align/lr``, ``align/grad_norm`` (before clipping), ``align/tokens_per_s``, ``align/padding_share``,
+  ``align/peak_rss_mb`` (and ``align/peak_cuda_mb`` on a GPU);
+* ``align/val/acc@1`` (and acc@5) of next-location prediction with constrained decoding, when an
+  evaluator is given, and a few sample generations as TensorBoard text.
 
 Checkpoints hold the trainable parameters only (LoRA, new token rows): a resumable ``last.ckpt``
 is megabytes, not the quantised base model.
@@ -27,6 +33,8 @@ is megabytes, not the quantised base model.
 from __future__ import annotations
 
 import math
+import resource
+import sys
 import time
 import warnings
 from collections.abc import Callable, Sequence
@@ -52,6 +60,12 @@ OBJECTIVE = {
 LOSS_REDUCTIONS = ("sample", "token")
 
 
+def peak_rss_mb() -> float:
+    """This process's peak resident memory in MB (``ru_maxrss`` is KiB on Linux, bytes on macOS)."""
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / 2**20 if sys.platform == "darwin" else peak / 1024
+
+
 class AlignmentModule(L.LightningModule):
     """Mixed-objective alignment of a (quantised) LLM with LoRA adapters.
 
@@ -69,7 +83,9 @@ class AlignmentModule(L.LightningModule):
             validation and logged as text.
         generation_fn: ``(model, prompt_texts) -> list[str]``: how to generate those samples.
         evaluator: ``(model) -> {metric: value}`` run at the end of each validation (e.g.
-            next-location Acc@1 with constrained decoding on a fixed subset); logged under ``val/``.
+            next-location Acc@1 with constrained decoding on a fixed subset); logged under ``align/val/``.
+        evaluate_every: Run the evaluator and the generations at every this many validations (and
+            at the last): decoding costs far more than the validation losses.
     """
 
     def __init__(
@@ -85,14 +101,17 @@ class AlignmentModule(L.LightningModule):
         evaluator: Callable[[torch.nn.Module], dict[str, float]] | None = None,
         loss_reduction: str = "sample",
         batch_size: int = 8,
+        evaluate_every: int = 1,
     ) -> None:
         super().__init__()
         if loss_reduction not in LOSS_REDUCTIONS:
             raise ValueError(f"align.loss_reduction={loss_reduction!r}; choose from {list(LOSS_REDUCTIONS)}")
-        self.save_hyperparameters(ignore=["model", "generation_prompts", "generation_fn", "evaluator"])
+        # logger=False: the stage logs the run's whole configuration as the HPARAMS of its dashboard.
+        self.save_hyperparameters(ignore=["model", "generation_prompts", "generation_fn", "evaluator"], logger=False)
         self.model = model
         self.objectives = sorted({OBJECTIVE[t] for t in tasks})
         self.train_losses = torch.nn.ModuleDict({o: MeanMetric() for o in self.objectives})
+        self.train_loss = MeanMetric()
         self.val_losses = torch.nn.ModuleDict({o: MeanMetric() for o in self.objectives})
         self.val_loss = MeanMetric()
         self.generation_prompts = list(generation_prompts)
@@ -101,6 +120,7 @@ class AlignmentModule(L.LightningModule):
         # Checkpoints carry trainable parameters only; the frozen base comes from the model files.
         self.strict_loading = False
         self._t_batch = 0.0
+        self._validations = 0
 
     # -- the shared step ----------------------------------------------------------------------
     def _decoder_and_head(self) -> tuple[torch.nn.Module, torch.nn.Module]:
@@ -131,7 +151,10 @@ class AlignmentModule(L.LightningModule):
             mean = (per_sample[has] / counts[has]).mean() if has.any() else loss.detach()
         return {"loss": loss, "mean_loss": mean, "sample_loss": per_sample, "sample_tokens": counts}
 
-    def _update(self, metrics: torch.nn.ModuleDict, batch: dict[str, Any], out: dict[str, Tensor]) -> None:
+    def _update(self, metrics: torch.nn.ModuleDict, batch: dict[str, Any], out: dict[str, Tensor], total: MeanMetric) -> None:
+        tokens = out["sample_tokens"].sum()
+        if tokens > 0:
+            total.update(out["sample_loss"].sum() / tokens, weight=tokens)
         for objective in self.objectives:
             sel = torch.tensor([OBJECTIVE[t] == objective for t in batch["task"]], device=out["sample_loss"].device)
             tokens = out["sample_tokens"][sel].sum()
@@ -149,44 +172,54 @@ class AlignmentModule(L.LightningModule):
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
         out = self.model_step(batch)
-        self._update(self.train_losses, batch, out)
-        bs = batch["input_ids"].shape[0]
-        self.log("train/loss", out["mean_loss"], prog_bar=True, batch_size=bs)
+        self._update(self.train_losses, batch, out, self.train_loss)
         return out["loss"]
+
+    def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        # The norm of what the optimiser is about to apply, before Lightning's clipping.
+        grads = [p.grad.detach().float().norm() for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+        if grads:
+            self.log("align/grad_norm", torch.stack(grads).norm(), on_step=True, on_epoch=False)
+        self.log("align/lr", float(optimizer.param_groups[0]["lr"]), on_step=True, on_epoch=False)
 
     def on_train_batch_end(self, outputs: Any, batch: dict[str, Any], batch_idx: int) -> None:
         seconds = time.perf_counter() - self._t_batch
         real = int(batch["attention_mask"].sum())
         total = batch["attention_mask"].numel()
         bs = batch["input_ids"].shape[0]
-        self.log("train/tokens_per_s", real / max(seconds, 1e-9), batch_size=bs)
-        self.log("train/padding_share", 1.0 - real / total, batch_size=bs)
+        self.log("align/tokens_per_s", real / max(seconds, 1e-9), batch_size=bs)
+        self.log("align/padding_share", 1.0 - real / total, batch_size=bs)
         every = max(int(getattr(self.trainer, "log_every_n_steps", 1) or 1), 1)
         last = batch_idx + 1 == self.trainer.num_training_batches
         if (self.global_step % every == 0) or last:
+            self._log_losses({"": self.train_loss}, "train", batch_size=bs, prog_bar=True)
             self._log_losses(self.train_losses, "train", batch_size=bs)
+            self.log("align/peak_rss_mb", peak_rss_mb(), batch_size=bs)
+            if torch.cuda.is_available() and self.device.type == "cuda":
+                self.log("align/peak_cuda_mb", torch.cuda.max_memory_allocated(self.device) / 2**20, batch_size=bs)
 
     # -- validation ---------------------------------------------------------------------------
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
         out = self.model_step(batch)
-        self._update(self.val_losses, batch, out)
-        tokens = out["sample_tokens"].sum()
-        if tokens > 0:
-            self.val_loss.update(out["sample_loss"].sum() / tokens, weight=tokens)
+        self._update(self.val_losses, batch, out, self.val_loss)
 
     def on_validation_epoch_end(self) -> None:
         self._log_losses({"": self.val_loss}, "val", prog_bar=True)
         self._log_losses(self.val_losses, "val")
         if self.trainer.sanity_checking:
             return
+        self._validations += 1
+        last = self.global_step >= int(self.trainer.estimated_stepping_batches or 0)
+        if not (last or self._validations % max(int(self.hparams.evaluate_every), 1) == 0):
+            return
         if self.evaluator is not None:
             for name, value in self.evaluator(self.model).items():
-                self.log(f"val/{name}", float(value), prog_bar=name == "acc@1", sync_dist=True)
+                self.log(f"align/val/{name}", float(value), prog_bar=name == "acc@1", sync_dist=True)
         if self.generation_prompts and self.generation_fn is not None and self.global_rank == 0:
             self._log_generations()
 
     def _log_losses(self, metrics: dict[str, Any], split: str, **kwargs: Any) -> None:
-        """Log ``<split>/loss_<objective>`` and reset. ``compute`` is a collective under DDP, so with
+        """Log ``align/<split>/loss_<objective>`` (``align/<split>/loss`` for ``""``) and reset. ``compute`` is a collective under DDP, so with
         several processes every rank computes every metric (a rank whose batches lacked a task gets
         NaN, which is not logged); alone, only the metrics that saw data are computed."""
         distributed = self.trainer.world_size > 1
@@ -198,7 +231,7 @@ class AlignmentModule(L.LightningModule):
                 value = metric.compute()
             metric.reset()
             if torch.isfinite(value):
-                self.log(f"{split}/loss_{objective}" if objective else f"{split}/loss", value, **kwargs)
+                self.log(f"align/{split}/loss_{objective}" if objective else f"align/{split}/loss", value, **kwargs)
 
     def _log_generations(self) -> None:
         prompts = [p for p, _ in self.generation_prompts]
@@ -209,7 +242,7 @@ class AlignmentModule(L.LightningModule):
             lines.append(f"| …{cell(prompt[-160:])} | {cell(expected)} | {cell(got)} |")
         logger = self.logger
         if logger is not None and hasattr(logger.experiment, "add_text"):
-            logger.experiment.add_text("samples/generations", "\n".join(lines), global_step=self.global_step)
+            logger.experiment.add_text("align/generations", "\n".join(lines), global_step=self.global_step)
 
     # -- optimisation -------------------------------------------------------------------------
     def configure_optimizers(self) -> dict[str, Any]:

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 from collections import Counter, defaultdict
 from collections.abc import Iterable
+from typing import Any
 
 import lightning as L
 import numpy as np
@@ -195,7 +196,7 @@ class SequenceBaselineModule(L.LightningModule):
 
     def __init__(self, num_locations: int, num_users: int, dim: int = 128, lr: float = 3e-3, dropout: float = 0.2) -> None:
         super().__init__()
-        self.save_hyperparameters()
+        self.save_hyperparameters(logger=False)  # the test dashboard's HPARAMS are the run's, not the GRU's
         self.loc = nn.Embedding(num_locations + 1, dim, padding_idx=0)
         self.user = nn.Embedding(num_users + 1, dim)
         self.gru = nn.GRU(dim, dim, batch_first=True)
@@ -213,7 +214,7 @@ class SequenceBaselineModule(L.LightningModule):
         seq = batch["seq"]
         logits = self(seq[:, :-1], batch["user"])
         loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), seq[:, 1:].reshape(-1), ignore_index=0)
-        self.log(f"baseline_gru/dim{self.hparams.dim}/loss", loss, prog_bar=True, batch_size=seq.shape[0])
+        self.log(f"test/gru/dim{self.hparams.dim}/train_loss", loss, prog_bar=True, batch_size=seq.shape[0])
         return loss
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
@@ -240,7 +241,7 @@ class _BestEpochOnValid(L.Callback):
         pl_module.eval()
         value = _valid_key(self.baseline.rank(self.valid), self.target)
         pl_module.train()
-        pl_module.log(f"baseline_gru/dim{pl_module.hparams.dim}/valid_acc1_ndcg5", value)
+        pl_module.log(f"test/gru/dim{pl_module.hparams.dim}/valid_acc1_ndcg5", value)
         if value > self.best:
             self.best, self.best_epoch = value, trainer.current_epoch + 1
             self.state = {k: v.detach().clone() for k, v in pl_module.state_dict().items()}
@@ -256,10 +257,12 @@ class GRUBaseline:
         seed: Seed (fixed: same data, same ranking).
         logger: Optional Lightning logger (its loss curve lands beside the LLM's).
         valid_cases: Valid-split cases (:func:`eval_cases`) that pick the epoch.
+        progress: How the fit reports (:class:`lightning_modules.progress.ProgressStyle`; None: silent).
     """
 
     def __init__(self, train: pl.DataFrame, locations: Iterable[int], epochs: int = 15, size: int = 10,
-                 seed: int = 0, dim: int = 128, logger: object | None = None, valid_cases: pl.DataFrame | None = None) -> None:
+                 seed: int = 0, dim: int = 128, logger: object | None = None, valid_cases: pl.DataFrame | None = None,
+                 progress: Any = None) -> None:
         self.size = size
         locs = sorted(set(int(x) for x in locations))
         self.to_idx = {loc: i + 1 for i, loc in enumerate(locs)}
@@ -275,9 +278,10 @@ class GRUBaseline:
         loader = DataLoader(_Prefixes(seqs, us), batch_size=64, shuffle=True, collate_fn=_pad,
                             generator=torch.Generator().manual_seed(seed))
         picker = _BestEpochOnValid(self, valid_cases) if valid_cases is not None and valid_cases.height else None
+        bar = progress.trainer_kwargs(f"gru dim {dim}") if progress is not None else {"callbacks": [], "enable_progress_bar": False}
         trainer = L.Trainer(max_epochs=epochs, accelerator="cpu", devices=1, logger=logger or False, enable_checkpointing=False,
-                            enable_progress_bar=False, enable_model_summary=False, log_every_n_steps=10, deterministic=True,
-                            callbacks=[picker] if picker else None)
+                            enable_model_summary=False, log_every_n_steps=max(1, min(10, len(loader))), deterministic=True,
+                            callbacks=([picker] if picker else []) + bar.pop("callbacks"), **bar)
         trainer.fit(self.module, loader)
         self.epochs, self.valid_score = epochs, None
         if picker is not None and picker.state is not None:
@@ -303,7 +307,7 @@ class GRUBaseline:
 
 
 def fit_gru(train: pl.DataFrame, locations: Iterable[int], dims: Iterable[int], epochs: int, valid_cases: pl.DataFrame,
-            size: int = 10, seed: int = 0, logger: object | None = None) -> tuple[GRUBaseline, dict[str, float]]:
+            size: int = 10, seed: int = 0, logger: object | None = None, progress: Any = None) -> tuple[GRUBaseline, dict[str, float]]:
     """The GRU with its width and epoch count picked on the valid split (best Acc@1 + NDCG@5).
 
     Returns:
@@ -311,7 +315,8 @@ def fit_gru(train: pl.DataFrame, locations: Iterable[int], dims: Iterable[int], 
     """
     best, info = None, {}
     for dim in dims:
-        gru = GRUBaseline(train, locations, epochs=epochs, size=size, seed=seed, dim=int(dim), logger=logger, valid_cases=valid_cases)
+        gru = GRUBaseline(train, locations, epochs=epochs, size=size, seed=seed, dim=int(dim), logger=logger, valid_cases=valid_cases,
+                          progress=progress)
         score = gru.valid_score if gru.valid_score is not None else -1.0
         if best is None or score > info["valid_acc1_plus_ndcg5"]:
             best, info = gru, {"dim": int(dim), "epochs": int(gru.epochs), "valid_acc1_plus_ndcg5": round(float(score), 6)}

@@ -4,8 +4,11 @@ Thin on purpose: the model is :class:`location_tokenizers.rqvae.RQVAE` (plain ``
 module owns the optimisation loop, k-means initialisation, dead-code re-seeding and the per-epoch
 figures logged to TensorBoard:
 
-* ``rqvae/recon``, ``rqvae/quant``, ``train/loss`` — the losses;
-* ``rqvae/usage_l{i}`` (distinct codes used / K) and ``rqvae/perplexity_l{i}`` per level;
+* ``rqvae/recon``, ``rqvae/quant``, ``rqvae/train_loss`` — the losses (all tags under ``rqvae/``, so
+  that they never mix with the alignment's on a dashboard);
+* ``rqvae/usage_l{i}`` (distinct codes used / K) and ``rqvae/perplexity_l{i}`` per level, and
+  ``rqvae/codes_l{i}``, a histogram of the code each location takes at level i (every
+  ``histogram_every`` epochs and at the last);
 * ``rqvae/collision_rate`` over all locations (nearest codes, before the collision repair);
 * ``rqvae/score`` = collision rate + reconstruction MSE over all locations: what early stopping
   and checkpointing watch;
@@ -45,6 +48,7 @@ class RQVAEModule(L.LightningModule):
         seed: Seed of k-means and re-seeding.
         mlp_precision: Resolved precision of the encoder/decoder MLPs (``bf16-mixed`` autocasts them;
             the quantizer stays float32, see :class:`RQVAE`).
+        histogram_every: Epochs between two code-usage histograms (0 = never).
     """
 
     def __init__(
@@ -62,9 +66,11 @@ class RQVAEModule(L.LightningModule):
         kmeans_init: bool = True,
         seed: int = 0,
         mlp_precision: str = "32-true",
+        histogram_every: int = 10,
     ) -> None:
         super().__init__()
-        self.save_hyperparameters()
+        # logger=False: the stage logs the run's whole configuration as the HPARAMS of its dashboard.
+        self.save_hyperparameters(logger=False)
         self.model = RQVAE(
             in_dim=in_dim,
             hidden_dims=list(hidden_dims),
@@ -100,7 +106,7 @@ class RQVAEModule(L.LightningModule):
         x = batch[0] if isinstance(batch, (list, tuple)) else batch
         # Sinkhorn balances the last level during training only; final codes are assigned later.
         out = self.model_step(x, use_sinkhorn=self.hparams.sinkhorn_epsilon > 0)
-        self.log("train/loss", out["loss"], prog_bar=True, on_step=False, on_epoch=True, batch_size=x.shape[0])
+        self.log("rqvae/train_loss", out["loss"], prog_bar=True, on_step=False, on_epoch=True, batch_size=x.shape[0])
         self.log("rqvae/recon", out["recon_loss"], on_step=False, on_epoch=True, batch_size=x.shape[0])
         self.log("rqvae/quant", out["quant_loss"], on_step=False, on_epoch=True, batch_size=x.shape[0])
         return out["loss"]
@@ -112,6 +118,7 @@ class RQVAEModule(L.LightningModule):
         x = self.all_embeddings.to(self.device)
         out = self.model_step(x, use_sinkhorn=False)
         codes = out["codes"]
+        self._last_codes = codes
         k = self.hparams.codebook_size
         figures = {"rqvae/recon_all": float(out["recon_loss"])}
         for level, (u, p) in enumerate(zip(code_usage(codes, k).tolist(), perplexity(codes, k).tolist())):
@@ -127,6 +134,7 @@ class RQVAEModule(L.LightningModule):
             return
         figures = self.table_figures()
         self.log_dict(figures, prog_bar=False)
+        self._log_histograms()
         every = self.hparams.reseed_every
         if every and (self.current_epoch + 1) % every == 0:
             with torch.no_grad():
@@ -137,6 +145,19 @@ class RQVAEModule(L.LightningModule):
                 counts = torch.stack([torch.bincount(codes[:, level], minlength=k) for level in range(codes.shape[1])])
                 reseeded = self.model.quantizer.reseed_dead_codes(z, counts, seed=self.hparams.seed + self.current_epoch)
             self.log("rqvae/reseeded", float(reseeded))
+
+    def _log_histograms(self) -> None:
+        every = int(self.hparams.get("histogram_every", 0) or 0)
+        epoch = self.current_epoch + 1
+        last = epoch >= int(self.trainer.max_epochs or 0) or self.trainer.should_stop
+        experiment = getattr(self.logger, "experiment", None)
+        if every <= 0 or not (epoch == 1 or epoch % every == 0 or last) or not hasattr(experiment, "add_histogram"):
+            return
+        k = int(self.hparams.codebook_size)
+        for level in range(self._last_codes.shape[1]):
+            # One bin per code: the shape shows dead codes and crowded ones at a glance.
+            experiment.add_histogram(f"rqvae/codes_l{level}", self._last_codes[:, level].float().cpu(), global_step=epoch,
+                                     bins=torch.arange(k + 1, dtype=torch.float32).numpy() - 0.5)
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
         # fused: one kernel for the whole update instead of a dozen element-wise passes per tensor; the

@@ -39,7 +39,7 @@ def test_two_cpu_processes_match_one(tmp_path) -> None:
     assert align2["steps"] == align1["steps"] == 16
     # Not bit-equal: each rank groups its own batches by length, so the steps see other sample mixes
     # (measured 10.52 vs 10.44 for val/loss after 16 steps at lr 2e-3).
-    for key in ("val/loss", "val/loss_next"):
+    for key in ("align/val/loss", "align/val/loss_next"):
         assert align2["metrics"][key] == pytest.approx(align1["metrics"][key], rel=0.02), key
     start = 10.8  # the untrained tiny model's loss (~ln of its vocabulary); both runs moved below it
-    assert max(align1["metrics"]["val/loss"], align2["metrics"]["val/loss"]) < start
+    assert max(align1["metrics"]["align/val/loss"], align2["metrics"]["align/val/loss"]) < start
