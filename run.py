@@ -92,6 +92,9 @@ def write_job_record(cfg: DictConfig, status: str, stages: list[str], error: str
 @hydra.main(config_path="experiments", config_name="run", version_base=None)
 def main(cfg: DictConfig) -> None:
     """Hydra wrapper around :func:`run`; input problems end with a message, not a traceback."""
+    from lightning_modules.quiet import quiet_known_noise
+
+    quiet_known_noise()
     name_grid_point(cfg)
     try:
         results = run(cfg)
@@ -120,7 +123,7 @@ def main(cfg: DictConfig) -> None:
         )
     if "align" in results:
         a = results["align"]
-        losses = ", ".join(f"{k.split('/', 1)[1]} {v:.3f}" for k, v in sorted(a["metrics"].items()) if k.startswith("val/loss"))
+        losses = ", ".join(f"{k.split('/', 2)[2]} {v:.3f}" for k, v in sorted(a["metrics"].items()) if k.startswith("align/val/loss"))
         print(
             f"align [{a['llm']}, {a['quantization']}, new tokens: {a['new_tokens_mode']}]: {a['steps']} steps in {a['seconds']:.0f} s, "
             f"{a['trainable_params']:,} trainable parameters; validation {losses or 'not run'} -> {a['model_dir']}"

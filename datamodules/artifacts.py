@@ -71,6 +71,7 @@ def atomic_dir(final: str | Path) -> Iterator[Path]:
     tmp.mkdir()
     try:
         yield tmp
+        share(tmp)
         trash = None
         if final.exists():
             trash = final.parent / f".tmp-{final.name}-old-{_OWNER}-{uuid.uuid4().hex[:8]}"
@@ -98,16 +99,36 @@ def tb_dir(cfg: Any) -> Path:
     return Path(save_dir) if save_dir else run_dir(cfg) / "tb"
 
 
-def write_json_atomic(path: str | Path, obj: Any) -> None:
-    """Write JSON via a temporary file and a rename."""
+_UMASK = os.umask(0)
+os.umask(_UMASK)
+
+
+def share(folder: str | Path) -> None:
+    """Give a finished folder the modes of a plain ``cp`` (0644 files, 0755 folders under the usual
+    umask): some writers (safetensors) create 0600 files, which nobody else could read or copy."""
+    folder = Path(folder)
+    folder.chmod(0o777 & ~_UMASK)
+    for path in folder.rglob("*"):
+        path.chmod((0o777 if path.is_dir() else 0o666) & ~_UMASK)
+
+
+def write_text_atomic(path: str | Path, text: str) -> None:
+    """Write a text file via a uniquely named temporary file and a rename: a reader sees the old file
+    or the new one, never half of one."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".tmp-{path.name}-{uuid.uuid4().hex[:8]}")
     try:
-        tmp.write_text(json.dumps(obj, indent=2, sort_keys=False, default=str) + "\n")
+        tmp.write_text(text)
+        tmp.chmod(0o666 & ~_UMASK)
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def write_json_atomic(path: str | Path, obj: Any) -> None:
+    """Write JSON via a temporary file and a rename."""
+    write_text_atomic(path, json.dumps(obj, indent=2, sort_keys=False, default=str) + "\n")
 
 
 def fingerprint(obj: Any) -> str:
@@ -124,18 +145,22 @@ def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
     return digest.hexdigest()
 
 
-def file_manifest(folder: str | Path, names: Iterable[str]) -> dict[str, dict[str, Any]]:
+def file_manifest(folder: str | Path, names: Iterable[str], skip: Iterable[str] = ()) -> dict[str, dict[str, Any]]:
     """``{relative path: {"size", "sha256"}}`` of the named files of a stage folder (a named folder is walked).
 
     Each stage stores it in the result JSON it writes last, so reuse can tell a finished artefact from a
-    truncated, deleted or edited one."""
+    truncated, deleted or edited one. ``skip``: relative paths left out (documentation that a later
+    stage completes, such as the model card)."""
     folder = Path(folder)
     out: dict[str, dict[str, Any]] = {}
+    skipped = set(skip)
     for name in names:
         path = folder / name
         files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
         for f in files:
-            out[str(f.relative_to(folder))] = {"size": f.stat().st_size, "sha256": sha256_file(f)}
+            rel = str(f.relative_to(folder))
+            if rel not in skipped:
+                out[rel] = {"size": f.stat().st_size, "sha256": sha256_file(f)}
     return out
 
 
@@ -151,6 +176,9 @@ def manifest_problem(folder: str | Path, manifest: dict[str, dict[str, Any]] | N
         if path.stat().st_size != want["size"] or sha256_file(path) != want["sha256"]:
             return f"{path} changed since the stage wrote it ({path.stat().st_size} bytes, {want['size']} written)"
     return None
+
+
+_SAID_REUSED: set[str] = set()
 
 
 def reusable(out: Path, result_file: str, files: tuple[str, ...], fp: str, force: bool, stage: str | None = None) -> dict[str, Any] | None:
@@ -184,5 +212,8 @@ def reusable(out: Path, result_file: str, files: tuple[str, ...], fp: str, force
         log.warning("%s: %s; rebuilding the %s stage (force=true does the same)", stage or "stage", problem, stage or "")
         return None
     if stage:
-        log.info("%s: artefacts in %s match the config and their manifest; skipping (force=true recomputes)", stage, out)
+        # Said once per folder and process: later stages check their inputs again, which is no news.
+        level = logging.DEBUG if str(out) in _SAID_REUSED else logging.INFO
+        _SAID_REUSED.add(str(out))
+        log.log(level, "%s: artefacts in %s match the config and their manifest; skipping (force=true recomputes)", stage, out)
     return old

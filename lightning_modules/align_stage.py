@@ -16,7 +16,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import resource
 import shutil
 import time
 from pathlib import Path
@@ -31,6 +30,8 @@ from datamodules.data_stage import data_dir, data_fingerprint
 from datamodules.dataset import sample_config
 from datamodules.errors import DataError
 from datamodules.samples import SYSTEM_PROMPT
+from lightning_modules.alignment_module import peak_rss_mb
+from lightning_modules.dashboards import flat_hparams, log_run
 from lightning_modules.hardware import resolve_precision
 from lightning_modules.llm import align_compute_dtype
 from location_tokenizers.codes import CodeTable, all_code_tokens
@@ -107,20 +108,44 @@ def next_location_evaluator(cfg: DictConfig, dm: Any, encoder: Any, tokenizer: A
     return evaluate
 
 
-def save_aligned(folder: Path, model: Any, tokenizer: Any, table: CodeTable, info: dict[str, Any], encoder: Any) -> None:
-    """Adapter + tokenizer + code table + ``qtmob.json`` in one folder."""
-    model.save_pretrained(folder)
+def save_aligned(folder: Path, model: Any, tokenizer: Any, table: CodeTable, info: dict[str, Any], encoder: Any,
+                 extra: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Adapter + tokenizer + code table + ``qtmob.json`` + model card in one folder; returns the
+    ``qtmob.json`` content.
+
+    Made to be sent: ``adapter_config.json`` names the base by its Hub id (not this machine's cache
+    folder); with ``align.new_tokens=rows`` only the trained rows of the new tokens are saved (peft's
+    ``trainable_tokens_delta``), not the whole resized embedding matrix that peft saves by default
+    after a vocabulary resize (236 MB instead of ~8 MB for SmolLM2). ``frozen`` keeps peft's default:
+    its new rows are the seeded initial ones, which a reload could not rebuild otherwise.
+    """
+    from lightning_modules.model_card import write_model_card
+
+    peft_cfg = model.peft_config[model.active_adapter]
+    local = peft_cfg.base_model_name_or_path
+    if info.get("base_model_hub"):
+        peft_cfg.base_model_name_or_path = info["base_model_hub"]
+    try:
+        model.save_pretrained(folder, save_embedding_layers="auto" if info.get("new_tokens_mode") == "frozen" else False)
+    finally:
+        peft_cfg.base_model_name_or_path = local
     tokenizer.save_pretrained(folder)
     table.write_parquet(folder / "codes.parquet")
     table.to_index_json(folder / "index.json")
     meta = {
-        **{k: v for k, v in info.items() if k != "new_token_ids"},
+        **{k: v for k, v in info.items() if k not in ("new_token_ids", "base_model")},
+        # The Hub id where there is one; a random test model has only its local folder.
+        "base_model": info.get("base_model_hub") or info.get("base_model"),
         "vocab_size": len(tokenizer),
+        "code_levels": table.num_levels, "codebook_size": table.codebook_size, "locations": len(table),
         "system_prompt": encoder.system_prompt,
         "prompt_format": encoder.prompt_format,
         "chat": {"head": encoder.head, "tail": encoder.tail, "end": encoder.end},
+        **(extra or {}),
     }
     (folder / "qtmob.json").write_text(json.dumps(meta, indent=2) + "\n")
+    write_model_card(folder, meta)
+    return meta
 
 
 def load_aligned(folder: str | Path, base_model: str | None = None, **kwargs: Any) -> tuple[Any, Any, dict[str, Any]]:
@@ -128,7 +153,8 @@ def load_aligned(folder: str | Path, base_model: str | None = None, **kwargs: An
 
     Args:
         folder: The stage's ``model/`` folder.
-        base_model: Base model folder or hub id (default: the one recorded in ``qtmob.json``).
+        base_model: Base model folder or Hub id (default: the one recorded in ``qtmob.json``, a Hub id
+            for hub and packaged models). The suite passes its local copy, so nothing is downloaded.
         **kwargs: Passed to the base model's ``from_pretrained`` (``dtype``, ``quantization_config``).
     """
     from peft import PeftModel
@@ -142,8 +168,32 @@ def load_aligned(folder: str | Path, base_model: str | None = None, **kwargs: An
     return PeftModel.from_pretrained(base, folder), tokenizer, meta
 
 
-def _peak_rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+def base_model_path(cfg: DictConfig) -> str | None:
+    """This machine's copy of the configured base model (converted once into the cache; None for the
+    random test model, whose folder ``qtmob.json`` records)."""
+    from lightning_modules.llm import model_path
+
+    return None if str(cfg.llm.source) == "random" else model_path(cfg.llm, cfg.paths.cache)
+
+
+def command_line(cfg: DictConfig) -> str:
+    """The command that reproduces this run (Hydra's overrides; else the run name)."""
+    from hydra.core.hydra_config import HydraConfig
+
+    if HydraConfig.initialized():
+        return " ".join(["python run.py", *HydraConfig.get().overrides.task])
+    return f"python run.py run_name={cfg.run_name}"
+
+
+def example_prompt(dm: Any, encoder: Any) -> dict[str, Any] | None:
+    """One validation prompt as the model reads it (chat layout, response prefix included): the README's
+    prediction example and a reference for the prompt format."""
+    valid = dm.samples("valid")
+    picked = valid.filter((pl.col("task") == "next") & pl.col("target_loc").is_not_null()).head(1)
+    if picked.is_empty():
+        return None
+    return {"task": "next", "prompt": encoder.prompt_texts(picked)[0], "target": picked["target"][0],
+            "target_loc": int(picked["target_loc"][0])}
 
 
 def build_alignment(cfg: DictConfig, table: CodeTable | None = None) -> dict[str, Any]:
@@ -180,6 +230,7 @@ def build_alignment(cfg: DictConfig, table: CodeTable | None = None) -> dict[str
         generation_prompts=prompts, generation_fn=lambda m, p: greedy_generate(m, encoder, p),
         evaluator=next_location_evaluator(cfg, dm, encoder, tokenizer, model, table),
         loss_reduction=str(a.get("loss_reduction", "sample")), batch_size=int(a.batch_size),
+        evaluate_every=int(cfg.eval.get("val_every", 1) or 1),
     )
     return {"model": model, "tokenizer": tokenizer, "info": info, "encoder": encoder, "datamodule": dm,
             "module": module, "table": table}
@@ -202,15 +253,17 @@ def fitted_progress(trainer: Any, last_ckpt: Path) -> tuple[int, int]:
 
 
 def make_trainer(cfg: DictConfig, out: Path, **overrides: Any):
-    """The Lightning Trainer of the alignment stage (TensorBoard, LR monitor, resumable last.ckpt)."""
+    """The Lightning Trainer of the alignment stage (TensorBoard, progress lines, resumable last.ckpt)."""
     import lightning as L
-    from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
-    from lightning.pytorch.loggers import TensorBoardLogger
+    from lightning.pytorch.callbacks import ModelCheckpoint
 
+    from lightning_modules.dashboards import tensorboard_logger
     from lightning_modules.distributed import ForkSafeThreads
+    from lightning_modules.progress import ProgressStyle
 
     t = cfg.trainer
-    logger = TensorBoardLogger(save_dir=str(tb_dir(cfg)), name="align", default_hp_metric=False)
+    logger = tensorboard_logger(tb_dir(cfg), "align")
+    progress = ProgressStyle.from_mapping(cfg.get("progress")).trainer_kwargs("align")
     checkpoint = ModelCheckpoint(
         dirpath=out / "checkpoints", save_last=True, save_top_k=0,
         every_n_train_steps=int(cfg.align.get("checkpoint_every_n_steps", 50)) or None, save_on_train_epoch_end=True,
@@ -222,7 +275,7 @@ def make_trainer(cfg: DictConfig, out: Path, **overrides: Any):
         max_steps=int(t.max_steps), accumulate_grad_batches=int(t.accumulate_grad_batches),
         gradient_clip_val=t.gradient_clip_val, log_every_n_steps=int(t.log_every_n_steps),
         val_check_interval=t.val_check_interval, logger=logger,
-        callbacks=[checkpoint, LearningRateMonitor(logging_interval="step"), ForkSafeThreads()],
+        callbacks=[checkpoint, ForkSafeThreads(), *progress.pop("callbacks")], **progress,
         enable_model_summary=False, num_sanity_val_steps=0, deterministic=False,
         limit_val_batches=t.get("limit_val_batches", 1.0),
     )
@@ -326,7 +379,13 @@ def run_align_stage(cfg: DictConfig, force: bool | None = None) -> dict[str, Any
         dm.encoded(split)
     train_samples = cfg.align.get("train_samples")  # in total, over all processes
     per_rank = int(train_samples) // (int(cfg.align.batch_size) * world_size(cfg)) if train_samples else 0
-    trainer = make_trainer(cfg, out, **({"limit_train_batches": max(per_rank, 1)} if train_samples else {}))
+    overrides: dict[str, Any] = {}
+    if train_samples:
+        overrides["limit_train_batches"] = max(per_rank, 1)
+        vci = cfg.trainer.val_check_interval
+        if isinstance(vci, int) and not isinstance(vci, bool) and vci > overrides["limit_train_batches"]:
+            overrides["val_check_interval"] = overrides["limit_train_batches"]  # a validation every N steps, at most once an epoch
+    trainer = make_trainer(cfg, out, **overrides)
     trainer.fit(module, datamodule=dm, ckpt_path=resume)
     if trainer.interrupted:  # Ctrl-C: Lightning returns normally; an unfinished model must not look final
         raise KeyboardInterrupt(f"alignment interrupted at step {trainer.global_step}; rerun the same command to resume from {ckpt_dir / 'last.ckpt'}")
@@ -336,7 +395,7 @@ def run_align_stage(cfg: DictConfig, force: bool | None = None) -> dict[str, Any
     result = {
         "fingerprint": fp, "run_dir": str(out), "model_dir": str(out / "model"), "llm": str(cfg.llm.name),
         "steps": steps, "epochs": epochs, "seconds": round(seconds, 1), "processes": world_size(cfg),
-        "resumed_from": resume, "metrics": metrics, "peak_rss_mb": round(_peak_rss_mb(), 1),
+        "resumed_from": resume, "metrics": metrics, "peak_rss_mb": round(peak_rss_mb(), 1),
         # The length rule: samples whose oldest visits were cut (per split and task), and those still cut
         # by tokens as a last resort (no visits to drop).
         "cut_history": dm.cut_history, "truncated_by_tokens": {s: dm.encoded(s).truncated_by_task or {} for s in ("train", "valid")},
@@ -344,12 +403,24 @@ def run_align_stage(cfg: DictConfig, force: bool | None = None) -> dict[str, Any
         **{k: v for k, v in parts["info"].items() if k != "new_token_ids"},
     }
     if trainer.global_rank == 0:
+        log_run(trainer.logger, flat_hparams(OmegaConf.to_container(cfg, resolve=True)),
+                {k: v for k, v in metrics.items() if k.startswith("align/val/")}, step=steps)
+        a = cfg.align
+        extra = {
+            "llm": str(cfg.llm.name), "dataset": str(cfg.data.name), "tokenizer": str(cfg.tokenizer.name),
+            "command": command_line(cfg), "example": example_prompt(dm, parts["encoder"]),
+            "training": {"tasks": list(cfg.objectives.tasks), "weights": OmegaConf.to_container(cfg.objectives.weights)
+                         if cfg.objectives.get("weights") else None, "steps": steps, "batch_size": int(a.batch_size),
+                         "lr": float(a.lr), "lora_r": int(a.lora.r), "lora_alpha": int(a.lora.alpha),
+                         "lora_targets": list(a.lora.target_modules), "max_length": int(a.max_length),
+                         "precision": run_precision(cfg)},
+        }
         with atomic_dir(out / "model") as tmp:
-            save_aligned(tmp, parts["model"], parts["tokenizer"], parts["table"], parts["info"], parts["encoder"])
-        result["manifest"] = file_manifest(out, ["model"])
+            save_aligned(tmp, parts["model"], parts["tokenizer"], parts["table"], parts["info"], parts["encoder"], extra)
+        result["manifest"] = file_manifest(out, ["model"], skip=["model/README.md"])
         write_json_atomic(out / "align.json", result)
     log.info("align: %d steps in %.0f s, train loss %.3f, samples with history cut to max_length %s -> %s", result["steps"],
-             seconds, metrics.get("train/loss", float("nan")), result["cut_history"], out)
+             seconds, metrics.get("align/train/loss", float("nan")), result["cut_history"], out)
     return result
 
 

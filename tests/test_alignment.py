@@ -267,8 +267,66 @@ def test_stage_saves_a_folder_that_plain_peft_reloads(smoke_art, model_cache) ->
         a = reloaded(**ids).logits
         b = trained.model(**ids).logits
     torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+    # ... and to the same rankings under the suite's constrained beam search.
+    from lightning_modules.chat_encoding import ChatEncoder
+    from lightning_modules.evaluation import rank_prompts
+    from location_tokenizers.codes import CodeTable
+    from location_tokenizers.trie import CodeTrie
+
+    trie = CodeTrie(CodeTable.read_parquet(folder / "codes.parquet"), tok, vocab_size=int(base.config.vocab_size))
+    encoder = ChatEncoder(tok, meta["system_prompt"], max_length=1024, prompt_format=meta["prompt_format"])
+    prompts = [meta["example"]["prompt"]] * 2
+    with torch.no_grad():
+        ranked_reloaded, _ = rank_prompts(reloaded, encoder, trie, prompts, 5, 2)
+        ranked_trained, _ = rank_prompts(trained.model, encoder, trie, prompts, 5, 2)
+    np.testing.assert_array_equal(ranked_reloaded, ranked_trained)
     # A second run of the same config reuses the artefacts.
     assert run_align_stage(cfg)["fingerprint"] == result["fingerprint"]
+
+
+def test_the_saved_folder_can_be_shared(smoke_art, model_cache) -> None:
+    """Only the new rows (not the resized embedding matrix), readable files, a filled model card, and
+    an example prompt; the adapter of the quick start's SmolLM2 settings is under 20 MB."""
+    import stat
+
+    from safetensors import safe_open
+
+    from lightning_modules.align_stage import save_aligned
+    from lightning_modules.llm import base_identity
+
+    cfg = smoke_cfg(smoke_art, model_cache, "align.train_samples=8", "align.num_generations=0", "eval.val_cases=0", "run_name=share")
+    from lightning_modules.align_stage import run_align_stage
+
+    run_align_stage(cfg)
+    folder = smoke_art / "synthetic" / "share" / "model"
+    with safe_open(folder / "adapter_model.safetensors", "pt") as f:
+        shapes = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+    assert not any(k.endswith("embed_tokens.weight") or k.endswith("lm_head.weight") for k in shapes), shapes
+    assert [v for k, v in shapes.items() if "trainable_tokens" in k] == [(256, 128)], "4 x 64 new token rows of width 128"
+    for path in folder.iterdir():
+        assert stat.S_IMODE(path.stat().st_mode) == 0o644, path
+    card = (folder / "README.md").read_text()
+    assert "library_name: peft" in card and "Objectives: next" in card and "python run.py" in card
+    meta = json.loads((folder / "qtmob.json").read_text())
+    assert meta["example"]["prompt"].endswith(meta["example"]["prompt"][-20:]) and meta["example"]["target_loc"] >= 0
+    # SmolLM2 with the quick start's adapter settings: the Hub id in the adapter config, <= 20 MB.
+    qs = compose_cfg(["experiment=quickstart", f"paths.artifacts={smoke_art}", f"paths.cache={model_cache}"])
+    assert base_identity(qs.llm)["base_model_hub"] == "HuggingFaceTB/SmolLM2-135M-Instruct"
+    from datamodules.samples import SYSTEM_PROMPT
+    from lightning_modules.chat_encoding import ChatEncoder
+    from lightning_modules.llm import build_peft_model
+    from location_tokenizers.codes import all_code_tokens
+    from location_tokenizers.tokenizer_stage import load_codes
+
+    table = load_codes(cfg)  # the smoke city's 4 x 64 codes: the quick start's shape
+    model, tokenizer, info = build_peft_model(qs.llm, qs.align, model_cache, all_code_tokens(4, 64), seed=0)
+    out = smoke_art / "smollm2_adapter"
+    out.mkdir()
+    save_aligned(out, model, tokenizer, table, info, ChatEncoder(tokenizer, SYSTEM_PROMPT))
+    size = (out / "adapter_model.safetensors").stat().st_size
+    assert size <= 20 * 2**20, f"{size / 2**20:.1f} MB"
+    assert json.loads((out / "adapter_config.json").read_text())["base_model_name_or_path"] == "HuggingFaceTB/SmolLM2-135M-Instruct"
+    assert json.loads((out / "qtmob.json").read_text())["base_model"] == "HuggingFaceTB/SmolLM2-135M-Instruct"
 
 
 @pytest.mark.slow
@@ -285,7 +343,7 @@ def test_ten_smollm2_steps_on_nyc_samples(nyc_release, tmp_path, model_cache) ->
     res = run_align_stage(cfg)
     assert res["steps"] == 10 and res["llm"] == "smollm2_135m" and res["quantization"] == "nf4"
     m = res["metrics"]
-    assert np.isfinite(m["train/loss"]) and np.isfinite(m["val/loss"]) and "val/acc@1" in m
+    assert np.isfinite(m["align/train/loss"]) and np.isfinite(m["align/val/loss"]) and "align/val/acc@1" in m
     assert res["train_samples"] == 32_845 + 14_509 + 7_599 + 2 * 5_765 + 7_599, "every NYC training sample is encoded"
     assert (tmp_path / "nyc" / "nyc_qlora_cpu" / "model" / "adapter_model.safetensors").is_file()
 

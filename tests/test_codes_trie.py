@@ -444,6 +444,19 @@ def test_trie_rejects_bad_inputs() -> None:
         CodeTrie(HAND, [1, 2, 3])  # type: ignore[arg-type]
 
 
+def test_prefix_allowed_tokens_fn_gives_generate_exactly_the_valid_continuations(hand_trie) -> None:
+    """The helper of the README's generate() example: after a prompt of any length (padding included),
+    the allowed token ids of each prefix are the trie's valid next codes at that level."""
+    trie, vocab = hand_trie
+    prompt = [5, 6, 7, 8]
+    allowed = trie.prefix_allowed_tokens_fn(len(prompt))
+    for prefix, next_codes in expected_continuations(HAND).items():
+        ids = [vocab[level_token(level, c)] for level, c in enumerate(prefix)]
+        got = allowed(0, torch.tensor(prompt + ids))
+        assert sorted(got) == sorted(vocab[level_token(len(prefix), c)] for c in next_codes), prefix
+    assert allowed(0, torch.tensor(prompt + [vocab[level_token(0, 2)]])) == []  # no code starts with 2
+
+
 @FAST
 @given(code_tables(unique_codes=True), st.integers(0, 2**31 - 1))
 def test_trie_property(table: CodeTable, seed: int) -> None:

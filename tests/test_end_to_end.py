@@ -57,8 +57,28 @@ def codes(artifacts: Path) -> pl.DataFrame:
 def reference(tmp_path_factory) -> Path:
     """One uninterrupted smoke run."""
     art = tmp_path_factory.mktemp("reference")
-    run_smoke(art, hash_seed=0)
+    (art / "run.log").write_text(run_smoke(art, 0, "progress.every_seconds=2"))
     return art
+
+
+def test_a_log_file_shows_progress_with_an_eta_before_each_stage_ends(reference) -> None:
+    """Output to a pipe (as in a SLURM log): progress lines of the RQ-VAE, the alignment, the GRU and the
+    test loop appear while each runs, each with an ETA, before the line that ends the stage."""
+    lines = (reference / "run.log").read_text().splitlines()
+
+    def first(pattern: str) -> int:
+        return next(i for i, line in enumerate(lines) if pattern in line)
+
+    for progress, end in (("[rqvae] step ", "tokenizer: 89 locations"), ("[align] step ", "align: 16 steps in"),
+                          ("[test] ", "test: 99 cases"), ("[gru dim 64] step ", "test: 99 cases")):
+        at = first(progress)
+        assert "ETA" in lines[at] or progress == "[test] ", lines[at]
+        assert at < first(end), f"{progress!r} only after {end!r}"
+    assert any("[test] " in ln and "cases/s" in ln and "ETA" in ln for ln in lines)
+    # Quiet: none of the stack's known notices, and no carriage-return progress bars in a log file.
+    text = "\n".join(lines)
+    for noise in ("GPU available", "litlogger", "LeafSpec", "is_gradient_checkpointing", "srun", "\r"):
+        assert noise not in text, noise
 
 
 def test_same_seed_gives_the_same_codes_and_metrics_in_another_process(reference, tmp_path) -> None:

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+import os
 import math
 
 import numpy as np
@@ -15,7 +16,7 @@ from lightning_modules.metrics import RankingMetrics
 from location_tokenizers.tokenizer_stage import tokenizer_dir
 from location_tokenizers.codes import CodeTable, all_code_tokens
 from location_tokenizers.trie import CodeTrie
-from tests.conftest import compose_cfg
+from tests.conftest import REPO, compose_cfg
 
 
 # ------------------------------------------------------------------------------ metrics
@@ -341,12 +342,22 @@ def test_tensorboard_serves_every_dashboard_of_a_run(tested) -> None:
         assert any(r.startswith("tokenizer") for r in runs) and any(r.startswith("align") for r in runs), runs
         scalars = get("/data/plugin/scalars/tags")
         tags = {tag for run_tags in scalars.values() for tag in run_tags}
-        for tag in ("train/loss_next", "train/loss_recovery", "train/loss_translation", "val/loss_next", "val/acc@1",
-                    "rqvae/recon", "rqvae/quant", "rqvae/usage_l0", "rqvae/perplexity_l0", "rqvae/collision_rate"):
+        for tag in ("align/train/loss", "align/train/loss_next", "align/train/loss_recovery", "align/train/loss_translation",
+                    "align/val/loss", "align/val/loss_next", "align/val/acc@1", "align/lr", "align/grad_norm",
+                    "align/tokens_per_s", "align/peak_rss_mb", "rqvae/train_loss", "rqvae/recon", "rqvae/quant",
+                    "rqvae/usage_l0", "rqvae/perplexity_l0", "rqvae/collision_rate", "test/next/acc@1",
+                    "test/baselines/user_time/next/acc@1", "test/gru/dim64/train_loss"):
             assert tag in tags, (tag, sorted(tags))
-        align_run = next(r for r in scalars if r.startswith("align") and "val/acc@1" in scalars[r])
-        points = get(f"/data/plugin/scalars/scalars?run={urllib.request.quote(align_run)}&tag=val/acc@1")
-        assert points and 0.0 <= points[-1][2] <= 1.0
+        # Namespaced: no stage writes a bare train/... or val/... tag that another stage could reuse.
+        assert not [t for t in tags if t.split("/")[0] in ("train", "val", "baseline_gru", "test_baselines")], sorted(tags)
+        align_run = next(r for r in scalars if r.startswith("align") and "align/val/loss" in scalars[r])
+        quoted = urllib.request.quote(align_run)
+        points = get(f"/data/plugin/scalars/scalars?run={quoted}&tag=align/val/loss")
+        assert len(points) >= 2, f"a validation curve, not a point: {points}"
+        acc = get(f"/data/plugin/scalars/scalars?run={quoted}&tag={urllib.request.quote('align/val/acc@1')}")
+        assert acc and 0.0 <= acc[-1][2] <= 1.0
+        histograms = get("/data/plugin/histograms/tags")
+        assert any("rqvae/codes_l0" in t and "rqvae/codes_l3" in t for t in histograms.values()), histograms
         images = get("/data/plugin/images/tags")
         assert any("rqvae/code_map" in t for t in images.values()), images
         texts = get("/data/plugin/text/tags")
@@ -354,3 +365,58 @@ def test_tensorboard_serves_every_dashboard_of_a_run(tested) -> None:
     finally:
         proc.terminate()
         proc.wait(timeout=30)
+
+
+def test_every_stage_dashboard_has_the_runs_own_hyperparameters(tested) -> None:
+    """HPARAMS (read back from the event files, as TensorBoard's hparams plugin does) hold the run's
+    configuration — align.lr, the LLM, the tokenizer — with the stage's final figures, never the GRU's
+    constructor arguments."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    from tensorboard.plugins.hparams import plugin_data_pb2
+
+    from datamodules.artifacts import tb_dir
+
+    cfg, _, _ = tested
+    for stage, metric in (("tokenizer", "rqvae/score"), ("align", "align/val/loss"), ("test", "test/next/acc@1")):
+        (version,) = sorted((tb_dir(cfg) / stage).glob("version_*"))[-1:]
+        acc = EventAccumulator(str(version))
+        acc.Reload()
+        content = acc.PluginTagToContent("hparams")
+        start = plugin_data_pb2.HParamsPluginData.FromString(content["_hparams_/session_start_info"]).session_start_info
+        hp = {k: (v.string_value or v.number_value or v.bool_value) for k, v in start.hparams.items()}
+        assert hp["align.lr"] == pytest.approx(float(cfg.align.lr)) and hp["llm.name"] == "tiny_random", (stage, sorted(hp)[:20])
+        assert hp["tokenizer.name"] == str(cfg.tokenizer.name) and "dim" not in hp, stage
+        experiment = plugin_data_pb2.HParamsPluginData.FromString(content["_hparams_/experiment"]).experiment
+        assert metric in {m.name.tag for m in experiment.metric_infos}, stage
+
+
+def test_the_readme_example_prints_the_top5_of_the_suites_own_ranking(tested, tmp_path) -> None:
+    """The README's prediction example, run as written (only the folder swapped for this run's), prints the
+    same top-5 as the suite's constrained beam search on the same prompt."""
+    import re
+    import subprocess
+    import sys
+
+    from lightning_modules.evaluation import load_for_eval, rank_prompts
+
+    cfg, _, art = tested
+    folder = art / "synthetic" / "smoke" / "model"
+    readme = (REPO / "README.md").read_text()
+    block = re.search(r"<!-- example: predict -->\s*```python\n(.*?)```", readme, re.S)
+    assert block, "README lost its prediction example"
+    code = block.group(1)
+    assert len(code.strip().splitlines()) <= 20
+    code, n = re.subn(r'folder = "[^"]+"', f'folder = "{folder}"', code)
+    assert n == 1
+    script = tmp_path / "example.py"
+    script.write_text(code)
+    done = subprocess.run([sys.executable, str(script)], cwd=REPO, capture_output=True, text=True, timeout=600,
+                          env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert done.returncode == 0, done.stderr[-3000:]
+    printed = re.search(r"top-5 next locations: \[(.*)\]", done.stdout)
+    assert printed, done.stdout
+    shown = [int(x) for x in printed.group(1).split(",")]
+    model, _, encoder, trie = load_for_eval(cfg, folder)
+    meta = json.loads((folder / "qtmob.json").read_text())
+    ranked, _ = rank_prompts(model, encoder, trie, [meta["example"]["prompt"]], 5, 1)
+    assert shown == ranked[0].tolist()
