@@ -213,7 +213,8 @@ def reusable(out: Path, result_file: str, files: tuple[str, ...], fp: str, force
         return None
     if stage:
         # Said once per folder and process: later stages check their inputs again, which is no news.
-        level = logging.DEBUG if str(out) in _SAID_REUSED else logging.INFO
-        _SAID_REUSED.add(str(out))
+        said = f"{stage}:{out}"  # align and test share a run folder: each stage says it once
+        level = logging.DEBUG if said in _SAID_REUSED else logging.INFO
+        _SAID_REUSED.add(said)
         log.log(level, "%s: artefacts in %s match the config and their manifest; skipping (force=true recomputes)", stage, out)
     return old
