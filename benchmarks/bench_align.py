@@ -5,7 +5,12 @@ next-location answer plus some), LoRA r=128/alpha=256 on q,k,v,o, AdamW. Each se
 process so that its peak RSS is its own; settings run one after another in one invocation, so
 their ratios are comparable even when the machine's absolute speed drifts.
 
-    .venv/bin/python benchmarks/bench_align.py [--steps 3] [--llm smollm2_135m] [--only NAME]
+Besides s/step: tokens/s, the useful work it stands for (6 x parameters x tokens/s, the usual
+forward + backward count) and its share of this CPU's matmul peak in the step's dtype, measured in
+the same invocation (2048² matmuls, ``lightning_modules/hardware.py``). ``--seq-len`` sets the row
+length, e.g. to the mean sample length of ``data.samples.visit_text=official`` against ``compact``.
+
+    .venv/bin/python benchmarks/bench_align.py [--steps 3] [--llm smollm2_135m] [--only NAME] [--seq-len 256]
 """
 
 from __future__ import annotations
@@ -31,7 +36,7 @@ SETTINGS = {
 }
 
 
-def one(name: str, steps: int, llm: str, new_tokens: str) -> dict:
+def one(name: str, steps: int, llm: str, new_tokens: str, seq_len: int = 256) -> dict:
     import torch
 
     from lightning_modules.alignment_module import AlignmentModule
@@ -45,7 +50,7 @@ def one(name: str, steps: int, llm: str, new_tokens: str) -> dict:
     model, tok, info = build_peft_model(cfg.llm, cfg.align, cfg.paths.cache, all_code_tokens(4, 64), seed=0)
     module = AlignmentModule(model, tasks=["next"])
     model.train()
-    ids = torch.randint(0, len(tok), (8, 256))
+    ids = torch.randint(0, len(tok), (8, seq_len))
     labels = torch.full_like(ids, -100)
     labels[:, -32:] = ids[:, -32:]
     batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels, "task": ["next"] * 8}
@@ -59,8 +64,15 @@ def one(name: str, steps: int, llm: str, new_tokens: str) -> dict:
         opt.step()
         opt.zero_grad(set_to_none=True)
         times.append(time.perf_counter() - t0)
+    s_per_step = sorted(times[1:])[len(times[1:]) // 2]
+    # the base model's parameters (4-bit ones counted unpacked), not the adapters' copies
+    params = sum(p.quant_state.shape.numel() if getattr(p, "quant_state", None) is not None else p.numel()
+                 for n, p in model.named_parameters()
+                 if "lora_" not in n and "modules_to_save" not in n and "trainable_tokens" not in n)
     return {
-        "setting": name, "new_tokens": new_tokens, "s_per_step": round(sorted(times[1:])[len(times[1:]) // 2], 2),
+        "setting": name, "new_tokens": new_tokens, "seq_len": seq_len, "s_per_step": round(s_per_step, 2),
+        "tokens_per_s": round(ids.numel() / s_per_step, 1), "model_gflops": round(6 * params * ids.numel() / s_per_step / 1e9, 1),
+        "bf16": autocast or "compute_dtype=bfloat16" in " ".join(overrides),
         "peak_rss_gb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2),
         "trainable_params": info["trainable_params"], "loss": round(float(loss), 3),
     }
@@ -72,25 +84,35 @@ def main() -> None:
     ap.add_argument("--llm", default="smollm2_135m")
     ap.add_argument("--new-tokens", default="modules", choices=["modules", "rows"])
     ap.add_argument("--only")
+    ap.add_argument("--seq-len", type=int, default=256)
     ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
-        print(json.dumps(one(args.only, args.steps, args.llm, args.new_tokens)))
+        print(json.dumps(one(args.only, args.steps, args.llm, args.new_tokens, args.seq_len)))
         return
+    import torch
+
+    from lightning_modules.hardware import matmul_gflops
+
+    peak = {False: matmul_gflops(torch.float32, n=2048, seconds=0.5), True: matmul_gflops(torch.bfloat16, n=2048, seconds=0.5)}
     rows = []
     for name in [args.only] if args.only else SETTINGS:
         cmd = [sys.executable, __file__, "--child", "--only", name, "--steps", str(args.steps), "--llm", args.llm,
-               "--new-tokens", args.new_tokens]
+               "--new-tokens", args.new_tokens, "--seq-len", str(args.seq_len)]
         out = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO)
         if out.returncode:
             print(out.stderr[-3000:], file=sys.stderr)
             raise SystemExit(f"{name} failed")
         rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
         print(json.dumps(rows[-1]), flush=True)
-    print(f"\n{args.llm}, batch 8 x 256, LoRA r=128 on q,k,v,o, new tokens: {args.new_tokens}")
-    print("| setting | s/step | peak RSS (GB) | trainable params |\n|---|---|---|---|")
+    print(f"\n{args.llm}, batch 8 x {args.seq_len}, LoRA r=128 on q,k,v,o, new tokens: {args.new_tokens}; "
+          f"2048² matmul peak: float32 {peak[False]:.0f}, bf16 {peak[True]:.0f} GFLOP/s")
+    print("| setting | s/step | tokens/s | model GFLOP/s | share of peak | peak RSS (GB) | trainable params |\n"
+          "|---|---|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['setting']} | {r['s_per_step']} | {r['peak_rss_gb']} | {r['trainable_params']:,} |")
+        share = r["model_gflops"] / peak[bool(r["bf16"])]
+        print(f"| {r['setting']} | {r['s_per_step']} | {r['tokens_per_s']} | {r['model_gflops']} | {share:.0%} | "
+              f"{r['peak_rss_gb']} | {r['trainable_params']:,} |")
 
 
 if __name__ == "__main__":

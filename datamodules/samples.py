@@ -70,6 +70,11 @@ TEMPLATES: dict[str, list[str]] = {
         "User {user}'s visits are described as follows:\n{blocks}\nConvert them into POI indices.",
     ],
 }
+# data.samples.next_format=continuation|trajectory: the visits are the assistant's turn, so the location of
+# visit k is predicted from exactly the text that precedes it in the whole trajectory.
+CONTINUATION_PROMPT = "{profile}Write the visits of user {user} in time order, each with the POI index of the place visited."
+NEXT_FORMATS = ("question", "continuation", "trajectory")
+
 RESPONSE_PREFIX = {
     "next": "At time {time}, user {user} will visit POI index ",
     "recovery_multi": "",
@@ -77,6 +82,12 @@ RESPONSE_PREFIX = {
     "index2loc": "",
     "loc2index": "The POI index of this place is ",
     "translation": "",
+}
+
+# data.samples.visit_text: (strftime format of a visit's time, the visit sentence with {time} {user} {code}).
+VISIT_TEXT = {
+    "official": ("%Y-%m-%d %H:%M:%S", "At time {time}, user {user} visited POI index {code}."),
+    "compact": ("%a %H:%M", "{time} {code}."),
 }
 
 INDEX_SCHEMA = {
@@ -104,7 +115,25 @@ class SampleConfig:
     # The user's top-K train places as location tokens in next-location and recovery prompts (0: off,
     # the paper's; see datamodules/user_memory.py).
     user_places: int = 0
+    # How a visit is written. official: "At time 2012-04-03 18:00:09, user 12 visited POI index
+    # <a_1><b_2><c_3><d_4>." (36 SmolLM2 tokens, 19 of them the timestamp: numbers are split into
+    # digits); compact: "Tue 18:00 <a_1><b_2><c_3><d_4>." (12 tokens; weekday and minute kept, the
+    # date, seconds and the repeated user id dropped). A departure for CPU budgets; see VISIT_TEXT.
+    visit_text: str = "official"
+    # How next-location samples are asked. question (the official templates): the visits in the user
+    # turn, a question, the target's code as the answer; one sample per prefix of a trajectory.
+    # continuation: the visits are the assistant's turn and the answer is the next visit's code
+    # (CONTINUATION_PROMPT); still one sample per prefix. trajectory: continuation at valid/test, but
+    # training takes one sample per trajectory (chunks of max_history + 1 visits) whose loss covers the
+    # code of every visit from min_history on: all prefixes in one forward pass (a departure).
+    next_format: str = "question"
     seed: int = 42
+
+    def __post_init__(self) -> None:
+        if self.visit_text not in VISIT_TEXT:
+            raise ValueError(f"data.samples.visit_text={self.visit_text!r}: expected one of {sorted(VISIT_TEXT)}")
+        if self.next_format not in NEXT_FORMATS:
+            raise ValueError(f"data.samples.next_format={self.next_format!r}: expected one of {list(NEXT_FORMATS)}")
 
 
 def add_positions(visits: pl.DataFrame) -> pl.DataFrame:
@@ -171,6 +200,25 @@ def _draw_masks(trajs: pl.DataFrame, cfg: SampleConfig, rng: np.random.Generator
     )
 
 
+def _trajectory_chunks(tr: pl.DataFrame, cfg: SampleConfig) -> pl.DataFrame:
+    """Whole-trajectory next-location samples: windows of at most ``max_history + 1`` visits whose
+    ``masked`` lists the targets (positions >= ``min_history``), each target in exactly one window with
+    at most ``max_history`` visits before it there, as in its per-prefix sample."""
+    width, step = cfg.max_history + 1, max(cfg.max_history + 1 - cfg.min_history, 1)
+    chunks = (
+        tr.filter(pl.col("L") > cfg.min_history)
+        .with_columns(start=pl.int_ranges(0, pl.col("L") - cfg.min_history, step, dtype=pl.Int32))
+        .explode("start")
+        .with_columns(end=pl.min_horizontal(pl.col("start") + width, pl.col("L")).cast(pl.Int32))
+    )
+    # Targets of a chunk: from start + min_history (= the previous chunk's end) to its end.
+    first = (pl.col("start") + cfg.min_history).cast(pl.Int32)
+    return chunks.with_columns(
+        masked=pl.int_ranges(first, pl.col("end"), dtype=pl.Int32), target_pos=first,
+        is_last=pl.col("end") == pl.col("L"),
+    ).filter(pl.col("masked").list.len() > 0)
+
+
 def build_sample_index(
     visits: pl.DataFrame, loc_ids: pl.Series | None, cfg: SampleConfig, tasks: tuple[str, ...] = TASKS
 ) -> pl.DataFrame:
@@ -186,7 +234,8 @@ def build_sample_index(
         A frame with :data:`INDEX_SCHEMA`: per sample its task, split, trajectory, visit window
         ``[start, end)``, target position, masked positions and template. Next-location: every
         target position ≥ ``min_history`` of train/valid trajectories (the last visit only in
-        test), history = up to ``max_history`` preceding visits. Recovery: the first
+        test), history = up to ``max_history`` preceding visits; with ``next_format=trajectory``
+        the train split has one row per trajectory chunk instead, ``masked`` = its targets. Recovery: the first
         ``recovery_max_len`` visits; ``recovery_multi`` in train/valid, ``recovery_single`` in
         every split. Token-semantic tasks: train only, one sample per described location.
         Translation: train/valid, one per trajectory.
@@ -195,8 +244,11 @@ def build_sample_index(
     trajs = _trajectories(visits)
     frames: list[pl.DataFrame] = []
 
-    def emit(df: pl.DataFrame, task: str, split: str) -> None:
-        df = df.with_columns(task=pl.lit(task), split=pl.lit(split), template=_templates(df.height, task, split, cfg, rng))
+    def emit(df: pl.DataFrame, task: str, split: str, replace: pl.DataFrame | None = None) -> None:
+        templates = _templates(df.height, task, split, cfg, rng)  # drawn even if replaced: later masks stay the same
+        if replace is not None:
+            df, templates = replace, pl.Series("template", np.zeros(replace.height, dtype=np.int8))
+        df = df.with_columns(task=pl.lit(task), split=pl.lit(split), template=templates)
         frames.append(df.select([pl.col(c).cast(t) if c in df.columns else pl.lit(None, t).alias(c) for c, t in INDEX_SCHEMA.items()]))
 
     for split in ("train", "valid", "test"):
@@ -217,7 +269,8 @@ def build_sample_index(
                 end=pl.col("target_pos"),
                 is_last=pl.col("target_pos") == pl.col("L") - 1,
             )
-            emit(nxt, "next", split)
+            whole = split == "train" and cfg.next_format == "trajectory"
+            emit(nxt, "next", split, _trajectory_chunks(tr, cfg) if whole else None)
         recovery = tr.filter(pl.col("L") >= 2)
         if "recovery_multi" in tasks and split != "test":
             emit(_draw_masks(recovery, cfg, rng).with_columns(start=pl.lit(0)), "recovery_multi", split)
@@ -305,6 +358,27 @@ def _visit_joiner(v: pl.DataFrame, text: pl.Series, separator: str) -> Callable[
     return window
 
 
+def _continuation(sub: pl.DataFrame, vals: dict[str, pl.Expr], finish: Callable[..., None], sentence: str) -> None:
+    """Next-location samples whose visits are the assistant's turn (``next_format`` continuation or
+    trajectory). A per-prefix row answers the target's code after its history and the target's time;
+    a whole-trajectory row (``masked`` = its targets) has every visit of its window as the answer, of
+    which the codes of ``labelled_visits`` (0-based within the window) are trained."""
+    before_code = sentence.split("{code}")[0]
+    whole = pl.col("masked").is_not_null()
+    target_prefix = _template_expr(before_code, {"time": pl.col("time"), "user": pl.col("user_id")})
+    # The targets are contiguous, from target_pos to the window's end; a window whose oldest visits were
+    # cut to fit (datamodules/fitting.py) keeps the targets it still holds.
+    first = pl.max_horizontal("target_pos", "start") - pl.col("start")
+    offsets = pl.int_ranges(first, pl.col("end") - pl.col("start"), dtype=pl.Int32)
+    per_prefix, trajectory = sub.filter(~whole), sub.filter(whole)
+    if per_prefix.height:
+        finish(per_prefix, "next", vals, pl.col("tgt_code"), pl.col("tgt_loc"),
+               prefix=pl.concat_str([pl.col("window"), pl.lit(" "), target_prefix]), template=CONTINUATION_PROMPT)
+    if trajectory.height:
+        finish(trajectory, "next", vals, pl.col("window"), pl.lit(None), prefix=pl.lit(""),
+               labelled=offsets.cast(pl.List(pl.Int32)), template=CONTINUATION_PROMPT)
+
+
 def _without_lines(text: pl.Expr, drop: tuple[int, ...]) -> pl.Expr:
     """``text`` without its 0-based lines ``drop``."""
     if not drop:
@@ -361,10 +435,11 @@ def render_samples(
         missing = v.filter(pl.col("code").is_null())["loc_id"].unique().head(5).to_list()
         raise ValueError(f"locations without a code, e.g. {missing}: the code table does not cover the data")
     n = v.height
-    v = v.with_columns(time_s=pl.col("local_time").dt.strftime("%Y-%m-%d %H:%M:%S"))
+    time_format, visit_sentence = VISIT_TEXT[cfg.visit_text]
+    v = v.with_columns(time_s=pl.col("local_time").dt.strftime(time_format))
 
     def sentence(code: pl.Expr) -> pl.Expr:
-        return pl.format("At time {}, user {} visited POI index {}.", "time_s", "user_id", code)
+        return _template_expr(visit_sentence, {"time": pl.col("time_s"), "user": pl.col("user_id"), "code": code})
 
     # Variant 0: the visit with its code; 1: [MASK]; 2: [UNKNOWN].
     flat = pl.concat([v.select(s=sentence(c))["s"] for c in (pl.col("code"), pl.lit(MASK), pl.lit(UNKNOWN))])
@@ -390,23 +465,33 @@ def render_samples(
     index = index.with_columns(
         time=at_target("time_s"), tgt_code=at_target("code"), tgt_loc=at_target("loc_id"),
     )
-    keep = ["sample_id", "task", "split", "traj_id", "user_id", "target_loc", "is_last", "template", "prompt", "response_prefix", "target"]
+    keep = ["sample_id", "task", "split", "traj_id", "user_id", "target_loc", "is_last", "template", "prompt", "response_prefix",
+            "target", "labelled_visits"]
     parts: dict[str, pl.DataFrame] = {}
 
-    def finish(df: pl.DataFrame, task: str, values: dict[str, pl.Expr], target: pl.Expr, target_loc: pl.Expr) -> None:
-        prefix = _template_expr(RESPONSE_PREFIX[task], values) if RESPONSE_PREFIX[task] else pl.lit("")
+    def finish(df: pl.DataFrame, task: str, values: dict[str, pl.Expr], target: pl.Expr, target_loc: pl.Expr,
+               prefix: pl.Expr | None = None, labelled: pl.Expr | None = None, template: str | None = None) -> None:
+        """Format the prompts (``template`` or the row's template of ``task``), prefix, answer and
+        labelled visits (whole-trajectory samples) of ``df`` into ``parts[task]``."""
+        if prefix is None:
+            prefix = _template_expr(RESPONSE_PREFIX[task], values) if RESPONSE_PREFIX[task] else pl.lit("")
+        if labelled is None:
+            labelled = pl.lit(None, pl.List(pl.Int32))
         # Format each template only on its own rows (a when/then chain would format every
         # template for every row), then restore index order.
         pieces = [
             part.select(
-                *[c for c in keep if c not in ("prompt", "response_prefix", "target", "target_loc")],
-                prompt=_template_expr(TEMPLATES[task][t], values),
+                *[c for c in keep if c not in ("prompt", "response_prefix", "target", "target_loc", "labelled_visits")],
+                prompt=_template_expr(template or TEMPLATES[task][t], values),
                 response_prefix=prefix,
                 target=target,
                 target_loc=target_loc.cast(pl.Int64),
+                labelled_visits=labelled,
             ).select(keep)
             for (t,), part in df.partition_by("template", as_dict=True, maintain_order=True).items()
         ]
+        if task in parts:  # next-location rows of two kinds (per prefix and whole trajectory)
+            pieces.append(parts[task])
         parts[task] = pl.concat(pieces).sort("sample_id") if len(pieces) > 1 else pieces[0]
 
     def with_profile(df: pl.DataFrame) -> pl.DataFrame:
@@ -430,6 +515,9 @@ def render_samples(
         window = plain_window(sub) if variant is None else _window_text(sub, flat, n, variant, " ")
         sub = with_profile(sub.with_columns(window=window))
         vals = {**base, "profile": pl.col("profile"), "history": pl.col("window"), "visits": pl.col("window")}
+        if task == "next" and cfg.next_format != "question":
+            _continuation(sub, vals, finish, visit_sentence)
+            continue
         if task == "recovery_multi":
             full = plain_window(sub)
             finish(sub.with_columns(full=full), task, vals, pl.col("full"), pl.lit(None))

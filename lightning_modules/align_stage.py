@@ -210,7 +210,8 @@ def build_alignment(cfg: DictConfig, table: CodeTable | None = None) -> dict[str
     table = load_codes(cfg) if table is None else table
     tokens = all_code_tokens(table.num_levels, table.codebook_size)
     model, tokenizer, info = build_peft_model(cfg.llm, a, cfg.paths.cache, tokens, seed=int(cfg.seed))
-    encoder = ChatEncoder(tokenizer, SYSTEM_PROMPT, max_length=int(a.max_length), prompt_format=str(a.get("prompt_format", "chat")))
+    encoder = ChatEncoder(tokenizer, SYSTEM_PROMPT, max_length=int(a.max_length), prompt_format=str(a.get("prompt_format", "chat")),
+                          code_token_ids=tokenizer.convert_tokens_to_ids(tokens))
     weights = cfg.objectives.get("weights")
     dm = MobilityDataModule(
         data_dir(cfg), codes=table.strings(), tasks=list(cfg.objectives.tasks),
@@ -409,6 +410,8 @@ def run_align_stage(cfg: DictConfig, force: bool | None = None) -> dict[str, Any
         extra = {
             "llm": str(cfg.llm.name), "dataset": str(cfg.data.name), "tokenizer": str(cfg.tokenizer.name),
             "command": command_line(cfg), "example": example_prompt(dm, parts["encoder"]),
+            # How visits were written (data.samples.visit_text): prompts at use must be written alike.
+            "visit_text": sample_config(cfg.data).visit_text, "next_format": sample_config(cfg.data).next_format,
             "training": {"tasks": list(cfg.objectives.tasks), "weights": OmegaConf.to_container(cfg.objectives.weights)
                          if cfg.objectives.get("weights") else None, "steps": steps, "batch_size": int(a.batch_size),
                          "lr": float(a.lr), "lora_r": int(a.lora.r), "lora_alpha": int(a.lora.alpha),

@@ -7,7 +7,9 @@ that per-task losses come for free.
 
 ``loss_reduction`` decides what one sample weighs. ``sample`` (the paper's: the official code trains
 one sample per device with gradient accumulation) averages each sample's answer tokens, then the
-samples: a 5-token next-location answer counts as much as a 534-token description. ``token``
+samples: a 5-token next-location answer counts as much as a 534-token description. A whole-trajectory
+sample (``data.samples.next_format=trajectory``) counts as many answers as it trains visits, each
+its code's token mean: the loss of all prefixes of a trajectory in one forward pass. ``token``
 averages all answer tokens of a batch, so long answers dominate (with the paper mixture,
 next-location is 44 % of the samples but ~12 % of a token-mean loss). In ``sample`` mode the batch
 sum is divided by the *nominal* batch size, so a short last batch, gradient accumulation (Lightning
@@ -143,6 +145,13 @@ class AlignmentModule(L.LightningModule):
         if self.hparams.loss_reduction == "token":
             loss = token_loss.mean()
             mean = loss.detach()
+        elif "label_weight" in batch:
+            # Each answer's token mean (a whole-trajectory sample has one answer per trained visit),
+            # summed with gradients, over the nominal batch size or the answers present if more.
+            weight = batch["label_weight"][:, 1:][where].to(token_loss.dtype)
+            answers = int(batch["units"].sum())
+            loss = (token_loss * weight).sum() / max(int(self.hparams.batch_size), answers, 1)
+            mean = (token_loss.detach() * weight).sum() / max(answers, 1)
         else:
             # Each sample's token mean, summed with gradients, over the nominal batch size.
             weight = 1.0 / counts.clamp(min=1)[rows]

@@ -9,6 +9,11 @@ The template is rendered once with placeholders and split around them, so encodi
 is one batched call of the fast tokenizer, not 90k Jinja renders. Prompt and answer are tokenised
 separately and concatenated: generation sees exactly the prompt ids it was trained on.
 
+A whole-trajectory next-location sample (``data.samples.next_format=trajectory``: its visits are the
+answer, ``labelled_visits`` says which visits' codes are trained) is tokenised as one string, exactly
+as the per-prefix prompts of the same trajectory are, and only the code tokens of those visits get
+labels: the loss at each of them is the loss its per-prefix sample would have on its code.
+
 Over-long samples first lose their oldest visits (:func:`datamodules.fitting.fit_history`, fed by
 :meth:`ChatEncoder.lengths`). What still does not fit — a sample without visits, or one whose
 profile alone is too long — keeps its chat header, the end of the prompt and the answer as a last
@@ -72,6 +77,8 @@ class EncodedSamples:
         task: Task name of each sample.
         truncated: How many samples were cut to ``max_length`` by tokens (the last resort).
         truncated_by_task: The same per task.
+        label_masks: Per whole-trajectory sample, which of its tokens are labelled (the others
+            label everything from ``prompt_len`` on).
     """
 
     ids: np.ndarray
@@ -80,6 +87,7 @@ class EncodedSamples:
     task: np.ndarray
     truncated: int = 0
     truncated_by_task: dict[str, int] | None = None
+    label_masks: dict[int, np.ndarray] | None = None
 
     def __len__(self) -> int:
         return len(self.prompt_len)
@@ -93,6 +101,17 @@ class EncodedSamples:
         """``(ids, prompt_len)`` of sample ``i``."""
         return self.ids[self.offsets[i] : self.offsets[i + 1]], int(self.prompt_len[i])
 
+    def label_mask(self, i: int) -> np.ndarray | None:
+        """The labelled tokens of sample ``i`` if it is a whole-trajectory sample, else None."""
+        return None if not self.label_masks else self.label_masks.get(i)
+
+
+def code_runs(ids: Sequence[int] | np.ndarray, code_ids: np.ndarray) -> list[tuple[int, int]]:
+    """``[start, end)`` of each run of consecutive location-code tokens in ``ids``: one per visit."""
+    is_code = np.isin(np.asarray(ids), code_ids)
+    edges = np.flatnonzero(np.diff(np.concatenate([[0], is_code.astype(np.int8), [0]])))
+    return list(zip(edges[::2].tolist(), edges[1::2].tolist()))
+
 
 class ChatEncoder:
     """Encodes rendered samples for one tokenizer and collates them into training batches.
@@ -103,10 +122,11 @@ class ChatEncoder:
         max_length: Longest sequence in tokens.
         keep_head: Tokens kept from the start of an over-long prompt (the chat header and system turn).
         prompt_format: ``chat`` or ``inst`` (see :func:`chat_parts`).
+        code_token_ids: Ids of the location-code tokens (needed for whole-trajectory samples).
     """
 
     def __init__(self, tokenizer: Any, system_prompt: str, max_length: int = 1024, keep_head: int = 64,
-                 prompt_format: str = "chat") -> None:
+                 prompt_format: str = "chat", code_token_ids: Sequence[int] | None = None) -> None:
         self.tokenizer = tokenizer
         self.system_prompt = system_prompt
         self.max_length = int(max_length)
@@ -116,6 +136,7 @@ class ChatEncoder:
         if tokenizer.pad_token_id is None:
             raise ValueError("the tokenizer has no pad token; set tokenizer.pad_token first")
         self.pad_id = int(tokenizer.pad_token_id)
+        self.code_token_ids = np.array(sorted(code_token_ids or []), dtype=np.int64)
 
     def prompt_texts(self, samples: pl.DataFrame) -> list[str]:
         """The text the model is given before it answers (chat header, user turn, response prefix)."""
@@ -134,14 +155,52 @@ class ChatEncoder:
         answers = self._ids(samples.select(pl.concat_str([pl.col("target"), pl.lit(self.end)])).to_series().to_list())
         return np.array([len(p) + len(a) for p, a in zip(prompts, answers)], dtype=np.int64)
 
+    def _whole(self, samples: pl.DataFrame, prompts: list[list[int]]) -> dict[int, tuple[list[int], np.ndarray]]:
+        """Ids and label mask of each whole-trajectory sample (row number -> (ids, mask))."""
+        if "labelled_visits" not in samples.columns or samples["labelled_visits"].null_count() == samples.height:
+            return {}
+        if not self.code_token_ids.size:
+            raise ValueError("whole-trajectory samples (data.samples.next_format=trajectory) need the encoder's code_token_ids")
+        rows = samples.with_row_index("_row").filter(pl.col("labelled_visits").is_not_null())
+        texts = self.prompt_texts(rows)
+        full = self._ids([t + a + self.end for t, a in zip(texts, rows["target"].to_list())])
+        out = {}
+        for row, ids, labelled in zip(rows["_row"].to_list(), full, rows["labelled_visits"].to_list()):
+            # The answer's visits are the runs after those of the prompt (user memory may hold codes).
+            runs = code_runs(ids, self.code_token_ids)[len(code_runs(prompts[row], self.code_token_ids)):]
+            mask = np.zeros(len(ids), dtype=bool)
+            for k in labelled:
+                if k < len(runs):
+                    mask[runs[k][0]:runs[k][1]] = True
+            out[row] = (ids, mask)
+        return out
+
     def encode(self, samples: pl.DataFrame) -> EncodedSamples:
         """Tokenise every sample (prompt and answer separately) and apply the length limit."""
         prompts = self._ids(self.prompt_texts(samples))
         answers = self._ids(samples.select(pl.concat_str([pl.col("target"), pl.lit(self.end)])).to_series().to_list())
+        whole = self._whole(samples, prompts)
         chunks, prompt_len, truncated = [], np.empty(len(prompts), dtype=np.int32), 0
         tasks = samples["task"].to_list()
         by_task: dict[str, int] = {}
+        masks: dict[int, np.ndarray] = {}
         for i, (p, a) in enumerate(zip(prompts, answers)):
+            if i in whole:
+                ids, mask = whole[i]
+                if len(ids) > self.max_length:  # the newest visits go; a code cut in half loses its label
+                    truncated += 1
+                    by_task[tasks[i]] = by_task.get(tasks[i], 0) + 1
+                    cut_run = mask[self.max_length]  # the cut falls inside a code
+                    ids, mask = ids[: self.max_length], mask[: self.max_length].copy()
+                    j = len(mask) - 1
+                    while cut_run and j >= 0 and mask[j]:
+                        mask[j] = False
+                        j -= 1
+                chunks.append(ids)
+                chunks.append([])
+                prompt_len[i] = int(np.argmax(mask)) if mask.any() else len(ids)
+                masks[i] = mask
+                continue
             if len(p) + len(a) > self.max_length:
                 truncated += 1
                 by_task[tasks[i]] = by_task.get(tasks[i], 0) + 1
@@ -158,30 +217,48 @@ class ChatEncoder:
         if truncated:
             log.warning("%d of %d samples still had more than max_length=%d tokens after history cuts and were "
                         "shortened by tokens (prompt middle cut): %s", truncated, len(prompts), self.max_length, by_task)
-        return EncodedSamples(ids, offsets, prompt_len, samples["task"].to_numpy(), truncated, by_task)
+        return EncodedSamples(ids, offsets, prompt_len, samples["task"].to_numpy(), truncated, by_task, masks or None)
 
-    def collate(self, items: Sequence[tuple[np.ndarray, int, int, str]]) -> dict[str, Any]:
-        """Right-padded ``input_ids``, ``attention_mask``, ``labels`` (−100 on prompt and padding).
+    def collate(self, items: Sequence[tuple[Any, ...]]) -> dict[str, Any]:
+        """Right-padded ``input_ids``, ``attention_mask``, ``labels`` (−100 on prompt and padding), and
+        what the ``sample`` loss weighs them by: ``label_weight`` (1 / tokens of its answer, for a
+        whole-trajectory sample 1 / tokens of its visit's code) and ``units`` (answers per row: 1, or
+        the trained visits of a whole-trajectory sample).
 
         Args:
-            items: ``(ids, prompt_len, sample index, task)`` per sample.
+            items: ``(ids, prompt_len, sample index, task)`` per sample, optionally with a fifth
+                element, the label mask of a whole-trajectory sample (:meth:`EncodedSamples.label_mask`).
         """
-        width = max(len(ids) for ids, *_ in items)
+        width = max(len(item[0]) for item in items)
         n = len(items)
         input_ids = torch.full((n, width), self.pad_id, dtype=torch.long)
         attention = torch.zeros((n, width), dtype=torch.long)
         labels = torch.full((n, width), -100, dtype=torch.long)
-        for row, (ids, plen, _, _) in enumerate(items):
+        weight = torch.zeros((n, width), dtype=torch.float32)
+        units = torch.zeros(n, dtype=torch.long)
+        for row, (ids, plen, *rest) in enumerate(items):
             t = torch.from_numpy(ids.astype(np.int64))
             input_ids[row, : len(t)] = t
             attention[row, : len(t)] = 1
-            labels[row, plen : len(t)] = t[plen:]
+            mask = rest[2] if len(rest) > 2 and rest[2] is not None else None
+            if mask is None:
+                labels[row, plen : len(t)] = t[plen:]
+                weight[row, plen : len(t)] = 1.0 / max(len(t) - plen, 1)
+                units[row] = int(len(t) > plen)
+                continue
+            m = torch.from_numpy(mask)
+            labels[row, : len(t)][m] = t[m]
+            for start, end in code_runs(mask.astype(np.int64), np.array([1])):
+                weight[row, start:end] = 1.0 / (end - start)
+                units[row] += 1
         return {
             "input_ids": input_ids,
             "attention_mask": attention,
             "labels": labels,
-            "index": torch.tensor([i for _, _, i, _ in items], dtype=torch.long),
-            "task": [task for *_, task in items],
+            "label_weight": weight,
+            "units": units,
+            "index": torch.tensor([item[2] for item in items], dtype=torch.long),
+            "task": [item[3] for item in items],
         }
 
     def prompt_batch(self, texts: Sequence[str], device: torch.device | str = "cpu") -> dict[str, torch.Tensor]:
@@ -196,4 +273,4 @@ class ChatEncoder:
         return {"input_ids": ids.to(device), "attention_mask": mask.to(device)}
 
 
-__all__ = ["PROMPT_FORMATS", "ChatEncoder", "EncodedSamples", "chat_parts"]
+__all__ = ["PROMPT_FORMATS", "ChatEncoder", "EncodedSamples", "chat_parts", "code_runs"]

@@ -424,3 +424,81 @@ def test_vocab_init_starts_new_tokens_as_distinct_existing_tokens(smoke_art, mod
     matches = (torch.cdist(new, old, compute_mode="donot_use_mm_for_euclid_dist") < 1e-6).sum(dim=1)
     assert (matches >= 1).all()
     assert torch.unique(new, dim=0).shape[0] == len(tokens)
+
+
+@pytest.mark.parametrize("visit_text", ["official", "compact"])
+def test_a_whole_trajectory_sample_has_the_mean_loss_of_its_prefixes(parts, visit_text) -> None:
+    """next_format=trajectory: one forward pass over a trajectory gives, at every trained visit's code,
+    the loss that visit's per-prefix sample (next_format=continuation, same prompt) has on its code;
+    the sample loss is their mean, and a batch weighs the trajectory as that many answers."""
+    from datamodules.samples import SampleConfig, build_sample_index, render_samples
+
+    dm, enc, module, model = parts["datamodule"], parts["encoder"], parts["module"], parts["model"]
+    dm.setup()
+    codes = parts["table"].strings()
+    # A train trajectory of one chunk (<= max_history + 1 visits): its prefixes' histories are whole.
+    lengths = dm.checkins.filter(pl.col("split") == "train").group_by("traj_id").len()
+    traj = lengths.filter(pl.col("len").is_between(5, 21)).sort("traj_id")["traj_id"][0]
+    visits = dm.checkins.filter(pl.col("traj_id") == traj)
+
+    def render(fmt: str) -> pl.DataFrame:
+        cfg = SampleConfig(next_format=fmt, visit_text=visit_text, add_profile=False)
+        index = build_sample_index(visits, None, cfg, tasks=("next",)).filter(pl.col("split") == "train")
+        return render_samples(index, visits, codes, None, None, cfg)
+
+    whole, prefixes = render("trajectory"), render("continuation")
+    assert whole.height == 1 and whole["labelled_visits"][0].to_list() == list(range(2, visits.height))
+    assert prefixes.height == visits.height - 2
+    enc_whole, enc_prefix = enc.encode(whole), enc.encode(prefixes)
+    ids, _ = enc_whole.sample(0)
+    mask = enc_whole.label_mask(0)
+    levels = parts["table"].num_levels
+    assert mask.sum() == levels * prefixes.height
+    items = []
+    for i in range(len(enc_prefix)):
+        p_ids, plen = enc_prefix.sample(i)
+        assert (ids[:plen] == p_ids[:plen]).all(), "the prompts agree token for token"
+        code_only = np.zeros(len(p_ids), dtype=bool)
+        code_only[plen:plen + levels] = True  # the code, not the end-of-turn token after it
+        items.append((p_ids, plen, i, "next", code_only))
+    was_training, nominal = model.training, module.hparams.batch_size
+    model.eval()
+    try:
+        with torch.no_grad():
+            module.hparams.batch_size = 1
+            per_prefix = module.model_step(enc.collate(items))
+            one_pass = module.model_step(enc.collate([(ids, 0, 0, "next", mask)]))
+            # the prefixes one by one, averaged
+            singles = [float(module.model_step(enc.collate([item]))["loss"]) for item in items]
+    finally:
+        module.hparams.batch_size = nominal
+        model.train(was_training)
+    torch.testing.assert_close(one_pass["loss"], per_prefix["loss"], rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(float(one_pass["loss"]), sum(singles) / len(singles), rtol=1e-4, atol=1e-5)
+    assert float(one_pass["mean_loss"]) == pytest.approx(float(one_pass["loss"]), rel=1e-5)
+
+
+def test_a_whole_trajectory_cut_by_tokens_never_trains_half_a_code(parts) -> None:
+    from datamodules.samples import SYSTEM_PROMPT, SampleConfig, build_sample_index, render_samples
+    from lightning_modules.chat_encoding import ChatEncoder, code_runs
+
+    dm, tok = parts["datamodule"], parts["tokenizer"]
+    dm.setup()
+    cfg = SampleConfig(next_format="trajectory", add_profile=False)
+    train = dm.checkins.filter(pl.col("split") == "train")
+    index = build_sample_index(train, None, cfg, tasks=("next",)).head(1)
+    sample = render_samples(index, train, parts["table"].strings(), None, None, cfg)
+    code_ids = parts["encoder"].code_token_ids
+    full = parts["encoder"].encode(sample)
+    ids, _ = full.sample(0)
+    runs = code_runs(ids, code_ids)
+    levels = parts["table"].num_levels
+    for cut in (runs[-1][0] + 2, runs[-1][0]):  # inside the last code, and just before it
+        enc = ChatEncoder(tok, SYSTEM_PROMPT, max_length=cut, code_token_ids=code_ids.tolist())
+        short = enc.encode(sample)
+        mask = short.label_mask(0)
+        assert len(short.sample(0)[0]) == cut and short.truncated == 1 and short.truncated_by_task == {"next": 1}
+        assert mask.sum() == full.label_mask(0).sum() - levels  # the cut code is not trained at all
+        assert mask.sum() % levels == 0
+    with pytest.raises(ValueError, match="code_token_ids"):
+        ChatEncoder(tok, SYSTEM_PROMPT).encode(sample)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -14,10 +16,10 @@ from location_tokenizers.tokenizer_stage import embed_dtype, rqvae_precision, to
 from tests.conftest import compose_cfg
 
 
-@pytest.fixture(params=[True, False], ids=["amx", "no-amx"])
+@pytest.fixture(params=[True, False], ids=["bf16-cpu", "float32-cpu"])
 def amx(request, monkeypatch) -> bool:
-    """Pretend to run on a CPU with (or without) AMX-BF16, and without a GPU."""
-    monkeypatch.setattr(hw, "cpu_has_amx_bf16", lambda: request.param)
+    """Pretend to run on a CPU where bf16 is (or is not) fast, and without a GPU."""
+    monkeypatch.setattr(hw, "cpu_bf16_is_fast", lambda: request.param)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     return request.param
 
@@ -50,6 +52,87 @@ def test_autocast_dtype() -> None:
 
 def test_cpu_probe_answers() -> None:
     assert isinstance(hw.cpu_has_amx_bf16(), bool)
+    assert set(hw.cpu_bf16_flags()) <= set(hw.BF16_FLAGS)
+
+
+@pytest.fixture
+def fake_cpu(monkeypatch, tmp_path):
+    """A CPU of chosen flags and matmul speeds; the measurement cache in a temporary folder."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    monkeypatch.delenv("QTMOB_CACHE", raising=False)
+    hw.cpu_bf16_measurement.cache_clear()
+    calls: list[torch.dtype] = []
+    state = {"flags": "fpu avx2", "gflops": {torch.float32: 181.0, torch.bfloat16: 601.0}}
+
+    def describe():
+        return "Test CPU", frozenset(state["flags"].split())
+
+    def timed(dtype, *a, **k):
+        calls.append(dtype)
+        return state["gflops"][dtype]
+
+    monkeypatch.setattr(hw, "_cpu_description", describe)
+    monkeypatch.setattr(hw, "cpu_has_amx_bf16", lambda: "amx_bf16" in state["flags"].split())
+    monkeypatch.setattr(hw, "matmul_gflops", timed)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    yield state, calls, tmp_path / "qtmob" / "cpu-bf16.json"
+    hw.cpu_bf16_measurement.cache_clear()
+
+
+def test_a_cpu_without_bf16_units_stays_float32_untimed(fake_cpu) -> None:
+    state, calls, cache = fake_cpu
+    assert hw.resolve_precision("auto") == "32-true" and hw.resolve_dtype("auto") == "float32"
+    assert calls == [] and not cache.exists()  # emulated bf16 is never timed (it would take seconds)
+
+
+@pytest.mark.parametrize("flags", ["avx512f avx512_bf16", "amx_tile amx_bf16"])
+def test_a_bf16_cpu_is_decided_by_a_cached_measurement(fake_cpu, flags) -> None:
+    state, calls, cache = fake_cpu
+    state["flags"] = flags
+    assert hw.resolve_precision("auto") == "bf16-mixed" and hw.resolve_dtype("auto") == "bfloat16"
+    assert calls == [torch.float32, torch.bfloat16]
+    saved = json.loads(cache.read_text())
+    assert saved["fast"] is True and saved["speedup"] == pytest.approx(601 / 181, abs=0.01)
+    assert saved["flags"] == [flags.split()[-1]] and saved["cpu"] == "Test CPU"
+    # a new process on the same machine reads the answer instead of timing again
+    hw.cpu_bf16_measurement.cache_clear()
+    assert hw.fast_bf16("cpu") and len(calls) == 2
+
+
+def test_a_bf16_unit_that_does_not_pay_keeps_float32(fake_cpu) -> None:
+    state, calls, cache = fake_cpu
+    state["flags"] = "avx512_bf16"
+    state["gflops"] = {torch.float32: 180.0, torch.bfloat16: 200.0}  # 1.1x: casts would eat it
+    assert hw.resolve_precision("auto") == "32-true"
+    assert json.loads(cache.read_text())["fast"] is False
+
+
+def test_the_cache_of_another_machine_or_a_broken_one_is_measured_again(fake_cpu) -> None:
+    state, calls, cache = fake_cpu
+    state["flags"] = "avx512_bf16"
+    cache.parent.mkdir(parents=True)
+    cache.write_text('{"key": "another machine", "fast": false}')
+    assert hw.fast_bf16("cpu") and len(calls) == 2
+    hw.cpu_bf16_measurement.cache_clear()
+    cache.write_text('{"key": ')  # cut short
+    assert hw.fast_bf16("cpu") and len(calls) == 4
+    assert json.loads(cache.read_text())["fast"] is True
+
+
+def test_an_unwritable_cache_still_answers(fake_cpu, monkeypatch, caplog) -> None:
+    state, calls, cache = fake_cpu
+    state["flags"] = "avx512_bf16"
+
+    def refuse(*a, **k):
+        raise PermissionError("read-only")
+
+    monkeypatch.setattr(hw, "write_json_atomic", refuse)
+    assert hw.fast_bf16("cpu") and "could not cache" in caplog.text
+
+
+def test_the_matmul_timer_measures_this_cpu() -> None:
+    f32 = hw.matmul_gflops(torch.float32, n=256, seconds=0.02, rounds=1)
+    assert 0.1 < f32 < 1e5  # GFLOP/s of a real multiplication, whatever the machine
 
 
 def test_configs_resolve_per_machine(amx) -> None:
@@ -66,7 +149,7 @@ def test_fingerprints_hold_the_resolved_precision(monkeypatch) -> None:
     cfg = compose_cfg(["experiment=smoke"])
     prints = {}
     for has_amx in (True, False):
-        monkeypatch.setattr(hw, "cpu_has_amx_bf16", lambda has_amx=has_amx: has_amx)
+        monkeypatch.setattr(hw, "cpu_bf16_is_fast", lambda has_amx=has_amx: has_amx)
         prints[has_amx] = (tokenizer_fingerprint(cfg), align_fingerprint(cfg))
     assert prints[True][0] != prints[False][0] and prints[True][1] != prints[False][1]
     # an explicit setting fingerprints the same on both
@@ -74,7 +157,7 @@ def test_fingerprints_hold_the_resolved_precision(monkeypatch) -> None:
                        "tokenizer.precision=32-true", "align.compute_dtype=float32"])
     same = set()
     for has_amx in (True, False):
-        monkeypatch.setattr(hw, "cpu_has_amx_bf16", lambda has_amx=has_amx: has_amx)
+        monkeypatch.setattr(hw, "cpu_bf16_is_fast", lambda has_amx=has_amx: has_amx)
         same.add((tokenizer_fingerprint(cfg), align_fingerprint(cfg)))
     assert len(same) == 1
 

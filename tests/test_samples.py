@@ -95,6 +95,72 @@ def test_rendered_text(city, index) -> None:
     assert trans["target"].startswith("[ 1 ] At time")
 
 
+def test_compact_visits_keep_every_fact_but_the_date(city, index) -> None:
+    """visit_text=compact writes each visit as weekday, hour:minute and code; the samples, their
+    order, answers and masks are those of the official rendering."""
+    codes = default_codes(city.locations)
+    official = render_samples(index, city.checkins, codes, city.locations, city.profiles)
+    compact = render_samples(index, city.checkins, codes, city.locations, city.profiles, SampleConfig(visit_text="compact"))
+    same = ["sample_id", "task", "split", "traj_id", "user_id", "target_loc", "template"]
+    assert compact.select(same).equals(official.select(same))
+    nxt = compact.filter((pl.col("task") == "next") & (pl.col("split") == "test")).row(0, named=True)
+    traj = city.checkins.filter(pl.col("traj_id") == nxt["traj_id"]).sort("utc_time")
+    code_of = dict(codes.iter_rows())
+    before = traj["local_time"][-2]
+    assert f"{before.strftime('%a %H:%M')} {code_of[traj['loc_id'][-2]]}." in nxt["prompt"]
+    assert nxt["target"] == code_of[nxt["target_loc"]]
+    assert traj["local_time"][-1].strftime("%a %H:%M") in nxt["response_prefix"]
+    assert "visited POI index" not in nxt["prompt"] and ":00:" not in nxt["prompt"].split("profile")[-1][-200:]
+    single = compact.filter(pl.col("task") == "recovery_single").row(0, named=True)
+    assert f" {MASK}." in single["prompt"] and single["target"] == code_of[single["target_loc"]]
+    # the answers are identical; the visits (the prompts without the profile) take half the characters
+    sub = pl.col("task").is_in(["next", "recovery_single"])
+    assert compact.filter(sub)["target"].equals(official.filter(sub)["target"])
+    chars = [render_samples(index, city.checkins, codes, city.locations, None, SampleConfig(visit_text=v))
+             .filter(sub)["prompt"].str.len_chars().sum() for v in ("official", "compact")]
+    assert chars[1] < 0.6 * chars[0]
+
+
+def test_an_unknown_visit_text_names_the_key() -> None:
+    with pytest.raises(ValueError, match="data.samples.visit_text='short'.*compact"):
+        SampleConfig(visit_text="short")
+    with pytest.raises(ValueError, match="data.samples.next_format='all'.*trajectory"):
+        SampleConfig(next_format="all")
+
+
+def test_whole_trajectory_chunks_train_every_prefix_once(city) -> None:
+    """next_format=trajectory: every target of the per-prefix index is trained exactly once, in a chunk
+    that holds at most max_history visits before it; valid/test and the recovery masks are unchanged."""
+    cfg = SampleConfig(seed=3, max_history=6, min_history=2)
+    per_prefix = build_sample_index(city.checkins, city.locations["loc_id"], cfg)
+    whole = build_sample_index(city.checkins, city.locations["loc_id"], SampleConfig(seed=3, max_history=6, min_history=2,
+                                                                                     next_format="trajectory"))
+    nxt = pl.col("task") == "next"
+    train = pl.col("split") == "train"
+    chunks = whole.filter(nxt & train).explode("masked")
+    assert (chunks["masked"] >= chunks["start"] + 2).all() and (chunks["masked"] < chunks["end"]).all()
+    assert (chunks["masked"] - chunks["start"] <= 6).all() and ((chunks["end"] - chunks["start"]) <= 7).all()
+    expected = per_prefix.filter(nxt & train).select("traj_id", pos="target_pos").sort("traj_id", "pos")
+    assert chunks.select("traj_id", pos=pl.col("masked")).sort("traj_id", "pos").equals(expected)
+    assert chunks["traj_id"].n_unique() == expected["traj_id"].n_unique()
+    assert whole.filter(nxt & train).height < expected.height / 2
+    for part in (~nxt | ~train,):
+        assert whole.filter(part).drop("template").equals(per_prefix.filter(part).drop("template"))
+
+
+def test_continuation_answers_after_the_visits(city, index) -> None:
+    codes = default_codes(city.locations)
+    out = render_samples(index, city.checkins, codes, city.locations, city.profiles, SampleConfig(next_format="continuation"))
+    nxt = out.filter((pl.col("task") == "next") & (pl.col("split") == "test")).row(0, named=True)
+    traj = city.checkins.filter(pl.col("traj_id") == nxt["traj_id"]).sort("utc_time")
+    code_of = dict(codes.iter_rows())
+    assert nxt["prompt"].endswith("each with the POI index of the place visited.")
+    last_time = str(traj["local_time"][-1])[:19]
+    assert nxt["response_prefix"].endswith(f"At time {last_time}, user {nxt['user_id']} visited POI index ")
+    assert f"visited POI index {code_of[traj['loc_id'][-2]]}." in nxt["response_prefix"]
+    assert nxt["target"] == code_of[nxt["target_loc"]] and nxt["labelled_visits"] is None
+
+
 def test_render_refuses_missing_codes(city, index) -> None:
     codes = default_codes(city.locations).head(3)
     with pytest.raises(ValueError, match="without a code"):
