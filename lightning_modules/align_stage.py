@@ -401,6 +401,7 @@ def run_align_stage(cfg: DictConfig, force: bool | None = None) -> dict[str, Any
         # by tokens as a last resort (no visits to drop).
         "cut_history": dm.cut_history, "truncated_by_tokens": {s: dm.encoded(s).truncated_by_task or {} for s in ("train", "valid")},
         "truncated_samples": int(dm.encoded("train").truncated), "train_samples": len(dm.encoded("train")),
+        "train_tokens": int(dm.encoded("train").offsets[-1]),  # of all train samples (those drawn are a subset)
         **{k: v for k, v in parts["info"].items() if k != "new_token_ids"},
     }
     if trainer.global_rank == 0:

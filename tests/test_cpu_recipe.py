@@ -1,0 +1,37 @@
+"""ablation=cpu_recipe: every CPU switch of issue 16 runs as one point of a local multirun of the smoke
+experiment, each in its own folder, and each switch changes what it says it changes."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+POINTS = ["none", "float32", "bf16", "compact", "trajectory", "user_places", "nf4", "lora", "all"]
+
+
+@pytest.mark.slow
+def test_the_cpu_recipe_grid_runs_on_the_smoke_experiment(tmp_path) -> None:
+    cmd = [sys.executable, "run.py", "-m", "experiment=smoke", "ablation=cpu_recipe", "stage=align",
+           f"paths.artifacts={tmp_path}", "align.train_samples=16", "trainer.val_check_interval=2",
+           "eval.val_cases=0", "align.num_generations=0", "tokenizer.max_epochs=10", "progress.style=none"]
+    done = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=2400)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-4000:]
+    runs = {p.parent.name.removeprefix("cpu-"): json.loads(p.read_text())
+            for p in (tmp_path / "synthetic" / "smoke").glob("cpu-*/align.json")}
+    assert sorted(runs) == sorted(POINTS)
+    assert all(r["steps"] == 2 for r in runs.values())
+    meta = {k: json.loads((Path(r["model_dir"]) / "qtmob.json").read_text()) for k, r in runs.items()}
+    assert meta["float32"]["training"]["precision"] == "32-true" and meta["bf16"]["training"]["precision"] == "bf16-mixed"
+    assert meta["compact"]["visit_text"] == "compact" and meta["none"]["visit_text"] == "official"
+    assert meta["trajectory"]["next_format"] == "trajectory" and meta["all"]["next_format"] == "trajectory"
+    assert meta["nf4"]["quantization"] == "nf4" and meta["lora"]["quantization"] == "none"
+    # one training sample per trajectory chunk instead of one per prefix
+    assert runs["trajectory"]["train_samples"] < 0.7 * runs["none"]["train_samples"]  # next: 1 per chunk, not per prefix
+    # the same samples with fewer tokens (descriptions and profiles, unchanged, are most of the smoke tokens)
+    assert runs["compact"]["train_samples"] == runs["none"]["train_samples"]
+    assert runs["compact"]["train_tokens"] < 0.9 * runs["none"]["train_tokens"]
