@@ -5,9 +5,13 @@ next-location answer plus some), LoRA r=128/alpha=256 on q,k,v,o, AdamW. Each se
 process so that its peak RSS is its own; settings run one after another in one invocation, so
 their ratios are comparable even when the machine's absolute speed drifts.
 
-Besides s/step: tokens/s, the useful work it stands for (6 x parameters x tokens/s, the usual
-forward + backward count) and its share of this CPU's matmul peak in the step's dtype, measured in
-the same invocation (2048² matmuls, ``lightning_modules/hardware.py``). ``--seq-len`` sets the row
+Besides s/step: tokens/s, the matmul work it stands for and that work's share of this CPU's matmul
+peak in the step's dtype, measured in the same invocation (2048² matmuls,
+``lightning_modules/hardware.py``). The base is frozen, so a step multiplies each token through the
+decoder forward and backward for the input gradients only: 4 x decoder parameters per token, plus
+4 x vocabulary x width per labelled token for the LM head (applied at labelled positions only);
+LoRA's own matmuls and attention scores are left out. (The usual 6 x parameters of full training
+would overstate it by half.) ``--seq-len`` sets the row
 length, e.g. to the mean sample length of ``data.samples.visit_text=official`` against ``compact``.
 
     .venv/bin/python benchmarks/bench_align.py [--steps 3] [--llm smollm2_135m] [--only NAME] [--seq-len 256]
@@ -65,13 +69,15 @@ def one(name: str, steps: int, llm: str, new_tokens: str, seq_len: int = 256) ->
         opt.zero_grad(set_to_none=True)
         times.append(time.perf_counter() - t0)
     s_per_step = sorted(times[1:])[len(times[1:]) // 2]
-    # the base model's parameters (4-bit ones counted unpacked), not the adapters' copies
+    # the decoder's base parameters (4-bit ones counted unpacked), not embeddings, head or adapters
     params = sum(p.quant_state.shape.numel() if getattr(p, "quant_state", None) is not None else p.numel()
                  for n, p in model.named_parameters()
-                 if "lora_" not in n and "modules_to_save" not in n and "trainable_tokens" not in n)
+                 if not any(k in n for k in ("lora_", "modules_to_save", "trainable_tokens", "embed_tokens", "lm_head")))
+    head = model.get_output_embeddings().weight.shape.numel()
+    flops = 4 * params * ids.numel() + 4 * head * int((labels != -100).sum())
     return {
         "setting": name, "new_tokens": new_tokens, "seq_len": seq_len, "s_per_step": round(s_per_step, 2),
-        "tokens_per_s": round(ids.numel() / s_per_step, 1), "model_gflops": round(6 * params * ids.numel() / s_per_step / 1e9, 1),
+        "tokens_per_s": round(ids.numel() / s_per_step, 1), "model_gflops": round(flops / s_per_step / 1e9, 1),
         "bf16": autocast or "compute_dtype=bfloat16" in " ".join(overrides),
         "peak_rss_gb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2),
         "trainable_params": info["trainable_params"], "loss": round(float(loss), 3),

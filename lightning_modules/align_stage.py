@@ -33,7 +33,7 @@ from datamodules.samples import SYSTEM_PROMPT
 from lightning_modules.alignment_module import peak_rss_mb
 from lightning_modules.dashboards import flat_hparams, log_run
 from lightning_modules.hardware import resolve_precision
-from lightning_modules.llm import align_compute_dtype
+from lightning_modules.llm import align_compute_dtype, align_quantization
 from location_tokenizers.codes import CodeTable, all_code_tokens
 from location_tokenizers.tokenizer_stage import load_codes, run_tokenizer_stage, tokenizer_fingerprint
 
@@ -50,7 +50,7 @@ def align_fingerprint(cfg: DictConfig) -> str:
     return fingerprint({
         "data": data_fingerprint(cfg), "tokenizer": tokenizer_fingerprint(cfg), "llm": part(cfg.llm),
         "align": {**{k: v for k, v in part(cfg.align).items() if k not in ("num_workers", "num_generations")},
-                  "compute_dtype": align_compute_dtype(cfg.align)},
+                  "compute_dtype": align_compute_dtype(cfg.align), "quantization": align_quantization(cfg.align)},
         "objectives": part(cfg.objectives), "trainer": trainer, "seed": int(cfg.seed),
     })
 
@@ -285,7 +285,7 @@ def make_trainer(cfg: DictConfig, out: Path, **overrides: Any):
 
 
 ALIGN_CHOICES = {
-    "quantization": ("nf4", "int8", "none"), "new_tokens": ("modules", "rows", "frozen"),
+    "quantization": ("auto", "nf4", "int8", "none"), "new_tokens": ("modules", "rows", "frozen"),
     "new_token_init": ("mean", "vocab"), "loss_reduction": ("sample", "token"), "prompt_format": ("chat", "inst"),
 }
 ALIGN_NUMBERS = {"lr": float, "weight_decay": float, "warmup_ratio": float, "batch_size": int, "max_length": int,

@@ -165,13 +165,13 @@ def load_for_eval(cfg: DictConfig, folder: Path, table: Any = None) -> tuple[Any
     """
     from lightning_modules.align_stage import base_model_path, load_aligned
     from lightning_modules.chat_encoding import ChatEncoder
-    from lightning_modules.llm import _DTYPES, align_compute_dtype, quantization_config
+    from lightning_modules.llm import _DTYPES, align_compute_dtype, align_quantization, quantization_config
     from location_tokenizers.codes import CodeTable
     from location_tokenizers.trie import CodeTrie
 
     a = cfg.align
     kwargs: dict[str, Any] = {"dtype": _DTYPES[str(a.get("dtype", "float32"))]}
-    qc = quantization_config(str(a.quantization), _DTYPES[align_compute_dtype(a)])
+    qc = quantization_config(align_quantization(a), _DTYPES[align_compute_dtype(a)])
     if qc is not None:
         kwargs["quantization_config"] = qc
     if eval_on_gpu(cfg):  # the trainer's device: decoding a 1B model on the CPU would take days

@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from lightning_modules.hardware import resolve_dtype
+from lightning_modules.hardware import resolve_dtype, resolve_quantization
 
 log = logging.getLogger(__name__)
 
@@ -187,6 +187,12 @@ def align_compute_dtype(align_cfg: Any) -> str:
     return resolve_dtype(str(_get(align_cfg, "compute_dtype", "float32")), "auto")
 
 
+def align_quantization(align_cfg: Any) -> str:
+    """``align.quantization`` with ``auto`` resolved for this machine (nf4 on a GPU, none on a CPU; see
+    ``lightning_modules/hardware.py``): one answer for training, evaluation and the fingerprint."""
+    return resolve_quantization(str(_get(align_cfg, "quantization", "none")), "auto")
+
+
 def quantization_config(kind: str, compute_dtype: torch.dtype):
     """``BitsAndBytesConfig`` for ``nf4`` (QLoRA: NF4 + double quantisation), ``int8``, or None for ``none``."""
     if kind in ("none", None):
@@ -199,7 +205,7 @@ def quantization_config(kind: str, compute_dtype: torch.dtype):
         )
     if kind == "int8":
         return BitsAndBytesConfig(load_in_8bit=True)
-    raise ValueError(f"align.quantization={kind!r}; choose nf4, int8 or none")
+    raise ValueError(f"align.quantization={kind!r}; choose auto, nf4, int8 or none")
 
 
 def copy_vocab_rows(model: Any, base_vocab: int, vocab: int, seed: int) -> None:
@@ -244,7 +250,7 @@ def build_peft_model(llm_cfg: Any, align_cfg: Any, cache_dir: str | Path, new_to
     else:
         path = model_path(llm_cfg, cache_dir)
     compute_dtype = _DTYPES[align_compute_dtype(align_cfg)]
-    quant = str(_get(align_cfg, "quantization", "none"))
+    quant = align_quantization(align_cfg)
     kwargs: dict[str, Any] = {}
     if (qc := quantization_config(quant, compute_dtype)) is not None:
         kwargs["quantization_config"] = qc

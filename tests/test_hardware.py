@@ -208,3 +208,21 @@ def test_compute_device_follows_the_accelerator(monkeypatch) -> None:
     assert {hw.compute_device(a) for a in ("cpu", "auto", "gpu", "cuda")} == {"cpu"}  # no GPU present
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     assert [hw.compute_device(a) for a in ("cpu", "auto", "gpu")] == ["cpu", "cuda", "cuda"]
+
+
+def test_quantization_auto_is_qlora_on_a_gpu_and_lora_on_a_cpu(monkeypatch) -> None:
+    from lightning_modules.align_stage import align_fingerprint
+    from lightning_modules.llm import align_quantization
+
+    cfg = compose_cfg(["experiment=nyc_qlora"])
+    assert cfg.align.quantization == "auto"
+    prints = {}
+    for gpu in (True, False):
+        monkeypatch.setattr(torch.cuda, "is_available", lambda gpu=gpu: gpu)
+        monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
+        assert align_quantization(cfg.align) == ("nf4" if gpu else "none")
+        assert hw.resolve_quantization("auto", "cpu") == "none"  # a CPU trainer on a GPU machine too
+        for explicit in ("nf4", "int8", "none"):
+            assert hw.resolve_quantization(explicit, "auto") == explicit
+        prints[gpu] = align_fingerprint(compose_cfg(["experiment=smoke", "align.quantization=auto"]))
+    assert prints[True] != prints[False]  # the resolved value keys the aligned model
