@@ -6,6 +6,10 @@ Renders the train samples of the next-location and recovery tasks with the relea
 tokenizes prompt + response prefix + answer with SmolLM2's tokenizer (numbers split into digits) and
 prints the mean and 95th percentile per task, and the tokens of one visit sentence.
 
+Then the whole next-location train epoch under each ``next_format`` (question: one sample per
+prefix, the paper's; trajectory: one sample per trajectory chunk): samples, trained targets, tokens
+the model reads, and tokens read per trained target, the cost that ``next_format=trajectory`` cuts.
+
     .venv/bin/python benchmarks/bench_prompts.py [--samples 2000]
 """
 
@@ -66,6 +70,20 @@ def main() -> None:
             print(f"| {name} | {task} | {lengths.mean():.0f} | {np.percentile(lengths, 95):.0f} | {one_visit} |", flush=True)
     for task, m in means.items():
         print(f"{task}: compact is {m['compact'] / m['official']:.2f}x the official length")
+
+    print("\nThe next-location train epoch (NYC release)")
+    print("| next_format | visit_text | samples | trained targets | tokens read | tokens per target |\n|---|---|---|---|---|---|")
+    for fmt, visit in (("question", "official"), ("question", "compact"), ("trajectory", "official"), ("trajectory", "compact")):
+        cfg_v = dataclasses.replace(base, next_format=fmt, visit_text=visit)
+        ix = build_sample_index(checkins, locations["loc_id"], cfg_v, tasks=("next",)).filter(pl.col("split") == "train")
+        out = render_samples(ix, checkins, table.strings(), locations, profiles, cfg_v)
+        targets = int(ix["masked"].list.len().fill_null(1).sum())
+        tokens = 0
+        for start in range(0, out.height, 4096):
+            part = out.slice(start, 4096)
+            texts = (part["prompt"] + " " + part["response_prefix"] + part["target"]).to_list()
+            tokens += sum(len(ids) for ids in tok(texts, add_special_tokens=False)["input_ids"])
+        print(f"| {fmt} | {visit} | {out.height:,} | {targets:,} | {tokens:,} | {tokens / targets:.0f} |", flush=True)
 
 
 if __name__ == "__main__":

@@ -208,6 +208,8 @@ def load_dataset(data_cfg: Any) -> MobilityData:
             n_users=int(_sub(city, "n_users", 60)),
             n_pois=int(_sub(city, "n_pois", 300)),
             days=int(_sub(city, "days", 60)),
+            # The habit knobs (ranges drawn per user); absent keys keep the generator's defaults.
+            **{k: tuple(float(x) for x in _sub(city, k)) for k in ("explore", "home_am", "home_pm") if _sub(city, k) is not None},
         )
     elif fmt == "tsmc":
         root = _root(data_cfg)

@@ -37,6 +37,7 @@ _USER, _ANSWER = "\x00", "\x01"
 
 
 PROMPT_FORMATS = ("chat", "inst")
+ENCODE_ROWS = 4096  # samples tokenised at a time (see ChatEncoder.encode)
 
 
 def chat_parts(tokenizer: Any, system_prompt: str, prompt_format: str = "chat") -> tuple[str, str, str]:
@@ -151,9 +152,13 @@ class ChatEncoder:
 
     def lengths(self, samples: pl.DataFrame) -> np.ndarray:
         """Tokens of each sample (prompt + answer), as :meth:`encode` would count them before any cut."""
-        prompts = self._ids(self.prompt_texts(samples))
-        answers = self._ids(samples.select(pl.concat_str([pl.col("target"), pl.lit(self.end)])).to_series().to_list())
-        return np.array([len(p) + len(a) for p, a in zip(prompts, answers)], dtype=np.int64)
+        out = []
+        for start in range(0, samples.height, ENCODE_ROWS):
+            part = samples.slice(start, ENCODE_ROWS)
+            prompts = self._ids(self.prompt_texts(part))
+            answers = self._ids(part.select(pl.concat_str([pl.col("target"), pl.lit(self.end)])).to_series().to_list())
+            out.append(np.array([len(p) + len(a) for p, a in zip(prompts, answers)], dtype=np.int64))
+        return np.concatenate(out) if out else np.zeros(0, dtype=np.int64)
 
     def _whole(self, samples: pl.DataFrame, prompts: list[list[int]]) -> dict[int, tuple[list[int], np.ndarray]]:
         """Ids and label mask of each whole-trajectory sample (row number -> (ids, mask))."""
@@ -176,7 +181,31 @@ class ChatEncoder:
         return out
 
     def encode(self, samples: pl.DataFrame) -> EncodedSamples:
-        """Tokenise every sample (prompt and answer separately) and apply the length limit."""
+        """Tokenise every sample (prompt and answer separately) and apply the length limit.
+
+        Done ``ENCODE_ROWS`` samples at a time: the tokenizer hands back Python lists (~60 bytes a
+        token with their objects), so a whole NYC split at once would peak at gigabytes before it
+        is packed into the int32 array (4 bytes a token)."""
+        parts = [self._encode_rows(samples.slice(start, ENCODE_ROWS)) for start in range(0, samples.height, ENCODE_ROWS)]
+        if not parts:
+            return EncodedSamples(np.zeros(0, np.int32), np.zeros(1, np.int64), np.zeros(0, np.int32), samples["task"].to_numpy())
+        lengths = np.concatenate([np.diff(p.offsets) for p in parts])
+        offsets = np.zeros(len(lengths) + 1, dtype=np.int64)
+        np.cumsum(lengths, out=offsets[1:])
+        masks, by_task, first = {}, {}, 0
+        for p in parts:
+            masks.update({first + i: m for i, m in (p.label_masks or {}).items()})
+            for task, n in (p.truncated_by_task or {}).items():
+                by_task[task] = by_task.get(task, 0) + n
+            first += len(p)
+        truncated = sum(p.truncated for p in parts)
+        if truncated:
+            log.warning("%d of %d samples still had more than max_length=%d tokens after history cuts and were "
+                        "shortened by tokens (prompt middle cut): %s", truncated, samples.height, self.max_length, by_task)
+        return EncodedSamples(np.concatenate([p.ids for p in parts]), offsets, np.concatenate([p.prompt_len for p in parts]),
+                              samples["task"].to_numpy(), truncated, by_task, masks or None)
+
+    def _encode_rows(self, samples: pl.DataFrame) -> EncodedSamples:
         prompts = self._ids(self.prompt_texts(samples))
         answers = self._ids(samples.select(pl.concat_str([pl.col("target"), pl.lit(self.end)])).to_series().to_list())
         whole = self._whole(samples, prompts)
@@ -214,9 +243,6 @@ class ChatEncoder:
         offsets = np.zeros(len(prompts) + 1, dtype=np.int64)
         np.cumsum(lengths, out=offsets[1:])
         ids = np.fromiter((t for c in chunks for t in c), dtype=np.int32, count=int(offsets[-1]))
-        if truncated:
-            log.warning("%d of %d samples still had more than max_length=%d tokens after history cuts and were "
-                        "shortened by tokens (prompt middle cut): %s", truncated, len(prompts), self.max_length, by_task)
         return EncodedSamples(ids, offsets, prompt_len, samples["task"].to_numpy(), truncated, by_task, masks or None)
 
     def collate(self, items: Sequence[tuple[Any, ...]]) -> dict[str, Any]:

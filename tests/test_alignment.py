@@ -502,3 +502,25 @@ def test_a_whole_trajectory_cut_by_tokens_never_trains_half_a_code(parts) -> Non
         assert mask.sum() % levels == 0
     with pytest.raises(ValueError, match="code_token_ids"):
         ChatEncoder(tok, SYSTEM_PROMPT).encode(sample)
+
+
+def test_encoding_in_slices_gives_the_same_arrays(parts, monkeypatch) -> None:
+    """ChatEncoder.encode tokenises ENCODE_ROWS samples at a time (bounded memory); the packed result,
+    label masks of whole-trajectory samples included, does not depend on the slice size."""
+    import lightning_modules.chat_encoding as ce
+    from datamodules.samples import SampleConfig, build_sample_index, render_samples
+
+    dm, enc = parts["datamodule"], parts["encoder"]
+    dm.setup()
+    cfg = SampleConfig(next_format="trajectory", add_profile=False)
+    train = dm.checkins.filter(pl.col("split") == "train")
+    index = build_sample_index(train, None, cfg, tasks=("next", "recovery_single"))
+    samples = render_samples(index, train, parts["table"].strings(), None, None, cfg).sample(40, seed=1)
+    whole = enc.encode(samples)
+    monkeypatch.setattr(ce, "ENCODE_ROWS", 7)
+    sliced = enc.encode(samples)
+    assert (sliced.ids == whole.ids).all() and (sliced.offsets == whole.offsets).all()
+    assert (sliced.prompt_len == whole.prompt_len).all() and sliced.truncated == whole.truncated
+    assert sorted(sliced.label_masks) == sorted(whole.label_masks) and len(whole.label_masks) > 7
+    assert all((sliced.label_masks[i] == whole.label_masks[i]).all() for i in whole.label_masks)
+    assert (enc.lengths(samples) == whole.lengths).all()

@@ -15,6 +15,7 @@ import pytest
 
 from datamodules.readers.synthetic import CATEGORIES, generate_city
 from datamodules.schema import CHECKIN_SCHEMA
+from tests.conftest import compose_cfg
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -175,3 +176,20 @@ def test_small_cities_work() -> None:
 def test_rejects_bad_sizes(kwargs: dict) -> None:
     with pytest.raises(ValueError):
         generate_city(**kwargs)
+
+
+# Next-location Acc@1 of the count baselines on the NYC release's 2,698 test cases (stage=baselines;
+# README, "What you get").
+NYC_ACC1 = {"most_popular": 0.0107, "markov": 0.1138, "user_most_frequent": 0.1868}
+
+
+def test_the_quickstart_city_is_calibrated_to_nyc(tmp_path) -> None:
+    """The default run's city has NYC's difficulty for the count baselines (each Acc@1 within +-0.05 of
+    NYC's, every test case), not the routine of the generator's defaults (user_most_frequent ~0.75)."""
+    from lightning_modules.evaluation import run_baselines_stage
+
+    cfg = compose_cfg(["experiment=quickstart", f"paths.artifacts={tmp_path}", "eval.max_cases=null"])
+    results = run_baselines_stage(cfg)
+    assert results["cases"]["next"] > 100
+    for name, nyc in NYC_ACC1.items():
+        assert abs(results["metrics"][name]["next"]["acc@1"] - nyc) <= 0.05, (name, results["metrics"][name]["next"])

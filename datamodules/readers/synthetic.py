@@ -284,6 +284,9 @@ def generate_city(
     radius_km: float = 8.0,
     start: str = "2012-04-02",
     timezone_offset_min: int = -240,
+    explore: tuple[float, float] = (0.05, 0.2),
+    home_am: tuple[float, float] = (0.2, 0.7),
+    home_pm: tuple[float, float] = (0.6, 0.95),
 ) -> pl.DataFrame:
     """Generate the check-ins of a synthetic city (see the module docstring for what is modelled).
 
@@ -296,6 +299,11 @@ def generate_city(
         radius_km: Every POI lies within this distance of ``center``.
         start: First simulated (local) date, ``YYYY-MM-DD``.
         timezone_offset_min: Local time minus UTC, in minutes (-240 is New York in summer).
+        explore: Range of the users' probability to try a new place instead of a favourite (drawn
+            per user). The habit knobs: the defaults give a very routine city; ``data=synthetic_nyc``
+            sets values calibrated to the NYC release (``benchmarks/calibrate_city.py``).
+        home_am: Range of the probability to check in at home before work on a weekday.
+        home_pm: Range of the probability to check in at home at the end of a weekday.
 
     Returns:
         Canonical check-ins (:data:`datamodules.schema.CHECKIN_SCHEMA`), sorted by ``user_id`` and
@@ -360,11 +368,11 @@ def generate_city(
             "home": home, "work": work, "fav": fav, "fav_w": fav_w,
             "work_start": float(np.clip(rng.normal(8.9, 0.55), 7.5, 10.2)),
             "p_active_wd": rng.uniform(0.3, 0.55), "p_active_we": rng.uniform(0.25, 0.5),
-            "p_home_am": rng.uniform(0.2, 0.7), "p_transit": rng.uniform(0.0, 0.45),
+            "p_home_am": rng.uniform(*home_am), "p_transit": rng.uniform(0.0, 0.45),
             "p_coffee": rng.uniform(0.05, 0.8), "p_lunch": rng.uniform(0.35, 0.9),
             "p_out": rng.uniform(0.2, 0.7), "p_gym": rng.uniform(0.1, 0.5) if rng.random() < 0.5 else 0.0,
-            "p_bar": rng.uniform(0.05, 0.5), "p_home_pm": rng.uniform(0.6, 0.95),
-            "p_explore": rng.uniform(0.05, 0.2),
+            "p_bar": rng.uniform(0.05, 0.5), "p_home_pm": rng.uniform(*home_pm),
+            "p_explore": rng.uniform(*explore),
             # Some users take a break (travel, illness) of a few days: long gaps happen in real logs.
             "break": (int(rng.integers(0, days)), int(rng.integers(3, 8))) if rng.random() < 0.3 else (-1, 0),
         })

@@ -1,0 +1,76 @@
+"""How NYC-like the synthetic city is: the statistics the issue-16 calibration matches, side by side.
+
+For the NYC release and for the synthetic city (as configured, plus any ``--city key=value``
+overrides of ``data.city``) this prints, on the test split's next-location cases: visits per
+trajectory, the share of targets the user visited in train (revisit share), the share already in the
+current trajectory, and the Acc@1 of the count baselines (most_popular, markov, user_most_frequent)
+and user_time, computed by the suite's own ``stage=baselines`` code. Calibration moves only the
+generator's habit knobs until the three count-baseline Acc@1 are within +-0.05 of NYC's; the model's
+results are never looked at.
+
+    .venv/bin/python benchmarks/calibrate_city.py [--city explore=0.3,0.6 ...] [--no-nyc]
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+BASELINES = ("most_popular", "markov", "user_most_frequent", "user_time")
+
+
+def city_stats(overrides: list[str]) -> dict[str, float]:
+    import polars as pl
+
+    from datamodules.data_stage import data_dir
+    from lightning_modules.baselines import eval_cases
+    from lightning_modules.evaluation import run_baselines_stage, test_index
+    from tests.conftest import compose_cfg
+
+    cfg = compose_cfg([*overrides, f"paths.artifacts={tempfile.mkdtemp()}", "eval.max_cases=null", "eval.tasks=[next]"])
+    results = run_baselines_stage(cfg)
+    checkins = pl.read_parquet(data_dir(cfg) / "checkins.parquet")
+    cases = eval_cases(test_index(cfg), checkins)
+    train = checkins.filter(pl.col("split") == "train")
+    seen = train.select("user_id", "loc_id").unique().with_columns(seen=pl.lit(True))
+    test_cases = cases.join(seen, left_on=["user_id", "target_loc"], right_on=["user_id", "loc_id"], how="left")
+    trajs = checkins.group_by("traj_id").agg(pl.len(), pl.col("split").first())
+    in_traj = cases.select(pl.col("context").list.contains(pl.col("target_loc")).alias("x"))
+    stats = {
+        "users": checkins["user_id"].n_unique(), "places": checkins["loc_id"].n_unique(), "check-ins": checkins.height,
+        "test cases": cases.height,
+        "visits per trajectory": round(float(trajs["len"].mean()), 2),
+        "revisit share (target in the user's train places)": round(float(test_cases["seen"].fill_null(False).mean()), 3),
+    }
+    stats["target in the current trajectory"] = round(float(in_traj["x"].mean()), 3)
+    for name in BASELINES:
+        stats[f"{name} Acc@1"] = round(float(results["metrics"][name]["next"]["acc@1"]), 4)
+    return stats
+
+
+def main() -> None:
+    from tests.conftest import NYC_RELEASE
+
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--city", nargs="*", default=[], help="data.city overrides, e.g. explore=0.3,0.6")
+    ap.add_argument("--experiment", default="quickstart")
+    ap.add_argument("--no-nyc", action="store_true")
+    args = ap.parse_args()
+    columns = {}
+    if not args.no_nyc:
+        columns["NYC release"] = city_stats(["experiment=nyc_qlora_cpu", f"data.root={NYC_RELEASE}"])
+    city = [f"data.city.{kv.split('=', 1)[0]}=[{kv.split('=', 1)[1]}]" if "," in kv else f"data.city.{kv}" for kv in args.city]
+    columns["synthetic"] = city_stats([f"experiment={args.experiment}", *city])
+    names = list(columns)
+    print("| statistic | " + " | ".join(names) + " |\n|---|" + "---|" * len(names))
+    for key in columns[names[-1]]:
+        print(f"| {key} | " + " | ".join(str(columns[n].get(key, "")) for n in names) + " |")
+
+
+if __name__ == "__main__":
+    main()
