@@ -39,15 +39,15 @@ def city_stats(overrides: list[str]) -> dict[str, float]:
     train = checkins.filter(pl.col("split") == "train")
     seen = train.select("user_id", "loc_id").unique().with_columns(seen=pl.lit(True))
     test_cases = cases.join(seen, left_on=["user_id", "target_loc"], right_on=["user_id", "loc_id"], how="left")
-    trajs = checkins.group_by("traj_id").agg(pl.len(), pl.col("split").first())
+    trajs = checkins.group_by("traj_id").len()
     in_traj = cases.select(pl.col("context").list.contains(pl.col("target_loc")).alias("x"))
     stats = {
         "users": checkins["user_id"].n_unique(), "places": checkins["loc_id"].n_unique(), "check-ins": checkins.height,
         "test cases": cases.height,
         "visits per trajectory": round(float(trajs["len"].mean()), 2),
         "revisit share (target in the user's train places)": round(float(test_cases["seen"].fill_null(False).mean()), 3),
+        "target in the current trajectory": round(float(in_traj["x"].mean()), 3),
     }
-    stats["target in the current trajectory"] = round(float(in_traj["x"].mean()), 3)
     for name in BASELINES:
         stats[f"{name} Acc@1"] = round(float(results["metrics"][name]["next"]["acc@1"]), 4)
     return stats

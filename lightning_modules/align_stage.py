@@ -412,7 +412,7 @@ def run_align_stage(cfg: DictConfig, force: bool | None = None) -> dict[str, Any
             "llm": str(cfg.llm.name), "dataset": str(cfg.data.name), "tokenizer": str(cfg.tokenizer.name),
             "command": command_line(cfg), "example": example_prompt(dm, parts["encoder"]),
             # How visits were written (data.samples.visit_text): prompts at use must be written alike.
-            "visit_text": sample_config(cfg.data).visit_text, "next_format": sample_config(cfg.data).next_format,
+            **{k: getattr(sample_config(cfg.data), k) for k in ("visit_text", "next_format")},
             "training": {"tasks": list(cfg.objectives.tasks), "weights": OmegaConf.to_container(cfg.objectives.weights)
                          if cfg.objectives.get("weights") else None, "steps": steps, "batch_size": int(a.batch_size),
                          "lr": float(a.lr), "lora_r": int(a.lora.r), "lora_alpha": int(a.lora.alpha),

@@ -145,19 +145,18 @@ class AlignmentModule(L.LightningModule):
         if self.hparams.loss_reduction == "token":
             loss = token_loss.mean()
             mean = loss.detach()
-        elif "label_weight" in batch:
-            # Each answer's token mean (a whole-trajectory sample has one answer per trained visit),
-            # summed with gradients, over the nominal batch size or the answers present if more.
-            weight = batch["label_weight"][:, 1:][where].to(token_loss.dtype)
-            answers = int(batch["units"].sum())
-            loss = (token_loss * weight).sum() / max(int(self.hparams.batch_size), answers, 1)
-            mean = (token_loss.detach() * weight).sum() / max(answers, 1)
         else:
-            # Each sample's token mean, summed with gradients, over the nominal batch size.
-            weight = 1.0 / counts.clamp(min=1)[rows]
-            loss = (token_loss * weight).sum() / max(int(self.hparams.batch_size), n)
-            has = counts > 0
-            mean = (per_sample[has] / counts[has]).mean() if has.any() else loss.detach()
+            # Each answer's token mean, summed with gradients, over the nominal batch size or the answers
+            # present if more. A sample is one answer; a whole-trajectory sample is one per trained visit
+            # (the collate's label_weight and units; batches built by hand have neither).
+            if "label_weight" in batch:
+                weight = batch["label_weight"][:, 1:][where].to(token_loss.dtype)
+                answers = int(batch["units"].sum())
+            else:
+                weight = 1.0 / counts.clamp(min=1)[rows]
+                answers = int((counts > 0).sum())
+            loss = (token_loss * weight).sum() / max(int(self.hparams.batch_size), answers, 1)
+            mean = (token_loss.detach() * weight).sum() / answers if answers else loss.detach()
         return {"loss": loss, "mean_loss": mean, "sample_loss": per_sample, "sample_tokens": counts}
 
     def _update(self, metrics: torch.nn.ModuleDict, batch: dict[str, Any], out: dict[str, Tensor], total: MeanMetric) -> None:

@@ -107,11 +107,15 @@ class EncodedSamples:
         return None if not self.label_masks else self.label_masks.get(i)
 
 
+def true_runs(flags: np.ndarray) -> list[tuple[int, int]]:
+    """``[start, end)`` of each run of consecutive True values."""
+    edges = np.flatnonzero(np.diff(np.concatenate([[0], np.asarray(flags).astype(np.int8), [0]])))
+    return list(zip(edges[::2].tolist(), edges[1::2].tolist()))
+
+
 def code_runs(ids: Sequence[int] | np.ndarray, code_ids: np.ndarray) -> list[tuple[int, int]]:
     """``[start, end)`` of each run of consecutive location-code tokens in ``ids``: one per visit."""
-    is_code = np.isin(np.asarray(ids), code_ids)
-    edges = np.flatnonzero(np.diff(np.concatenate([[0], is_code.astype(np.int8), [0]])))
-    return list(zip(edges[::2].tolist(), edges[1::2].tolist()))
+    return true_runs(np.isin(np.asarray(ids), code_ids))
 
 
 class ChatEncoder:
@@ -207,8 +211,12 @@ class ChatEncoder:
 
     def _encode_rows(self, samples: pl.DataFrame) -> EncodedSamples:
         prompts = self._ids(self.prompt_texts(samples))
-        answers = self._ids(samples.select(pl.concat_str([pl.col("target"), pl.lit(self.end)])).to_series().to_list())
         whole = self._whole(samples, prompts)
+        # A whole-trajectory sample is tokenised as one string by _whole: its answer alone is not needed.
+        answer = pl.concat_str([pl.col("target"), pl.lit(self.end)])
+        if whole:
+            answer = pl.when(pl.col("labelled_visits").is_null()).then(answer).otherwise(pl.lit(""))
+        answers = self._ids(samples.select(answer).to_series().to_list())
         chunks, prompt_len, truncated = [], np.empty(len(prompts), dtype=np.int32), 0
         tasks = samples["task"].to_list()
         by_task: dict[str, int] = {}
@@ -274,7 +282,7 @@ class ChatEncoder:
                 continue
             m = torch.from_numpy(mask)
             labels[row, : len(t)][m] = t[m]
-            for start, end in code_runs(mask.astype(np.int64), np.array([1])):
+            for start, end in true_runs(mask):
                 weight[row, start:end] = 1.0 / (end - start)
                 units[row] += 1
         return {
@@ -299,4 +307,4 @@ class ChatEncoder:
         return {"input_ids": ids.to(device), "attention_mask": mask.to(device)}
 
 
-__all__ = ["PROMPT_FORMATS", "ChatEncoder", "EncodedSamples", "chat_parts", "code_runs"]
+__all__ = ["PROMPT_FORMATS", "ChatEncoder", "EncodedSamples", "chat_parts", "code_runs", "true_runs"]

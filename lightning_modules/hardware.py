@@ -9,7 +9,8 @@ matmul in both dtypes once per machine and picks bf16 when it is at least ``BF16
 faster; the figures are cached (``cpu-bf16.json`` beside the model cache) so that every run
 on the machine decides the same way. Measured on 2-core VMs:
 
-* AMD EPYC with AVX512-BF16, no AMX: 2048² matmul 601 GFLOP/s in bf16 against 181 in float32;
+* AMD EPYC with AVX512-BF16, no AMX: 2048² matmul 413 GFLOP/s in bf16 against 188 in float32
+  (``benchmarks/bench_precision.py``), and the quick start in 4 min 19 s instead of 5 min 51 s;
 * Sapphire Rapids with AMX, SmolLM2-135M description embeddings: float32 670 tok/s, bf16 1,800 tok/s,
   and a LoRA training step 1.7x faster under bf16 autocast (``benchmarks/bench_align.py``);
 * AMD EPYC with AVX2 only: bf16 autocast had not finished 4 alignment steps when float32 had done 20.
@@ -37,7 +38,7 @@ log = logging.getLogger(__name__)
 
 _CPUINFO = Path("/proc/cpuinfo")
 BF16_FLAGS = ("amx_bf16", "avx512_bf16")  # native bf16 matmul units; without one, bf16 is emulated
-BF16_MIN_SPEEDUP = 1.3  # measured: ~3.3x with AVX512-BF16, more with AMX, <0.1x emulated
+BF16_MIN_SPEEDUP = 1.3  # measured: 2.2x with AVX512-BF16, more with AMX, <0.1x emulated
 _MATMUL_N = 1024
 
 
@@ -50,12 +51,10 @@ def cpu_has_amx_bf16() -> bool:
             return bool(probe())
         except RuntimeError:
             pass
-    try:
-        return "amx_bf16" in _CPUINFO.read_text().split()
-    except OSError:
-        return False
+    return "amx_bf16" in _cpu_description()[1]
 
 
+@functools.lru_cache(maxsize=None)
 def _cpu_description() -> tuple[str, frozenset[str]]:
     """(model name, flags) of this CPU from /proc/cpuinfo; empty where it cannot be read."""
     try:
@@ -190,8 +189,8 @@ def resolve_quantization(kind: str, accelerator: str = "auto") -> str:
 
     On CPUs NF4 saves memory but not time: bitsandbytes dequantises every weight at every matmul.
     SmolLM2-135M, batch 8 x 256 (``benchmarks/bench_align.py``), 2-core AMD EPYC with AVX512-BF16:
-    bf16 LoRA 5.25 s/step (4.9 GB), NF4 with bf16 compute 8.35 s/step (3.3 GB); float32 LoRA 9.6 s
-    (6.4 GB), NF4 8.2 s (3.5 GB). AVX2-only EPYC (float32): LoRA 17.1 s, NF4 20.8 s.
+    bf16 LoRA 5.59 s/step (5.1 GB), NF4 with bf16 compute 8.50 s/step (3.1 GB); float32 LoRA 7.89 s
+    (6.9 GB), NF4 8.65 s (3.5 GB). AVX2-only EPYC (float32): LoRA 17.1 s, NF4 20.8 s.
     """
     if str(kind) != "auto":
         return str(kind)

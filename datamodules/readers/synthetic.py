@@ -300,7 +300,7 @@ def generate_city(
         start: First simulated (local) date, ``YYYY-MM-DD``.
         timezone_offset_min: Local time minus UTC, in minutes (-240 is New York in summer).
         explore: Range of the users' probability to try a new place instead of a favourite (drawn
-            per user). The habit knobs: the defaults give a very routine city; ``data=synthetic_nyc``
+            per user). The habit knobs: the defaults give a very routine city; ``experiment=quickstart``
             sets values calibrated to the NYC release (``benchmarks/calibrate_city.py``).
         home_am: Range of the probability to check in at home before work on a weekday.
         home_pm: Range of the probability to check in at home at the end of a weekday.
