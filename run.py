@@ -6,62 +6,66 @@ and sweeps call the same code path.
 
 from __future__ import annotations
 
+import importlib
 import logging
 import sys
-from collections.abc import Callable
-from typing import Any
-
 from pathlib import Path
+from typing import Any
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
-from omegaconf import DictConfig, OmegaConf, open_dict
+from omegaconf import DictConfig, open_dict
 
-from datamodules.artifacts import run_dir, write_json_atomic
-
-from datamodules.data_stage import run_data_stage
-from datamodules.errors import DataError
-from lightning_modules.align_stage import run_align_stage, validate_align
-from lightning_modules.evaluation import results_markdown, run_baselines_stage, run_predict_stage, run_test_stage
-from lightning_modules.llm import ModelUnavailableError
-from lightning_modules.report import JOB_RECORD, point_name, run_report_stage
-from location_tokenizers.tokenizer_stage import run_tokenizer_stage
+from pipeline.config import STAGES, RunConfig, load_config
 
 log = logging.getLogger("qtmob")
 
-# Stages in pipeline order; `stage=all` runs them in turn, `stage=<name>` runs one.
-STAGES: dict[str, Callable[[DictConfig], Any]] = {
-    "data": run_data_stage,
-    "tokenizer": run_tokenizer_stage,
-    "align": run_align_stage,
-    "test": run_test_stage,
-}
-# Stages that run only when asked for by name (not part of stage=all). report gathers a sweep folder.
-ON_DEMAND: dict[str, Callable[[DictConfig], Any]] = {
-    "baselines": run_baselines_stage,
-    "predict": run_predict_stage,
-    "report": run_report_stage,
-}
+# Where each stage lives (pipeline/<module>.py, function run_<stage>_stage). Imported when it runs, so that
+# `python run.py --help` does not load torch.
+MODULES = {"data": "data", "tokenizer": "tokenizer", "align": "align", "test": "test", "baselines": "test",
+           "predict": "predict", "report": "report"}
+# What a stage reads from the stages before it: they run first (reused when their folders match).
+NEEDS = {"baselines": ["data"], "predict": [], "report": []}
 
 
-def run(cfg: DictConfig) -> dict[str, Any]:
-    """Run the configured stage(s).
+def plan(stage: str) -> list[str]:
+    """The stages that run, in order, for ``stage=...``: the only place that orders them."""
+    if stage == "all":
+        return list(STAGES)
+    if stage in STAGES:
+        return list(STAGES[: STAGES.index(stage) + 1])
+    return NEEDS[stage] + [stage]
 
-    Args:
-        cfg: The composed config (``experiments/run.yaml`` plus overrides).
+
+def stage_function(name: str) -> Any:
+    return getattr(importlib.import_module(f"pipeline.{MODULES[name]}"), f"run_{name}_stage")
+
+
+def run(cfg: DictConfig | RunConfig) -> dict[str, Any]:
+    """Validate the whole config, then run the requested stage(s) in order.
+
+    Every config problem (unknown key, wrong type, a value outside its set, a required setting left
+    out, a trainer argument Lightning does not know) fails here, before any stage touches a folder.
+    ``force=true`` recomputes the stage(s) asked for; the stages they need are reused when they match.
 
     Returns:
-        ``{stage: result}`` for every stage that ran.
+        ``{stage: result}`` for the stage(s) asked for (all four for ``stage=all``).
     """
-    stage = str(cfg.stage)
-    known = {**STAGES, **ON_DEMAND}
-    if stage != "all" and stage not in known:
-        raise DataError(f"stage={stage!r} is not one of: all, {', '.join(known)}")
-    names = list(STAGES) if stage == "all" else [stage]
-    if {"align", "test", "predict"} & set(names):
-        validate_align(cfg)  # a bad align setting fails here, before the data and tokenizer stages run
-    return {name: known[name](cfg) for name in names}
+    config = load_config(cfg)
+    names = plan(config.stage)
+    if {"tokenizer", "align", "test"} & set(names):
+        from pipeline.trainers import check_trainer_args
+
+        check_trainer_args(config)
+    asked = set(STAGES) if config.stage == "all" else {config.stage}
+    results = {}
+    for name in names:
+        kwargs = {"force": config.force if name in asked else False} if name in STAGES else {}
+        result = stage_function(name)(config, **kwargs)
+        if name in asked:
+            results[name] = result
+    return results
 
 
 def _hydra() -> Any:
@@ -74,38 +78,51 @@ def name_grid_point(cfg: DictConfig) -> None:
     hc = _hydra()
     if hc is None or hc.mode != RunMode.MULTIRUN or cfg.get("variant"):
         return
+    from pipeline.report import point_name
+
     with open_dict(cfg):
         cfg.variant = point_name(list(hc.overrides.task), hc.job.num)
 
 
-def write_job_record(cfg: DictConfig, status: str, stages: list[str], error: str | None = None) -> None:
+def write_job_record(cfg: DictConfig | RunConfig, status: str, stages: list[str], error: str | None = None) -> None:
     """``<hydra output dir>/qtmob_job.json``: what this job ran and where (read by ``stage=report``)."""
+    from datamodules.artifacts import write_json_atomic
+    from pipeline.paths import run_dir
+    from pipeline.report import JOB_RECORD
+
     hc = _hydra()
     if hc is None or str(cfg.stage) == "report":
         return
     write_json_atomic(Path(hc.runtime.output_dir) / JOB_RECORD, {
-        "status": status, "error": error, "stage": str(cfg.stage), "stages": stages, "run_dir": str(run_dir(cfg)),
-        "variant": cfg.get("variant"), "overrides": list(hc.overrides.task),
+        "status": status, "error": error, "stage": str(cfg.stage), "stages": stages,
+        "run_dir": str(run_dir(cfg)) if isinstance(cfg, RunConfig) else None,
+        "variant": cfg.variant if isinstance(cfg, RunConfig) else cfg.get("variant"), "overrides": list(hc.overrides.task),
     })
 
 
 @hydra.main(config_path="experiments", config_name="run", version_base=None)
 def main(cfg: DictConfig) -> None:
     """Hydra wrapper around :func:`run`; input problems end with a message, not a traceback."""
+    from datamodules.config import ConfigError
+    from datamodules.errors import DataError
+    from lightning_modules.llm import ModelUnavailableError
     from lightning_modules.quiet import quiet_known_noise
+    from lightning_modules.results import results_markdown
 
     quiet_known_noise()
     name_grid_point(cfg)
+    config: Any = cfg
     try:
-        results = run(cfg)
-    except (DataError, ModelUnavailableError) as exc:
+        config = load_config(cfg)
+        results = run(config)
+    except (ConfigError, DataError, ModelUnavailableError) as exc:
         write_job_record(cfg, "failed", [], f"{type(exc).__name__}: {exc}")
         print(f"error: {exc}", file=sys.stderr)
         sys.exit(2)
     except BaseException as exc:  # a crash or Ctrl-C: recorded for the sweep report, then raised as usual
-        write_job_record(cfg, "failed", [], f"{type(exc).__name__}: {exc}")
+        write_job_record(config, "failed", [], f"{type(exc).__name__}: {exc}")
         raise
-    write_job_record(cfg, "ok", list(results))
+    write_job_record(config, "ok", list(results))
     if "data" in results:
         summary = results["data"]
         print(

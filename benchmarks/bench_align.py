@@ -46,10 +46,10 @@ def one(name: str, steps: int, llm: str, new_tokens: str, seq_len: int = 256) ->
     from lightning_modules.alignment_module import AlignmentModule
     from lightning_modules.llm import build_peft_model
     from location_tokenizers.codes import all_code_tokens
-    from tests.conftest import compose_cfg
+    from tests.conftest import compose_run
 
     overrides, autocast = SETTINGS[name]
-    cfg = compose_cfg([f"llm={llm}", f"align.new_tokens={new_tokens}", *overrides])
+    cfg = compose_run([f"llm={llm}", f"align.new_tokens={new_tokens}", *overrides])
     torch.manual_seed(0)
     model, tok, info = build_peft_model(cfg.llm, cfg.align, cfg.paths.cache, all_code_tokens(4, 64), seed=0)
     module = AlignmentModule(model, tasks=["next"])

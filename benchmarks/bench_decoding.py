@@ -23,17 +23,17 @@ sys.path.insert(0, str(REPO))
 def main() -> None:
     import torch
 
-    from datamodules.data_stage import data_dir, run_data_stage
+    from pipeline.paths import data_dir
+    from pipeline.data import run_data_stage
     from lightning_modules.chat_encoding import ChatEncoder
     from lightning_modules.constrained_decoding import beam_search
-    from lightning_modules.evaluation import test_index
+    from pipeline.test import test_index
     from lightning_modules.llm import load_model, load_tokenizer
     from location_tokenizers.codes import all_code_tokens
-    from location_tokenizers.tokenizer_stage import released_table
+    from pipeline.paths import released_table
     from location_tokenizers.trie import CodeTrie
     from datamodules.samples import SYSTEM_PROMPT, render_samples
-    from datamodules.dataset import sample_config
-    from tests.conftest import NYC_RELEASE, compose_cfg
+    from tests.conftest import NYC_RELEASE, compose_run
     import polars as pl
 
     ap = argparse.ArgumentParser()
@@ -42,7 +42,7 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_grad_enabled(False)
     art = tempfile.mkdtemp()
-    cfg = compose_cfg(["experiment=nyc_qlora_cpu", f"data.root={NYC_RELEASE}", f"paths.artifacts={art}", "tokenizer=released"])
+    cfg = compose_run(["experiment=nyc_qlora_cpu", f"data.root={NYC_RELEASE}", f"paths.artifacts={art}", "tokenizer=released"])
     run_data_stage(cfg)
     table = released_table(cfg)
     tok = load_tokenizer(cfg.llm, cfg.paths.cache)
@@ -53,7 +53,7 @@ def main() -> None:
     d = data_dir(cfg)
     index = test_index(cfg).filter(pl.col("task") == "next").head(args.cases)
     samples = render_samples(index, pl.read_parquet(d / "checkins.parquet"), table.strings(), pl.read_parquet(d / "locations.parquet"),
-                             pl.read_parquet(d / "profiles.parquet"), sample_config(cfg.data))
+                             pl.read_parquet(d / "profiles.parquet"), cfg.data.samples)
     enc = ChatEncoder(tok, SYSTEM_PROMPT)
     prompts = enc.prompt_texts(samples)
     levels = [trie.level_token_ids[lv].tolist() for lv in range(table.num_levels)]

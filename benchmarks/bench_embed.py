@@ -22,7 +22,7 @@ from omegaconf import OmegaConf
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from location_tokenizers.embed import _Encoder  # noqa: E402
+from lightning_modules.embed import _Encoder  # noqa: E402
 
 DEFAULT_DATA = ROOT.parent / "shared" / "data" / "foursquare_nyc" / "qtmob_foursquare_NYC"
 

@@ -30,18 +30,18 @@ def main() -> None:
     import numpy as np
     import polars as pl
 
-    from datamodules.data_stage import data_dir, run_data_stage
-    from datamodules.dataset import sample_config
+    from pipeline.paths import data_dir
+    from pipeline.data import run_data_stage
     from datamodules.samples import VISIT_TEXT, build_sample_index, render_samples
     from lightning_modules.llm import load_tokenizer
     from location_tokenizers.codes import all_code_tokens
-    from location_tokenizers.tokenizer_stage import released_table
-    from tests.conftest import NYC_RELEASE, compose_cfg
+    from pipeline.paths import released_table
+    from tests.conftest import NYC_RELEASE, compose_run
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--samples", type=int, default=2000, help="seeded train samples per task")
     args = ap.parse_args()
-    cfg = compose_cfg(["experiment=nyc_qlora_cpu", f"data.root={NYC_RELEASE}", f"paths.artifacts={tempfile.mkdtemp()}",
+    cfg = compose_run(["experiment=nyc_qlora_cpu", f"data.root={NYC_RELEASE}", f"paths.artifacts={tempfile.mkdtemp()}",
                        "tokenizer=released"])
     run_data_stage(cfg)
     d = data_dir(cfg)
@@ -50,7 +50,7 @@ def main() -> None:
     tok.add_tokens(all_code_tokens(table.num_levels, table.codebook_size))
     checkins, locations = pl.read_parquet(d / "checkins.parquet"), pl.read_parquet(d / "locations.parquet")
     profiles = pl.read_parquet(d / "profiles.parquet")
-    base = sample_config(cfg.data)
+    base = cfg.data.samples
     index = build_sample_index(checkins, locations["loc_id"], base, tasks=("next", "recovery_multi", "recovery_single"))
     index = pl.concat([part.sample(min(args.samples, part.height), seed=0)
                        for part in index.filter(pl.col("split") == "train").partition_by("task", maintain_order=True)])

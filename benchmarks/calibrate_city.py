@@ -27,13 +27,15 @@ BASELINES = ("most_popular", "markov", "user_most_frequent", "user_time")
 def city_stats(overrides: list[str]) -> dict[str, float]:
     import polars as pl
 
-    from datamodules.data_stage import data_dir
+    from pipeline.paths import data_dir
     from lightning_modules.baselines import eval_cases
-    from lightning_modules.evaluation import run_baselines_stage, test_index
-    from tests.conftest import compose_cfg
+    from pipeline.test import test_index
+    from run import run
+    from tests.conftest import compose_run
 
-    cfg = compose_cfg([*overrides, f"paths.artifacts={tempfile.mkdtemp()}", "eval.max_cases=null", "eval.tasks=[next]"])
-    results = run_baselines_stage(cfg)
+    cfg = compose_run([*overrides, f"paths.artifacts={tempfile.mkdtemp()}", "eval.max_cases=null", "eval.tasks=[next]",
+                       "stage=baselines"])
+    results = run(cfg)["baselines"]  # the data stage first, then the baselines
     checkins = pl.read_parquet(data_dir(cfg) / "checkins.parquet")
     cases = eval_cases(test_index(cfg), checkins)
     train = checkins.filter(pl.col("split") == "train")

@@ -50,12 +50,41 @@ def _abandoned(tmp: Path) -> bool:
     return False
 
 
+def temp_path(final: str | Path) -> Path:
+    """The one naming rule of work in progress: ``.tmp-<name>-<host>-<pid>-<random>`` beside ``final``.
+
+    Beside it, because ``os.replace`` is atomic only within one filesystem; unique, so that two writers
+    (grid points, a test beside a long run) never share one; hidden, so that no reader takes it for a
+    result; with its writer, so that :func:`atomic_dir` cleans only what a dead process left."""
+    final = Path(final)
+    return final.parent / f".tmp-{final.name}-{_OWNER}-{uuid.uuid4().hex[:8]}"
+
+
 @contextlib.contextmanager
-def atomic_dir(final: str | Path) -> Iterator[Path]:
+def atomic_file(path: str | Path) -> Iterator[Path]:
+    """Yield a temporary file to write; on success it replaces ``path`` (0644 under the usual umask).
+
+    A reader sees the old file or the complete new one, never a partial write; after a failure or a
+    kill nothing named ``path`` changed."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = temp_path(path)
+    try:
+        yield tmp
+        tmp.chmod(0o666 & ~_UMASK)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+@contextlib.contextmanager
+def atomic_dir(final: str | Path, replace: bool = True) -> Iterator[Path]:
     """Build a folder under a temporary name; on success it replaces ``final`` whole.
 
     Args:
         final: The folder to (re)create.
+        replace: Replace an existing ``final``; False: the first complete writer wins (caches that
+            several processes may fill at once), and a later one discards its copy.
 
     Yields:
         The temporary folder to write into. If the block raises (or the process dies), ``final``
@@ -67,14 +96,16 @@ def atomic_dir(final: str | Path) -> Iterator[Path]:
     for stale in final.parent.glob(f".tmp-{final.name}-*"):
         if _abandoned(stale):
             shutil.rmtree(stale, ignore_errors=True)
-    tmp = final.parent / f".tmp-{final.name}-{_OWNER}-{uuid.uuid4().hex[:8]}"
+    tmp = temp_path(final)
     tmp.mkdir()
     try:
         yield tmp
         share(tmp)
+        if final.exists() and not replace:
+            return
         trash = None
         if final.exists():
-            trash = final.parent / f".tmp-{final.name}-old-{_OWNER}-{uuid.uuid4().hex[:8]}"
+            trash = temp_path(final.parent / f"{final.name}-old")
             os.replace(final, trash)
         os.replace(tmp, final)
         if trash is not None:
@@ -82,21 +113,6 @@ def atomic_dir(final: str | Path) -> Iterator[Path]:
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
-
-
-def run_dir(cfg: Any) -> Path:
-    """``<paths.artifacts>/<data.name>/<run_name>[/<variant>]``: the alignment, test and TensorBoard
-    folder of a run. ``variant`` names a grid point of a sweep (an ablation file sets it; a plain
-    multirun uses its overrides), so that the points of one grid never share a folder."""
-    out = Path(cfg.paths.artifacts) / str(cfg.data.name) / str(cfg.run_name)
-    variant = cfg.get("variant")
-    return out / str(variant) if variant else out
-
-
-def tb_dir(cfg: Any) -> Path:
-    """TensorBoard folder: ``logger.save_dir``, by default ``<run folder>/tb``."""
-    save_dir = cfg.logger.get("save_dir")
-    return Path(save_dir) if save_dir else run_dir(cfg) / "tb"
 
 
 _UMASK = os.umask(0)
@@ -113,17 +129,9 @@ def share(folder: str | Path) -> None:
 
 
 def write_text_atomic(path: str | Path, text: str) -> None:
-    """Write a text file via a uniquely named temporary file and a rename: a reader sees the old file
-    or the new one, never half of one."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".tmp-{path.name}-{uuid.uuid4().hex[:8]}")
-    try:
+    """Write a text file through :func:`atomic_file`."""
+    with atomic_file(path) as tmp:
         tmp.write_text(text)
-        tmp.chmod(0o666 & ~_UMASK)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def write_json_atomic(path: str | Path, obj: Any) -> None:

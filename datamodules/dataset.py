@@ -7,18 +7,15 @@ descriptions, and user profiles.
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import polars as pl
-from omegaconf.errors import MissingMandatoryValue
 
 from datamodules.categories import fill_parent_categories
+from datamodules.config import FORMATS, DataConfig
 from datamodules.descriptions import (
-    DescriptionConfig,
     build_locations,
     generate_descriptions,
     generate_profiles,
@@ -26,15 +23,12 @@ from datamodules.descriptions import (
 )
 from datamodules.download import SOURCES, ensure_dataset
 from datamodules.errors import DataError, Quarantine
-from datamodules.protocol import ProtocolConfig, apply_protocol
+from datamodules.protocol import apply_protocol
 from datamodules.readers.qtmob_release import read_qtmob_release, read_release_profiles
 from datamodules.readers.raw_formats import read_gowalla, read_tsmc
 from datamodules.readers.synthetic import generate_city
-from datamodules.samples import SampleConfig
 
 log = logging.getLogger(__name__)
-
-FORMATS = ("qtmob_release", "tsmc", "gowalla", "synthetic")
 
 
 @dataclass
@@ -59,62 +53,25 @@ class MobilityData:
     protocol_stats: dict[str, int] = field(default_factory=dict)
 
 
-def _sub(cfg: Any, key: str, default: Any = None) -> Any:
-    """``cfg[key]`` for dicts and OmegaConf nodes alike, ``default`` when absent or null."""
-    try:
-        value = cfg.get(key, default)
-    except AttributeError:
-        value = getattr(cfg, key, default)
-    except MissingMandatoryValue:  # a `???` the user has not filled in
-        value = None
-    return default if value is None else value
-
-
-def _dataclass_from(cls: type, cfg: Any) -> Any:
-    kwargs = {}
-    for f in dataclasses.fields(cls):
-        value = _sub(cfg, f.name) if cfg is not None else None
-        if value is not None:
-            kwargs[f.name] = tuple(value) if isinstance(f.default, tuple) else value
-    return cls(**kwargs)
-
-
-def protocol_config(data_cfg: Any) -> ProtocolConfig:
-    """The :class:`ProtocolConfig` of a ``data`` config."""
-    return _dataclass_from(ProtocolConfig, _sub(data_cfg, "protocol"))
-
-
-def description_config(data_cfg: Any) -> DescriptionConfig:
-    """The :class:`DescriptionConfig` of a ``data`` config."""
-    return _dataclass_from(DescriptionConfig, _sub(data_cfg, "descriptions"))
-
-
-def sample_config(data_cfg: Any) -> SampleConfig:
-    """The :class:`SampleConfig` of a ``data`` config."""
-    return _dataclass_from(SampleConfig, _sub(data_cfg, "samples"))
-
-
-def _root(data_cfg: Any) -> Path:
-    root = _sub(data_cfg, "root")
-    if root is None:
+def _root(data: DataConfig) -> Path:
+    if data.root is None:
         raise DataError(
-            f"data.root is not set for data={_sub(data_cfg, 'name')} (format {_sub(data_cfg, 'format')}); "
+            f"data.root is not set for data={data.name} (format {data.format}); "
             "pass data.root=<folder holding the files> (add data.download=true to fetch them there)."
         )
-    return Path(str(root)).expanduser()
+    return Path(str(data.root)).expanduser()
 
 
-def _ensure(data_cfg: Any, root: Path) -> None:
+def _ensure(data: DataConfig, root: Path) -> None:
     """Download the dataset when asked to and absent (a no-op when its files are there)."""
-    source = _sub(data_cfg, "source")
-    if source is None or source not in SOURCES:
+    if data.source is None or data.source not in SOURCES:
         return
-    src = SOURCES[source]
-    file = _sub(data_cfg, "file")
+    src = SOURCES[data.source]
+    file = data.file
     # A user may hold the plain text instead of the .gz SNAP ships (or the reverse).
     if file and ((root / file).is_file() or (root / str(file).removesuffix(".gz")).is_file()):
         return
-    ensure_dataset(src, root, download=bool(_sub(data_cfg, "download", False)))
+    ensure_dataset(src, root, download=data.download)
 
 
 def _raw_file(root: Path, file: str) -> Path:
@@ -122,38 +79,37 @@ def _raw_file(root: Path, file: str) -> Path:
     return plain if plain.is_file() else root / file
 
 
-def input_files(data_cfg: Any) -> list[Path]:
+def input_files(data: DataConfig) -> list[Path]:
     """The files a ``data`` config reads (none for the synthetic city; every file of a release folder).
 
     Hidden files and macOS archive debris are not inputs. Missing files are simply absent here: loading
     them reports the problem."""
-    fmt = _sub(data_cfg, "format")
-    if fmt == "synthetic" or _sub(data_cfg, "root") is None:
+    if data.format == "synthetic" or data.root is None:
         return []
-    root = _root(data_cfg)
-    if fmt == "qtmob_release":
+    root = _root(data)
+    if data.format == "qtmob_release":
         if not root.is_dir():
             return []
         return sorted(p for p in root.rglob("*") if p.is_file()
                       and not any(part.startswith(".") or part == "__MACOSX" for part in p.relative_to(root).parts))
-    files = [_raw_file(root, _sub(data_cfg, "file"))] if _sub(data_cfg, "file") else []
-    if _sub(data_cfg, "categories"):
-        files.append(Path(str(_sub(data_cfg, "categories"))))
+    files = [_raw_file(root, data.file)] if data.file else []
+    if data.categories:
+        files.append(Path(data.categories))
     return [f for f in files if f.is_file()]
 
 
-def prepare_inputs(data_cfg: Any) -> None:
+def prepare_inputs(data: DataConfig) -> None:
     """Download the dataset first when asked to (``data.download=true``), so that the data fingerprint,
     which hashes the input files, is computed on the files the stage will read."""
-    if _sub(data_cfg, "download", False) and _sub(data_cfg, "root") is not None and _sub(data_cfg, "format") != "synthetic":
-        _ensure(data_cfg, _root(data_cfg))
+    if data.download and data.root is not None and data.format != "synthetic":
+        _ensure(data, _root(data))
 
 
-def load_dataset(data_cfg: Any) -> MobilityData:
+def load_dataset(data: DataConfig) -> MobilityData:
     """Read and prepare the dataset a ``data`` config describes.
 
     Args:
-        data_cfg: The ``data`` config node (see ``experiments/data/*.yaml``).
+        data: The ``data`` settings (``experiments/data/*.yaml``).
 
     Returns:
         The assembled :class:`MobilityData`.
@@ -161,20 +117,19 @@ def load_dataset(data_cfg: Any) -> MobilityData:
     Raises:
         DataError: for missing, malformed or too-small input (never a traceback).
     """
-    fmt = _sub(data_cfg, "format")
+    fmt = data.format
     if fmt not in FORMATS:
         raise DataError(f"data.format={fmt!r} is not one of {list(FORMATS)}")
-    quarantine = Quarantine(max_bad_fraction=float(_sub(data_cfg, "max_bad_fraction", 0.01)))
-    name = str(_sub(data_cfg, "name", fmt))
-    desc_cfg = description_config(data_cfg)
-    descriptions = _sub(data_cfg, "descriptions", {})
-    desc_source = _sub(descriptions, "source", "generate")
+    quarantine = Quarantine(max_bad_fraction=data.max_bad_fraction)
+    name = data.name
+    desc_cfg = data.descriptions
+    desc_source = desc_cfg.source
 
     if fmt == "qtmob_release":
-        root = _root(data_cfg)
-        _ensure(data_cfg, root)
+        root = _root(data)
+        _ensure(data, root)
         folder = "prompts_refined" if desc_source == "refined" else "prompts"
-        checkins, described = read_qtmob_release(root, quarantine, _sub(data_cfg, "timezone", "America/New_York"), folder)
+        checkins, described = read_qtmob_release(root, quarantine, data.timezone or "America/New_York", folder)
         checkins = checkins.with_columns(loc_id=pl.col("poi_id").cast(pl.Int64))
         visited = build_locations(checkins, checkins.select("poi_id", "loc_id").unique())
         # Every described location is part of the catalogue, visited or not (the release describes
@@ -195,43 +150,34 @@ def load_dataset(data_cfg: Any) -> MobilityData:
             text = described.select("loc_id", "description")
             locations = locations.join(text, on="loc_id", how="left")
             locations = locations.with_columns(short_description=short_description(locations["description"]))
-        if _sub(data_cfg, "profiles", "release") == "release":
+        if data.profiles == "release":
             profiles = read_release_profiles(root)
         else:
             profiles = generate_profiles(checkins, locations, desc_cfg.top_k_profile)
         return MobilityData(name, checkins, locations, profiles, quarantine)
 
     if fmt == "synthetic":
-        city = _sub(data_cfg, "city", {})
-        raw = generate_city(
-            seed=int(_sub(city, "seed", 0)),
-            n_users=int(_sub(city, "n_users", 60)),
-            n_pois=int(_sub(city, "n_pois", 300)),
-            days=int(_sub(city, "days", 60)),
-            # The habit knobs (ranges drawn per user); absent keys keep the generator's defaults.
-            **{k: tuple(float(x) for x in _sub(city, k)) for k in ("explore", "home_am", "home_pm") if _sub(city, k) is not None},
-        )
+        city = data.city
+        raw = generate_city(seed=city.seed, n_users=city.n_users, n_pois=city.n_pois, days=city.days,
+                            explore=tuple(city.explore), home_am=tuple(city.home_am), home_pm=tuple(city.home_pm))
     elif fmt == "tsmc":
-        root = _root(data_cfg)
-        _ensure(data_cfg, root)
-        raw = read_tsmc(_raw_file(root, _sub(data_cfg, "file")), quarantine, encoding=str(_sub(data_cfg, "encoding", "auto")),
-                        drop_duplicates=bool(_sub(data_cfg, "drop_duplicates", False)))
+        root = _root(data)
+        _ensure(data, root)
+        raw = read_tsmc(_raw_file(root, str(data.file)), quarantine, encoding=data.encoding, drop_duplicates=data.drop_duplicates)
     else:  # gowalla
-        root = _root(data_cfg)
-        _ensure(data_cfg, root)
-        bbox = _sub(data_cfg, "bbox")
-        categories = _sub(data_cfg, "categories")
+        root = _root(data)
+        _ensure(data, root)
         raw = read_gowalla(
-            _raw_file(root, _sub(data_cfg, "file")),
+            _raw_file(root, str(data.file)),
             quarantine,
-            bbox=list(bbox) if bbox is not None else None,
-            categories=Path(str(categories)) if categories else None,
-            timezone=_sub(data_cfg, "timezone"),
-            encoding=str(_sub(data_cfg, "encoding", "utf-8")),
-            drop_duplicates=bool(_sub(data_cfg, "drop_duplicates", False)),
+            bbox=list(data.bbox) if data.bbox is not None else None,
+            categories=Path(data.categories) if data.categories else None,
+            timezone=data.timezone,
+            encoding=data.encoding,
+            drop_duplicates=data.drop_duplicates,
         )
     raw = fill_parent_categories(raw)
-    checkins, stats = apply_protocol(raw, protocol_config(data_cfg))
+    checkins, stats = apply_protocol(raw, data.protocol)
     locations = build_locations(checkins)
     checkins = checkins.join(locations.select("poi_id", "loc_id"), on="poi_id", how="left")
     locations = generate_descriptions(locations, desc_cfg)

@@ -8,25 +8,14 @@ generated here **from the train split only**, so no valid/test visit leaks into 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 
 import numpy as np
 import polars as pl
+
+from datamodules.config import DescriptionConfig  # noqa: F401 (re-exported: the settings this module reads)
 from scipy.spatial import cKDTree
 
 from datamodules.geo import geohash, haversine_km, km_to_chord, unit_xyz
-
-
-@dataclass(frozen=True)
-class DescriptionConfig:
-    """Settings of generated descriptions (``data.descriptions`` in the config)."""
-
-    nearby_radius_km: float = 1.0
-    n_nearby_categories: int = 10
-    n_nearest: int = 10
-    representative_radius_km: float = 3.0
-    n_representative: int = 10
-    top_k_profile: int = 5
 
 
 def build_locations(checkins: pl.DataFrame, loc_ids: pl.DataFrame | None = None) -> pl.DataFrame:

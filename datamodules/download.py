@@ -23,7 +23,6 @@ import shutil
 import socket
 import stat
 import tarfile
-import tempfile
 import urllib.error
 import urllib.parse
 import urllib.request
@@ -35,6 +34,7 @@ from typing import BinaryIO
 
 from tqdm.auto import tqdm
 
+from datamodules.artifacts import temp_path
 from datamodules.errors import DataError
 
 __all__ = ["DatasetSource", "SOURCES", "ensure_dataset"]
@@ -169,18 +169,15 @@ def ensure_dataset(source: DatasetSource, root: str | Path, download: bool, time
     try:
         # Staging next to root keeps everything on one filesystem, so the final os.replace is
         # atomic, and a crash leaves only dot-prefixed temp names that are obviously not data.
-        fd, tmp_name = tempfile.mkstemp(prefix=f".{root.name}.", suffix=".download", dir=parent)
-        os.close(fd)
-        tmp_file = Path(tmp_name)
+        tmp_file = temp_path(parent / f"{root.name}.download")
         digest = _download(source, tmp_file, root, timeout)
         if source.archive_sha256 and digest != source.archive_sha256.lower():
             raise DataError(
                 f"Dataset '{source.name}': the archive downloaded from {source.url} has sha256 "
                 f"{digest}, expected {source.archive_sha256.lower()} (corrupted or changed upstream)."
             )
-        tmp_dir = Path(tempfile.mkdtemp(prefix=f".{root.name}.", suffix=".extract", dir=parent))
-        # mkdtemp folders are mode 0700; extracting into a normal subfolder gives the installed
-        # root the usual umask-based permissions when it is moved into place as a whole.
+        tmp_dir = temp_path(parent / f"{root.name}.extract")
+        tmp_dir.mkdir()
         tree = tmp_dir / "tree"
         tree.mkdir()
         _extract(source, tmp_file, tree)

@@ -23,23 +23,12 @@ Every dropped row is counted in the returned stats; nothing disappears silently.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 
 import polars as pl
 
+from datamodules.config import ProtocolConfig  # noqa: F401 (re-exported: the settings this module reads)
+
 from datamodules.errors import DataError
-
-
-@dataclass(frozen=True)
-class ProtocolConfig:
-    """Settings of the raw-data protocol (``data.protocol`` in the config)."""
-
-    min_user_checkins: int = 10
-    min_poi_checkins: int = 10
-    iterative_filter: bool = False
-    max_gap_hours: float = 24.0
-    split_fractions: tuple[float, float, float] = (0.8, 0.1, 0.1)
-    min_traj_len: int = 3
 
 
 def _filter_sparse(df: pl.DataFrame, cfg: ProtocolConfig) -> pl.DataFrame:

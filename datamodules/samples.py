@@ -18,10 +18,11 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable
-from dataclasses import dataclass
 
 import numpy as np
 import polars as pl
+
+from datamodules.config import NEXT_FORMATS, SampleConfig  # noqa: F401 (re-exported: the settings this module reads)
 
 TASKS = ("next", "recovery_multi", "recovery_single", "index2loc", "loc2index", "translation")
 
@@ -73,7 +74,6 @@ TEMPLATES: dict[str, list[str]] = {
 # data.samples.next_format=continuation|trajectory: the visits are the assistant's turn, so the location of
 # visit k is predicted from exactly the text that precedes it in the whole trajectory.
 CONTINUATION_PROMPT = "{profile}Write the visits of user {user} in time order, each with the POI index of the place visited."
-NEXT_FORMATS = ("question", "continuation", "trajectory")
 
 RESPONSE_PREFIX = {
     "next": "At time {time}, user {user} will visit POI index ",
@@ -95,45 +95,6 @@ INDEX_SCHEMA = {
     "start": pl.Int32(), "end": pl.Int32(), "target_pos": pl.Int32(), "masked": pl.List(pl.Int32()),
     "loc_id": pl.Int64(), "template": pl.Int8(), "is_last": pl.Boolean(),
 }
-
-
-@dataclass(frozen=True)
-class SampleConfig:
-    """Settings of the task samples (``data.samples`` in the config)."""
-
-    max_history: int = 20
-    min_history: int = 2
-    recovery_max_len: int = 20
-    mask_ratio: tuple[float, float] = (0.2, 0.5)
-    add_profile: bool = True
-    random_templates: bool = True
-    # Next-location training draws among the paraphrases (a departure; the official code has one).
-    next_paraphrases: bool = False
-    # 0-based description lines left out of the token-semantic tasks (index2loc, loc2index). The
-    # official default (ablation_location_prompt=1) drops line 3, the nearby-category counts.
-    drop_description_lines: tuple[int, ...] = (3,)
-    # The user's top-K train places as location tokens in next-location and recovery prompts (0: off,
-    # the paper's; see datamodules/user_memory.py).
-    user_places: int = 0
-    # How a visit is written. official: "At time 2012-04-03 18:00:09, user 12 visited POI index
-    # <a_1><b_2><c_3><d_4>." (36 SmolLM2 tokens, 19 of them the timestamp: numbers are split into
-    # digits); compact: "Tue 18:00 <a_1><b_2><c_3><d_4>." (12 tokens; weekday and minute kept, the
-    # date, seconds and the repeated user id dropped). A departure for CPU budgets; see VISIT_TEXT.
-    visit_text: str = "official"
-    # How next-location samples are asked. question (the official templates): the visits in the user
-    # turn, a question, the target's code as the answer; one sample per prefix of a trajectory.
-    # continuation: the visits are the assistant's turn and the answer is the next visit's code
-    # (CONTINUATION_PROMPT); still one sample per prefix. trajectory: continuation at valid/test, but
-    # training takes one sample per trajectory (chunks of max_history + 1 visits) whose loss covers the
-    # code of every visit from min_history on: all prefixes in one forward pass (a departure).
-    next_format: str = "question"
-    seed: int = 42
-
-    def __post_init__(self) -> None:
-        if self.visit_text not in VISIT_TEXT:
-            raise ValueError(f"data.samples.visit_text={self.visit_text!r}: expected one of {sorted(VISIT_TEXT)}")
-        if self.next_format not in NEXT_FORMATS:
-            raise ValueError(f"data.samples.next_format={self.next_format!r}: expected one of {list(NEXT_FORMATS)}")
 
 
 def add_positions(visits: pl.DataFrame) -> pl.DataFrame:

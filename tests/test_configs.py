@@ -44,7 +44,7 @@ def test_stage_seed_and_paths_overrides(tmp_path) -> None:
     assert cfg.stage == "data" and cfg.seed == 7
     assert cfg.data.samples.seed == 7  # the sample seed follows the run seed
     assert cfg.paths.artifacts == str(tmp_path)
-    from datamodules.artifacts import tb_dir
+    from pipeline.paths import tb_dir
 
     assert str(tb_dir(cfg)).startswith(str(tmp_path))
 
@@ -77,7 +77,7 @@ def test_ablation_grids_exist() -> None:
 def test_every_point_of_every_ablation_grid_composes(ablation: str, tmp_path) -> None:
     """Each grid of `python run.py -m experiment=... ablation=<grid>` lists its points under
     hydra.sweeper.params; every point composes with each experiment and gets its own run folder."""
-    from datamodules.artifacts import run_dir
+    from pipeline.paths import run_dir
 
     with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base=None):
         full = compose(config_name="run", overrides=[f"ablation={ablation}"], return_hydra_config=True)

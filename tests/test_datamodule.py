@@ -7,7 +7,7 @@ from collections import Counter
 import pytest
 
 import run as run_module
-from datamodules.data_stage import data_dir
+from pipeline.paths import data_dir
 from datamodules.errors import DataError
 from datamodules.mobility_datamodule import MobilityDataModule, TaskMixtureSampler, default_codes
 from tests.conftest import compose_cfg

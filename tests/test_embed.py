@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 from omegaconf import OmegaConf
 
-import location_tokenizers.embed as embed
-from tests.conftest import CONFIG_DIR
+import lightning_modules.embed as embed
+from tests.conftest import CONFIG_DIR, compose_run
 
 TEXTS = [
     "The name of this location is \"Joe's Pizza\" and its POI category is Pizza Place, belonging to the parent category Food.",
@@ -27,7 +27,7 @@ def test_minilm_embeddings_are_normalised_and_semantic(tmp_path) -> None:
 
 
 def test_llm_mean_pooling_and_cache(model_cache, monkeypatch) -> None:
-    llm = OmegaConf.load(CONFIG_DIR / "llm" / "tiny_random.yaml")
+    llm = compose_run(["llm=tiny_random"]).llm
     # Texts new to the cache, so the first call must compute them.
     texts = [f"{t} ({uuid.uuid4().hex})" for t in TEXTS]
     first = embed.embed_texts(texts, "llm", llm, model_cache, progress=False)
@@ -90,7 +90,7 @@ def test_concurrent_runs_do_not_drop_each_others_vectors(tmp_path, monkeypatch) 
 
 def test_a_random_llm_cache_is_keyed_by_its_seed(model_cache) -> None:
     """Regression: the key lacked the seed, so a warm cache returned another seed's vectors (and other codes)."""
-    llm = OmegaConf.load(CONFIG_DIR / "llm" / "tiny_random.yaml")
+    llm = compose_run(["llm=tiny_random"]).llm
     texts = [f"{t} ({uuid.uuid4().hex})" for t in TEXTS]
     assert embed.cache_key("llm", llm, 1024, seed=1) != embed.cache_key("llm", llm, 1024, seed=2)
     cold_1 = embed.embed_texts(texts, "llm", llm, model_cache, seed=1, progress=False)

@@ -13,10 +13,10 @@ import pytest
 import torch
 
 from lightning_modules.metrics import RankingMetrics
-from location_tokenizers.tokenizer_stage import tokenizer_dir
+from pipeline.paths import tokenizer_dir
 from location_tokenizers.codes import CodeTable, all_code_tokens
 from location_tokenizers.trie import CodeTrie
-from tests.conftest import REPO, compose_cfg
+from tests.conftest import REPO, compose_cfg, run_pipeline
 
 
 # ------------------------------------------------------------------------------ metrics
@@ -197,10 +197,8 @@ def test_count_baselines_on_a_hand_made_history() -> None:
 
 
 def test_stage_baselines_on_the_nyc_release(nyc_release, tmp_path) -> None:
-    from lightning_modules.evaluation import run_baselines_stage
-
     cfg = compose_cfg(["experiment=nyc_qlora", f"data.root={nyc_release}", f"paths.artifacts={tmp_path}"])
-    res = run_baselines_stage(cfg)
+    res = run_pipeline(cfg, "baselines")
     assert res["cases"]["next"] == 2698
     m = res["metrics"]
     # The reference points on this split: user frequency ~0.19, first-order Markov ~0.11 Acc@1.
@@ -221,11 +219,9 @@ def test_stage_baselines_on_the_nyc_release(nyc_release, tmp_path) -> None:
 # ----------------------------------------------------------------------------- stage=test
 @pytest.fixture(scope="module")
 def tested(tmp_path_factory, model_cache):
-    from lightning_modules.evaluation import run_test_stage
-
     art = tmp_path_factory.mktemp("test_stage")
     cfg = compose_cfg(["experiment=smoke", f"paths.artifacts={art}", f"paths.cache={model_cache}", "tokenizer.progress_bar=false"])
-    return cfg, run_test_stage(cfg), art
+    return cfg, run_pipeline(cfg, "test"), art
 
 
 def test_stage_test_writes_model_and_baselines_on_the_same_cases(tested) -> None:
@@ -257,16 +253,15 @@ def test_stage_test_writes_model_and_baselines_on_the_same_cases(tested) -> None
 
 
 def test_stage_test_is_deterministic(tested) -> None:
-    from lightning_modules.evaluation import run_test_stage
-
     cfg, res, _ = tested
-    again = run_test_stage(cfg, force=True)
+    again = run_pipeline(cfg, "test", force=True)
     assert again["metrics"] == res["metrics"]
 
 
 def test_stage_predict_ranks_next_locations_for_a_csv(tested, tmp_path, capsys) -> None:
+    from datamodules.config import ConfigError
     from datamodules.errors import DataError
-    from lightning_modules.evaluation import run_predict_stage
+    from pipeline.predict import run_predict_stage
 
     cfg, _, art = tested
     locs = pl.read_parquet(tokenizer_dir(cfg) / "codes.parquet")["loc_id"].to_list()
@@ -281,14 +276,19 @@ def test_stage_predict_ranks_next_locations_for_a_csv(tested, tmp_path, capsys) 
     printed = capsys.readouterr().out
     assert printed.startswith("rank,loc_id,log_prob,lat,lon,category,name")
     # Extreme settings end in one line each, before any decoding.
-    for key, value, message in [("top_k", 200, "top_k=200; choose a whole number from 1 to"), ("top_k", 0, "top_k=0"),
-                                ("top_k", -3, "top_k=-3"), ("format", "xml", "format='xml'; choose csv or json"),
-                                ("at", "2024-03-01 07:00:00", "is not after the last check-in")]:
+    # Settings outside their range are config errors (pipeline/config.py); the rest need the model or the CSV.
+    for key, value, error, message in [
+        ("top_k", 200, DataError, "top_k=200; choose a whole number from 1 to"), ("top_k", 0, ConfigError, "top_k=0"),
+        ("top_k", -3, ConfigError, "top_k=-3"), ("format", "xml", ConfigError, r"format='xml' is not one of \['csv', 'json'\]"),
+        ("at", "2024-03-01 07:00:00", DataError, "is not after the last check-in"),
+    ]:
         old = cfg.eval.predict[key]
         cfg.eval.predict[key] = value
-        with pytest.raises(DataError, match=message):
-            run_predict_stage(cfg)
-        cfg.eval.predict[key] = old
+        try:
+            with pytest.raises(error, match=message):
+                run_predict_stage(cfg)
+        finally:
+            cfg.eval.predict[key] = old
     stranger = tmp_path / "stranger.csv"
     stranger.write_text(f"time,loc_id,user_id\n2024-03-01 08:10:00,{locs[0]},nobody\n")
     cfg.eval.predict.input = str(stranger)
@@ -311,7 +311,7 @@ def test_tensorboard_serves_every_dashboard_of_a_run(tested) -> None:
     import time
     import urllib.request
 
-    from datamodules.artifacts import tb_dir
+    from pipeline.paths import tb_dir
 
     cfg, _, _ = tested
     logdir = tb_dir(cfg)
@@ -374,7 +374,7 @@ def test_every_stage_dashboard_has_the_runs_own_hyperparameters(tested) -> None:
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
     from tensorboard.plugins.hparams import plugin_data_pb2
 
-    from datamodules.artifacts import tb_dir
+    from pipeline.paths import tb_dir
 
     cfg, _, _ = tested
     for stage, metric in (("tokenizer", "rqvae/score"), ("align", "align/val/loss"), ("test", "test/next/acc@1")):
@@ -397,7 +397,8 @@ def test_the_readme_example_prints_the_top5_of_the_suites_own_ranking(tested, tm
     import subprocess
     import sys
 
-    from lightning_modules.evaluation import load_for_eval, rank_prompts
+    from pipeline.test import load_for_eval
+    from lightning_modules.ranking import rank_prompts
 
     cfg, _, art = tested
     folder = art / "synthetic" / "smoke" / "model"

@@ -9,10 +9,10 @@ import pytest
 import torch
 
 import lightning_modules.hardware as hw
-import location_tokenizers.embed as embed
-from lightning_modules.align_stage import align_fingerprint, run_precision
+import lightning_modules.embed as embed
+from pipeline.paths import align_fingerprint, run_precision
 from location_tokenizers.rqvae import RQVAE
-from location_tokenizers.tokenizer_stage import embed_dtype, rqvae_precision, tokenizer_fingerprint
+from pipeline.paths import embed_dtype, rqvae_precision, tokenizer_fingerprint
 from tests.conftest import compose_cfg
 
 
@@ -193,7 +193,7 @@ def test_bf16_rqvae_mlps_keep_the_quantizer_in_float32() -> None:
 
 
 def test_evaluation_decodes_on_the_trainer_device(monkeypatch) -> None:
-    from lightning_modules.evaluation import eval_on_gpu
+    from pipeline.test import eval_on_gpu
 
     gpu = compose_cfg(["experiment=nyc_qlora"])   # trainer=gpu: accelerator auto
     cpu = compose_cfg(["experiment=nyc_qlora_cpu"])
@@ -211,7 +211,7 @@ def test_compute_device_follows_the_accelerator(monkeypatch) -> None:
 
 
 def test_quantization_auto_is_qlora_on_a_gpu_and_lora_on_a_cpu(monkeypatch) -> None:
-    from lightning_modules.align_stage import align_fingerprint
+    from pipeline.paths import align_fingerprint
     from lightning_modules.llm import align_quantization
 
     cfg = compose_cfg(["experiment=nyc_qlora"])

@@ -11,7 +11,7 @@ from importlib.metadata import packages_distributions
 
 from tests.conftest import REPO
 
-OWN = {"datamodules", "location_tokenizers", "lightning_modules", "run", "tests", "benchmarks"}
+OWN = {"datamodules", "location_tokenizers", "lightning_modules", "pipeline", "run", "tests", "benchmarks"}
 
 
 def _pins(name: str) -> set[str]:
@@ -41,7 +41,7 @@ def _distributions(modules: set[str]) -> dict[str, set[str]]:
 def test_every_directly_imported_package_is_pinned() -> None:
     runtime = _pins("requirements.txt") | _pins("requirements-nodeps.txt")
     test_only = _pins("requirements-test.txt")
-    for module, dists in _distributions(_imported(["datamodules", "location_tokenizers", "lightning_modules", "run.py"])).items():
+    for module, dists in _distributions(_imported(["datamodules", "location_tokenizers", "lightning_modules", "pipeline", "run.py"])).items():
         assert dists & runtime, f"{module} (from {sorted(dists)}) is imported by the suite but not pinned in requirements.txt"
     for module, dists in _distributions(_imported(["tests", "benchmarks"])).items():
         assert dists & (runtime | test_only), f"{module} (from {sorted(dists)}) is imported by tests but pinned nowhere"

@@ -14,6 +14,7 @@ import polars as pl
 import pytest
 
 from datamodules.errors import DataError
+from datamodules.config import ConfigError
 from datamodules.protocol import ProtocolConfig, apply_protocol
 from datamodules.readers.synthetic import generate_city
 from datamodules.schema import CHECKIN_SCHEMA, SPLITS, to_canonical
@@ -310,8 +311,9 @@ def test_only_short_trajectories_is_a_data_error() -> None:
 
 
 def test_split_fractions_must_sum_to_one() -> None:
-    with pytest.raises(DataError, match="split_fractions"):
-        apply_protocol(frame(one_user_ten_trips()), ProtocolConfig(split_fractions=(0.8, 0.1, 0.2)))
+    """A bad split is a config error, raised when the settings are made (before any stage runs)."""
+    with pytest.raises(ConfigError, match="split_fractions"):
+        ProtocolConfig(split_fractions=(0.8, 0.1, 0.2))
 
 
 def test_rows_are_conserved_with_every_drop_kind() -> None:

@@ -19,7 +19,8 @@ import pytest
 from hydra import compose, initialize_config_dir
 
 import run as run_module
-from datamodules.data_stage import data_dir
+from pipeline.paths import data_dir
+from datamodules.config import DataConfig, ProtocolConfig
 from datamodules.dataset import load_dataset
 from datamodules.errors import DataError, Quarantine
 from datamodules.readers.raw_formats import read_category_side_file, read_gowalla, read_tsmc
@@ -31,6 +32,11 @@ UTC = timezone.utc
 TASKS = {"next", "recovery_multi", "recovery_single", "index2loc", "loc2index", "translation"}
 #: Protocol with every filter off, for readers tests that go through ``load_dataset``.
 LOOSE_PROTOCOL = {"min_user_checkins": 1, "min_poi_checkins": 1, "min_traj_len": 1}
+
+
+def _data(fields: dict) -> DataConfig:
+    """The typed ``data`` settings ``load_dataset`` takes (the protocol as a :class:`ProtocolConfig`)."""
+    return DataConfig(**{**fields, "protocol": ProtocolConfig(**fields.get("protocol", {}))})
 
 
 # ---- writing raw files ----------------------------------------------------------------------------
@@ -332,10 +338,10 @@ def small_gowalla(tmp_path: Path) -> tuple[Path, Path]:
 
 def test_load_dataset_fills_parent_categories_for_gowalla(tmp_path: Path) -> None:
     path, side = small_gowalla(tmp_path)
-    data = load_dataset({
+    data = load_dataset(_data({
         "format": "gowalla", "name": "g", "root": str(tmp_path), "file": path.name,
         "categories": str(side), "timezone": "America/Los_Angeles", "protocol": LOOSE_PROTOCOL,
-    })
+    }))
     c = data.checkins
     parents = dict(c.select("poi_id", "parent_category").unique().iter_rows())
     assert parents["1"] == "Food"  # filled from the leaf "Coffee Shop"
@@ -349,7 +355,7 @@ def test_load_dataset_fills_parent_categories_for_gowalla(tmp_path: Path) -> Non
 
 def test_load_dataset_fills_parent_categories_for_tsmc(tmp_path: Path) -> None:
     path = write_text(tmp_path / "dataset_TSMC2014_NYC.txt", TSMC_ROWS * 4, encoding="latin-1")
-    data = load_dataset({"format": "tsmc", "root": str(tmp_path), "file": path.name, "protocol": LOOSE_PROTOCOL})
+    data = load_dataset(_data({"format": "tsmc", "root": str(tmp_path), "file": path.name, "protocol": LOOSE_PROTOCOL}))
     parents = dict(data.checkins.select("category", "parent_category").unique().iter_rows())
     assert parents["Home (private)"] == "Residence"
     assert parents["Bridge"] == "Outdoors & Recreation"  # as the QT-Mob release files it
@@ -369,7 +375,7 @@ def test_parent_categories_agree_with_the_synthetic_taxonomy(tmp_path: Path) -> 
             utc = datetime(2012, 4, 2, 12, tzinfo=UTC) + timedelta(days=d, minutes=10 * k)
             lines.append(tsmc_line("1", f"venue{k}", f"cat{k}", leaf, 40.7 + k / 1000, -73.9, -240, utc))
     path = write_text(tmp_path / "dataset_TSMC2014_NYC.txt", lines, encoding="latin-1")
-    data = load_dataset({"format": "tsmc", "root": str(tmp_path), "file": path.name, "protocol": LOOSE_PROTOCOL})
+    data = load_dataset(_data({"format": "tsmc", "root": str(tmp_path), "file": path.name, "protocol": LOOSE_PROTOCOL}))
     got = dict(data.checkins.select("category", "parent_category").unique().iter_rows())
     assert set(got) == set(leaves)
     wrong = {leaf: (parent, CATEGORIES[leaf][0]) for leaf, parent in got.items() if parent != CATEGORIES[leaf][0]}
@@ -379,10 +385,10 @@ def test_parent_categories_agree_with_the_synthetic_taxonomy(tmp_path: Path) -> 
 def test_invalid_timezone_is_a_data_error(tmp_path: Path) -> None:
     path, _ = small_gowalla(tmp_path)
     with pytest.raises(DataError, match="Mars/Olympus"):
-        load_dataset({
+        load_dataset(_data({
             "format": "gowalla", "root": str(tmp_path), "file": path.name,
             "timezone": "Mars/Olympus", "protocol": LOOSE_PROTOCOL,
-        })
+        }))
 
 
 # ---- end to end: raw dumps through `stage=data` ---------------------------------------------------

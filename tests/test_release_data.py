@@ -8,7 +8,7 @@ import polars as pl
 import pytest
 
 import run as run_module
-from datamodules.data_stage import data_dir
+from pipeline.paths import data_dir
 from datamodules.errors import Quarantine
 from datamodules.readers.qtmob_release import read_loc2id, read_qtmob_release
 from datamodules.schema import CHECKIN_SCHEMA

@@ -9,8 +9,9 @@ import logging
 
 import pytest
 
+from datamodules.config import ConfigError
 from datamodules.errors import DataError
-from tests.conftest import compose_cfg
+from tests.conftest import compose_cfg, run_pipeline
 
 
 def _cfg(art, cache, *overrides: str):
@@ -25,11 +26,12 @@ def _cut(path) -> None:
 
 
 def test_broken_data_and_tokenizer_artefacts_are_rebuilt_by_their_stage(tmp_path, model_cache, caplog) -> None:
-    from datamodules.data_stage import data_dir, run_data_stage
-    from location_tokenizers.tokenizer_stage import run_tokenizer_stage, tokenizer_dir
+    from pipeline.data import run_data_stage
+    from pipeline.paths import data_dir, tokenizer_dir
+    from pipeline.tokenizer import run_tokenizer_stage
 
     cfg = _cfg(tmp_path, model_cache)
-    first = run_tokenizer_stage(cfg)
+    first = run_pipeline(cfg, "tokenizer")
     summary = json.loads((data_dir(cfg) / "summary.json").read_text())
     assert set(summary["manifest"]) >= {"checkins.parquet", "sample_index.parquet", "quarantine.csv"}
     assert set(first["manifest"]) == {"codes.parquet", "index.json", "code_map.png"}
@@ -41,11 +43,11 @@ def test_broken_data_and_tokenizer_artefacts_are_rebuilt_by_their_stage(tmp_path
     assert "summary.json is unreadable" in caplog.text
 
     # A cut checkins.parquet is found by its manifest while a *later* stage is asked for; the data stage
-    # (its owner) rebuilds it, and the tokenizer stage is reused.
+    # (its owner, run first by run.py) rebuilds it, and the tokenizer stage is reused.
     _cut(data_dir(cfg) / "checkins.parquet")
     caplog.clear()
     with caplog.at_level(logging.INFO):
-        assert run_tokenizer_stage(cfg)["manifest"] == first["manifest"]
+        assert run_pipeline(cfg, "tokenizer")["manifest"] == first["manifest"]
     assert "checkins.parquet changed since the stage wrote it" in caplog.text
     assert "tokenizer: artefacts" in caplog.text and "skipping" in caplog.text
 
@@ -58,21 +60,23 @@ def test_broken_data_and_tokenizer_artefacts_are_rebuilt_by_their_stage(tmp_path
 
 
 def test_run_folders_keep_their_work(tmp_path, model_cache, caplog) -> None:
-    from lightning_modules.align_stage import run_align_stage
+    from hydra.errors import ConfigCompositionException
+
+    from pipeline.align import run_align_stage
 
     cfg = _cfg(tmp_path, model_cache, "align.train_samples=16", "align.checkpoint_every_n_steps=1", "align.num_generations=0",
                "eval.val_cases=0")
-    done = run_align_stage(cfg)
+    done = run_pipeline(cfg, "align")
     run = tmp_path / "synthetic" / "smoke"
     adapter, last = run / "model" / "adapter_model.safetensors", run / "checkpoints" / "last.ckpt"
     assert done["steps"] == 2 and adapter.is_file() and last.is_file() and "model/adapter_model.safetensors" in done["manifest"]
     config_before = (run / "config.yaml").read_text()
 
-    # A setting that is not a number: one line, before anything is touched.
-    with pytest.raises(DataError, match=r"align.lr='abc' is not a number"):
-        run_align_stage(_cfg(tmp_path, model_cache, "align.train_samples=16", "align.lr=abc"))
-    with pytest.raises(DataError, match=r"align.quantization='nf5' is not one of"):
-        run_align_stage(_cfg(tmp_path, model_cache, "align.train_samples=16", "align.quantization=nf5"))
+    # A setting that is not a number or not allowed: it fails while the config is made, before anything is touched.
+    with pytest.raises(ConfigCompositionException, match=r"align.lr=abc"):
+        _cfg(tmp_path, model_cache, "align.train_samples=16", "align.lr=abc")
+    with pytest.raises(ConfigError, match=r"align.quantization='nf5' is not one of"):
+        run_pipeline(_cfg(tmp_path, model_cache, "align.train_samples=16", "align.quantization=nf5"), "align")
     # A valid but different setting in the same run folder: the finished model is kept, the run stops.
     with pytest.raises(DataError, match=r"another configuration.*run_name=.*force=true"):
         run_align_stage(_cfg(tmp_path, model_cache, "align.train_samples=16", "align.lr=0.01"))
@@ -91,7 +95,8 @@ def test_run_folders_keep_their_work(tmp_path, model_cache, caplog) -> None:
 
 def test_a_changed_input_file_rebuilds_the_data_stage(tmp_path, caplog) -> None:
     """Regression: the data fingerprint hashed the config only, so a fixed row or a cut file was ignored."""
-    from datamodules.data_stage import data_dir, data_fingerprint, run_data_stage
+    from pipeline.paths import data_dir, data_fingerprint
+    from pipeline.data import run_data_stage
     from datamodules.readers.synthetic import generate_city
     from tests.test_raw_readers import write_city_as_tsmc
 

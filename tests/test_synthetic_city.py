@@ -15,7 +15,7 @@ import pytest
 
 from datamodules.readers.synthetic import CATEGORIES, generate_city
 from datamodules.schema import CHECKIN_SCHEMA
-from tests.conftest import compose_cfg
+from tests.conftest import compose_cfg, run_pipeline
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -186,10 +186,8 @@ NYC_ACC1 = {"most_popular": 0.0107, "markov": 0.1138, "user_most_frequent": 0.18
 def test_the_quickstart_city_is_calibrated_to_nyc(tmp_path) -> None:
     """The default run's city has NYC's difficulty for the count baselines (each Acc@1 within +-0.05 of
     NYC's, every test case), not the routine of the generator's defaults (user_most_frequent ~0.75)."""
-    from lightning_modules.evaluation import run_baselines_stage
-
     cfg = compose_cfg(["experiment=quickstart", f"paths.artifacts={tmp_path}", "eval.max_cases=null"])
-    results = run_baselines_stage(cfg)
+    results = run_pipeline(cfg, "baselines")
     assert results["cases"]["next"] > 100
     for name, nyc in NYC_ACC1.items():
         assert abs(results["metrics"][name]["next"]["acc@1"] - nyc) <= 0.05, (name, results["metrics"][name]["next"])

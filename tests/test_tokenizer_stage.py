@@ -12,9 +12,9 @@ import torch
 
 import run as run_module
 from location_tokenizers.codes import CodeTable
-from datamodules.artifacts import tb_dir
-from datamodules.data_stage import data_dir
-from location_tokenizers.tokenizer_stage import tokenizer_dir
+from pipeline.paths import tb_dir
+from pipeline.paths import data_dir
+from pipeline.paths import tokenizer_dir
 from tests.conftest import compose_cfg
 
 FAST = ["tokenizer.max_epochs=15", "tokenizer.progress_bar=false", "tokenizer.hidden_dims=[256,128,64]"]
@@ -116,7 +116,7 @@ def test_failed_stage_leaves_previous_codebook(smoke_run, tmp_path, monkeypatch)
 def test_a_released_index_with_shared_codes_is_never_saved(tmp_path, model_cache, monkeypatch) -> None:
     """Regression: the collision check ran after the folder was renamed into place, so a rerun said
     "skipping" and later stages would have used a tokenizer that had failed."""
-    import location_tokenizers.tokenizer_stage as stage
+    import pipeline.tokenizer as stage
     from datamodules.errors import DataError
 
     cfg = compose_cfg(["experiment=smoke", "stage=tokenizer", "tokenizer=released", f"paths.artifacts={tmp_path}",

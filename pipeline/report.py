@@ -21,10 +21,10 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from omegaconf import DictConfig
 
-from datamodules.artifacts import write_json_atomic
+from datamodules.artifacts import atomic_file, write_json_atomic, write_text_atomic
 from datamodules.errors import DataError
+from pipeline.config import load_config
 
 log = logging.getLogger(__name__)
 
@@ -167,31 +167,27 @@ def bar_chart(rows: list[dict[str, Any]], task: str, path: Path) -> None:
     ax.set_title("QT-Mob grid points (colour) and in-run baselines (grey)")
     ax.legend()
     fig.tight_layout()
-    tmp = path.with_name(f".tmp-{path.name}")
-    fig.savefig(tmp, format="png", dpi=120)
+    with atomic_file(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=120)
     plt.close(fig)
-    tmp.replace(path)
 
 
-def run_report_stage(cfg: DictConfig) -> dict[str, Any]:
+def run_report_stage(cfg: Any) -> dict[str, Any]:
     """``stage=report``: write report.md/.csv/.png into ``report.sweep`` and return the rows."""
-    sweep_arg = cfg.report.get("sweep")
+    cfg = load_config(cfg)
+    sweep_arg = cfg.report.sweep
     if not sweep_arg:
         raise DataError("stage=report needs report.sweep=<multirun folder> (e.g. artifacts/multirun/2026-11-29_12-00-00)")
     sweep = Path(str(sweep_arg))
     points = gather(sweep)
     rows = table_rows(points)
     text = markdown(rows, sweep)
-    tmp = sweep / ".tmp-report.md"
-    tmp.write_text(text)
-    tmp.replace(sweep / "report.md")
-    tmp = sweep / ".tmp-report.csv"
-    with tmp.open("w", newline="") as f:
+    write_text_atomic(sweep / "report.md", text)
+    with atomic_file(sweep / "report.csv") as tmp, tmp.open("w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=["point", "model", "task", *METRICS, "status", "overrides", "error"])
         writer.writeheader()
         writer.writerows(rows)
-    tmp.replace(sweep / "report.csv")
-    bar_chart(rows, str(cfg.report.get("task", "next")), sweep / "report.png")
+    bar_chart(rows, cfg.report.task, sweep / "report.png")
     summary = {"sweep": str(sweep), "points": len(points), "ok": sum(p["status"] == "ok" for p in points),
                "failed": [p["point"] for p in points if p["status"] != "ok"], "markdown": text, "rows": rows}
     write_json_atomic(sweep / "report.json", {k: v for k, v in summary.items() if k != "markdown"})

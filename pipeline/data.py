@@ -1,5 +1,5 @@
 """``stage=data``: read the dataset, apply the protocol, build texts and the sample index, and
-write them with a summary to ``<paths.artifacts>/<data.name>/data/``.
+write them with a summary to ``<paths.artifacts>/<data.name>/data-<fingerprint>/``.
 
 Artefacts (written atomically as one folder):
 ``checkins.parquet``, ``locations.parquet`` (with descriptions), ``profiles.parquet``,
@@ -11,53 +11,20 @@ from __future__ import annotations
 
 import logging
 import time
-from pathlib import Path
 from typing import Any
 
 import polars as pl
-from omegaconf import DictConfig, OmegaConf
 
-from datamodules.artifacts import atomic_dir, file_manifest, fingerprint, reusable, sha256_file, write_json_atomic
-from datamodules.dataset import MobilityData, input_files, load_dataset, prepare_inputs, sample_config
+from datamodules.artifacts import atomic_dir, file_manifest, reusable, write_json_atomic
+from datamodules.dataset import MobilityData, load_dataset, prepare_inputs
 from datamodules.samples import build_sample_index, count_samples
 from datamodules.schema import SPLITS
+from pipeline.config import RunConfig, load_config
+from pipeline.paths import data_dir, data_fingerprint, input_manifest
 
 log = logging.getLogger(__name__)
 
 DATA_FILES = ("checkins.parquet", "locations.parquet", "profiles.parquet", "sample_index.parquet", "summary.json")
-
-
-def data_dir(cfg: DictConfig) -> Path:
-    """``<paths.artifacts>/<data.name>/data-<fingerprint>``: one folder per data config, so that
-    experiments with other sample settings (and grid points running at once) never overwrite it."""
-    return Path(cfg.paths.artifacts) / str(cfg.data.name) / f"data-{data_fingerprint(cfg)[:8]}"
-
-
-# (path, size, mtime_ns) -> sha256: an input is read once per process however often the fingerprint is asked for.
-_HASHES: dict[tuple[str, int, int], str] = {}
-
-
-def input_manifest(data_cfg: Any) -> dict[str, dict[str, Any]]:
-    """Size, modification time and content hash of every input file (streamed: SNAP Gowalla's ~400 MB
-    costs seconds, once per process)."""
-    out = {}
-    for path in input_files(data_cfg):
-        st = path.stat()
-        key = (str(path.resolve()), st.st_size, st.st_mtime_ns)
-        if key not in _HASHES:
-            _HASHES[key] = sha256_file(path)
-        out[str(path)] = {"size": st.st_size, "mtime_ns": st.st_mtime_ns, "sha256": _HASHES[key]}
-    return out
-
-
-def data_fingerprint(cfg: DictConfig) -> str:
-    """Hash of everything that determines the data artefacts: the ``data`` node (resolved, without the
-    settings that do not change them: loader workers/batch size, downloading) and the *content* of every
-    input file (size and SHA-256; a touched but unchanged file keeps the fingerprint). A fixed row or a
-    cut file means a new data folder, and so a rebuild of every later stage."""
-    data = OmegaConf.to_container(cfg.data, resolve=True)
-    inputs = {name: (m["size"], m["sha256"]) for name, m in input_manifest(cfg.data).items()}
-    return fingerprint({**{k: v for k, v in data.items() if k not in ("loader", "download")}, "inputs": inputs})
 
 
 def summarize(data: MobilityData, index: pl.DataFrame) -> dict[str, Any]:
@@ -88,7 +55,7 @@ def summarize(data: MobilityData, index: pl.DataFrame) -> dict[str, Any]:
     }
 
 
-def run_data_stage(cfg: DictConfig, force: bool | None = None) -> dict[str, Any]:
+def run_data_stage(cfg: RunConfig, force: bool | None = None) -> dict[str, Any]:
     """Run (or skip, when its artefacts match the config) the data stage.
 
     Args:
@@ -98,16 +65,17 @@ def run_data_stage(cfg: DictConfig, force: bool | None = None) -> dict[str, Any]
     Returns:
         The summary (also written to ``summary.json``).
     """
+    cfg = load_config(cfg)
     prepare_inputs(cfg.data)  # a download first, so the fingerprint hashes what will be read
     out = data_dir(cfg)
     fp = data_fingerprint(cfg)
-    force = bool(cfg.get("force", False)) if force is None else force
+    force = cfg.force if force is None else force
     if (old := reusable(out, "summary.json", DATA_FILES, fp, force, "data")) is not None:
         return old
     t0 = time.perf_counter()
     data = load_dataset(cfg.data)
-    index = build_sample_index(data.checkins, data.locations.filter(pl.col("description").is_not_null())["loc_id"], sample_config(cfg.data))
-    summary = {"fingerprint": fp, **summarize(data, index), "inputs": input_manifest(cfg.data)}
+    index = build_sample_index(data.checkins, data.locations.filter(pl.col("description").is_not_null())["loc_id"], cfg.data.samples)
+    summary = {"fingerprint": fp, **summarize(data, index), "inputs": input_manifest(cfg)}
     summary["seconds"] = round(time.perf_counter() - t0, 3)
     with atomic_dir(out) as tmp:
         data.checkins.write_parquet(tmp / "checkins.parquet")

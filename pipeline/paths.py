@@ -1,0 +1,181 @@
+"""Stage folders and fingerprints: where each stage writes and what decides whether it may be reused.
+
+A stage folder carries the fingerprint of everything that determines its content (the settings,
+resolved for this machine where ``auto`` means another thing elsewhere, and the fingerprints of the
+stages it reads); :func:`datamodules.artifacts.reusable` compares them, the one reuse rule of every stage.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from datamodules.artifacts import fingerprint, sha256_file
+from datamodules.dataset import input_files
+from datamodules.errors import DataError
+from lightning_modules.hardware import resolve_dtype, resolve_precision
+from lightning_modules.llm import align_compute_dtype, align_quantization
+from location_tokenizers.codes import CodeTable
+from pipeline.config import RunConfig, as_dict, load_config
+
+# The process layout (pipeline/trainers.py applies it) and the alignment's schedule (the RQ-VAE has its
+# own: tokenizer.max_epochs, ...). Every other trainer.* key is an extra Lightning argument for every
+# Trainer of the run, and is in the fingerprints unless it only changes what is reported, so that a
+# debug run (trainer.fast_dev_run, limit_*) never leaves a folder that a full run would reuse.
+LAYOUT_KEYS = ("accelerator", "devices", "strategy", "num_nodes", "precision")
+SCHEDULE_KEYS = ("max_epochs", "max_steps", "accumulate_grad_batches", "gradient_clip_val", "val_check_interval",
+                 "log_every_n_steps")
+REPORTING_KEYS = ("profiler", "enable_progress_bar", "enable_model_summary", "default_root_dir", "barebones")
+
+
+def extra_trainer_args(cfg: RunConfig) -> dict[str, Any]:
+    """``trainer.*`` arguments beyond the layout and the alignment schedule (``+trainer.fast_dev_run=true``,
+    ``debug=limit``, ``+trainer.profiler=simple``): they apply to every Trainer of the run."""
+    cfg = load_config(cfg)
+    return {k: v for k, v in cfg.trainer.items() if k not in LAYOUT_KEYS + SCHEDULE_KEYS}
+
+
+def _learning_args(cfg: RunConfig) -> dict[str, Any]:
+    """The extra arguments that can change what is learnt (in the fingerprints)."""
+    return {k: v for k, v in extra_trainer_args(cfg).items() if k not in REPORTING_KEYS}
+
+
+def run_precision(cfg: RunConfig) -> str:
+    """The Lightning precision of the alignment and test (``trainer.precision=auto`` resolved here)."""
+    cfg = load_config(cfg)
+
+    return resolve_precision(str(cfg.trainer.get("precision", "auto")), str(cfg.trainer.get("accelerator", "auto")))
+
+
+# ------------------------------------------------------------------------------------------ data
+def data_dir(cfg: RunConfig) -> Path:
+    """``<paths.artifacts>/<data.name>/data-<fingerprint>``: one folder per data config, so that
+    experiments with other sample settings (and grid points running at once) never overwrite it."""
+    cfg = load_config(cfg)
+    return Path(cfg.paths.artifacts) / cfg.data.name / f"data-{data_fingerprint(cfg)[:8]}"
+
+
+# (path, size, mtime_ns) -> sha256: an input is read once per process however often the fingerprint is asked for.
+_HASHES: dict[tuple[str, int, int], str] = {}
+
+
+def input_manifest(cfg: RunConfig) -> dict[str, dict[str, Any]]:
+    """Size, modification time and content hash of every input file (streamed: SNAP Gowalla's ~400 MB
+    costs seconds, once per process)."""
+    cfg = load_config(cfg)
+
+    out = {}
+    for path in input_files(cfg.data):
+        st = path.stat()
+        key = (str(path.resolve()), st.st_size, st.st_mtime_ns)
+        if key not in _HASHES:
+            _HASHES[key] = sha256_file(path)
+        out[str(path)] = {"size": st.st_size, "mtime_ns": st.st_mtime_ns, "sha256": _HASHES[key]}
+    return out
+
+
+def data_fingerprint(cfg: RunConfig) -> str:
+    """The ``data`` settings (without those that do not change the artefacts: the loader, downloading)
+    and the *content* of every input file: a fixed row or a cut file means a new data folder."""
+    cfg = load_config(cfg)
+    data = {k: v for k, v in as_dict(cfg.data).items() if k not in ("loader", "download")}
+    inputs = {name: (m["size"], m["sha256"]) for name, m in input_manifest(cfg).items()}
+    return fingerprint({**data, "inputs": inputs})
+
+
+def read_data(cfg: RunConfig, name: str):
+    """A table of the finished data stage."""
+    cfg = load_config(cfg)
+    import polars as pl
+
+    path = data_dir(cfg) / name
+    if not path.is_file():
+        raise DataError(f"{path} not found: run the data stage first (python run.py stage=data ...)")
+    return pl.read_parquet(path)
+
+
+# ------------------------------------------------------------------------------------- tokenizer
+def embed_dtype(cfg: RunConfig) -> str:
+    """The dtype the description encoder runs in (``tokenizer.embed_dtype=auto`` resolved here)."""
+    cfg = load_config(cfg)
+
+    return resolve_dtype(cfg.tokenizer.embed_dtype, str(cfg.trainer.get("accelerator", "auto")))
+
+
+def rqvae_precision(cfg: RunConfig) -> str:
+    """The precision of the RQ-VAE's MLPs (``tokenizer.precision=auto`` resolved here)."""
+    cfg = load_config(cfg)
+
+    return resolve_precision(cfg.tokenizer.precision, str(cfg.trainer.get("accelerator", "auto")))
+
+
+def tokenizer_fingerprint(cfg: RunConfig) -> str:
+    """Everything that determines the codes: data, tokenizer settings, embedder model, seed."""
+    cfg = load_config(cfg)
+    tok = {k: v for k, v in as_dict(cfg.tokenizer).items() if k != "progress_bar"}
+    tok["embed_dtype"], tok["precision"] = embed_dtype(cfg), rqvae_precision(cfg)
+    llm = as_dict(cfg.llm) if cfg.tokenizer.embedder == "llm" else None
+    return fingerprint({"data": data_fingerprint(cfg), "tokenizer": tok, "llm": llm, "seed": cfg.seed,
+                        "trainer": _learning_args(cfg)})
+
+
+def tokenizer_dir(cfg: RunConfig) -> Path:
+    """``<paths.artifacts>/<data.name>/tokenizer-<tokenizer.name>-<fingerprint>``: one folder per
+    tokenizer config, so that a grid over codebook shapes never mixes up codes."""
+    cfg = load_config(cfg)
+    return Path(cfg.paths.artifacts) / cfg.data.name / f"tokenizer-{cfg.tokenizer.name}-{tokenizer_fingerprint(cfg)[:8]}"
+
+
+def load_codes(cfg: RunConfig):
+    """The code table of a finished tokenizer stage."""
+    cfg = load_config(cfg)
+
+    path = tokenizer_dir(cfg) / "codes.parquet"
+    if not path.is_file():
+        raise DataError(f"{path} not found: run the tokenizer stage first (python run.py stage=tokenizer ...)")
+    return CodeTable.read_parquet(path)
+
+
+def released_table(cfg: RunConfig):
+    """The release's own index, if the data folder has one."""
+    cfg = load_config(cfg)
+
+    if not cfg.data.root:
+        return None
+    path = Path(cfg.data.root) / cfg.tokenizer.index_file
+    return CodeTable.from_index_json(path) if path.is_file() else None
+
+
+# ----------------------------------------------------------------------------------- align, test
+def run_dir(cfg: RunConfig) -> Path:
+    """``<paths.artifacts>/<data.name>/<run_name>[/<variant>]``: the alignment, test and TensorBoard
+    folder of a run. ``variant`` names a grid point of a sweep (an ablation file sets it; a plain
+    multirun uses its overrides), so that the points of one grid never share a folder."""
+    cfg = load_config(cfg)
+    out = Path(cfg.paths.artifacts) / cfg.data.name / cfg.run_name
+    return out / cfg.variant if cfg.variant else out
+
+
+def tb_dir(cfg: RunConfig) -> Path:
+    """The logger's folder: ``logger.save_dir``, by default ``<run folder>/tb``."""
+    cfg = load_config(cfg)
+    return Path(cfg.logger.save_dir) if cfg.logger.save_dir else run_dir(cfg) / "tb"
+
+
+def align_fingerprint(cfg: RunConfig) -> str:
+    """Everything that determines the aligned model."""
+    cfg = load_config(cfg)
+
+    trainer = {k: cfg.trainer.get(k) for k in SCHEDULE_KEYS if k not in ("val_check_interval", "log_every_n_steps")}
+    trainer["precision"] = run_precision(cfg)  # resolved: `auto` means another thing on another machine
+    align = {k: v for k, v in as_dict(cfg.align).items() if k not in ("num_workers", "num_generations")}
+    return fingerprint({
+        "data": data_fingerprint(cfg), "tokenizer": tokenizer_fingerprint(cfg), "llm": as_dict(cfg.llm),
+        "align": {**align, "compute_dtype": align_compute_dtype(cfg.align), "quantization": align_quantization(cfg.align)},
+        "objectives": as_dict(cfg.objectives), "trainer": {**trainer, **_learning_args(cfg)}, "seed": cfg.seed,
+    })
+
+
+def test_fingerprint(cfg: RunConfig) -> str:
+    cfg = load_config(cfg)
+    return fingerprint({"align": align_fingerprint(cfg), "eval": as_dict(cfg.eval)})
