@@ -21,20 +21,20 @@ sys.path.insert(0, str(REPO))
 
 
 def main() -> None:
+    import polars as pl
     import torch
 
-    from pipeline.paths import data_dir
-    from pipeline.data import run_data_stage
+    from datamodules.prompts import SYSTEM_PROMPT
+    from datamodules.rendering import render_samples
     from lightning_modules.chat_encoding import ChatEncoder
     from lightning_modules.constrained_decoding import beam_search
-    from pipeline.test import test_index
     from lightning_modules.llm import load_model, load_tokenizer
     from location_tokenizers.codes import all_code_tokens
-    from pipeline.paths import released_table
     from location_tokenizers.trie import CodeTrie
-    from datamodules.samples import SYSTEM_PROMPT, render_samples
+    from pipeline.data import run_data_stage
+    from pipeline.paths import data_dir, released_table
+    from pipeline.test import test_index
     from tests.conftest import NYC_RELEASE, compose_run
-    import polars as pl
 
     ap = argparse.ArgumentParser()
     ap.add_argument("--cases", type=int, default=4)

@@ -30,12 +30,13 @@ def main() -> None:
     import numpy as np
     import polars as pl
 
-    from pipeline.paths import data_dir
-    from pipeline.data import run_data_stage
-    from datamodules.samples import VISIT_TEXT, build_sample_index, render_samples
+    from datamodules.prompts import VISIT_TEXT
+    from datamodules.rendering import render_samples
+    from datamodules.samples import build_sample_index
     from lightning_modules.llm import load_tokenizer
     from location_tokenizers.codes import all_code_tokens
-    from pipeline.paths import released_table
+    from pipeline.data import run_data_stage
+    from pipeline.paths import data_dir, released_table
     from tests.conftest import NYC_RELEASE, compose_run
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])

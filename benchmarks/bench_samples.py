@@ -30,9 +30,11 @@ DEFAULT_ROOT = REPO.parent / "shared" / "data" / "foursquare_nyc" / "qtmob_fours
 def _polars(root: Path) -> dict:
     import polars as pl
 
+    from datamodules.config import SampleConfig
     from datamodules.errors import Quarantine
     from datamodules.readers.qtmob_release import read_qtmob_release, read_release_profiles
-    from datamodules.samples import SampleConfig, build_sample_index, render_samples
+    from datamodules.rendering import render_samples
+    from datamodules.samples import build_sample_index
 
     released = json.loads((root / "index_Llama-3.2-1B-Instruct.json").read_text())
     codes = pl.DataFrame({"loc_id": [int(k) for k in released], "code": ["".join(v) for v in released.values()]})
@@ -55,7 +57,7 @@ def _row_by_row(root: Path) -> dict:
     import csv
     import random
 
-    from datamodules.samples import MASK, RESPONSE_PREFIX, TEMPLATES, UNKNOWN
+    from datamodules.prompts import MASK, RESPONSE_PREFIX, TEMPLATES, UNKNOWN
 
     released = json.loads((root / "index_Llama-3.2-1B-Instruct.json").read_text())
     code = {int(k): "".join(v) for k, v in released.items()}

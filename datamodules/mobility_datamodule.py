@@ -23,9 +23,11 @@ import numpy as np
 import polars as pl
 from torch.utils.data import DataLoader, Dataset, Sampler
 
+from datamodules.config import SampleConfig
 from datamodules.errors import DataError
 from datamodules.fitting import fit_history
-from datamodules.samples import TASKS, SampleConfig, render_samples
+from datamodules.rendering import render_samples
+from datamodules.samples import TASKS
 from datamodules.user_memory import user_memory
 
 log = logging.getLogger(__name__)

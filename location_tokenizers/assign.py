@@ -36,7 +36,7 @@ import torch
 from scipy.optimize import linear_sum_assignment
 from torch import Tensor
 
-from location_tokenizers.rqvae import ResidualQuantizer
+from location_tokenizers.quantizer import ResidualQuantizer
 
 __all__ = ["assign_codes", "count_collisions"]
 

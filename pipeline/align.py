@@ -34,7 +34,7 @@ from datamodules.artifacts import (
 )
 from datamodules.errors import DataError
 from datamodules.mobility_datamodule import MobilityDataModule
-from datamodules.samples import SYSTEM_PROMPT
+from datamodules.prompts import SYSTEM_PROMPT
 from lightning_modules.aligned_model import greedy_generate, save_aligned
 from lightning_modules.alignment_module import AlignmentModule, peak_rss_mb
 from lightning_modules.chat_encoding import ChatEncoder

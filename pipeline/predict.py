@@ -9,7 +9,8 @@ import polars as pl
 
 from datamodules.errors import DataError
 from datamodules.fitting import fit_history
-from datamodules.samples import INDEX_SCHEMA, render_samples
+from datamodules.rendering import render_samples
+from datamodules.samples import INDEX_SCHEMA
 from datamodules.user_checkins import parse_time, read_user_checkins
 from datamodules.user_memory import user_memory
 from lightning_modules.constrained_decoding import beam_search

@@ -32,7 +32,7 @@ from datamodules.artifacts import (
 )
 from datamodules.errors import DataError
 from datamodules.fitting import fit_history
-from datamodules.samples import render_samples
+from datamodules.rendering import render_samples
 from datamodules.user_memory import user_memory
 from lightning_modules.aligned_model import load_aligned
 from lightning_modules.baselines import CountBaselines, eval_cases, fit_gru

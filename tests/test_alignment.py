@@ -14,7 +14,7 @@ import torch
 
 from datamodules.mobility_datamodule import LengthGroupedBatchSampler, TaskMixtureSampler
 from lightning_modules.alignment_module import OBJECTIVE
-from tests.conftest import compose_cfg
+from tests.conftest import compose_cfg, compose_run, run_pipeline
 
 
 @pytest.fixture(scope="module")
@@ -31,7 +31,7 @@ def smoke_art(tmp_path_factory, model_cache):
 
 
 def smoke_cfg(art, model_cache, *overrides: str):
-    return compose_cfg(["experiment=smoke", f"paths.artifacts={art}", f"paths.cache={model_cache}", *overrides])
+    return compose_run(["experiment=smoke", f"paths.artifacts={art}", f"paths.cache={model_cache}", *overrides])
 
 
 @pytest.fixture(scope="module")
@@ -153,7 +153,7 @@ def test_over_long_samples_lose_their_oldest_visits_in_every_split(parts) -> Non
     """The data module applies the length rule with the model's tokenizer: no sample is cut by tokens,
     the history is, and validation prompts follow the same rule as training."""
     from datamodules.mobility_datamodule import MobilityDataModule
-    from datamodules.samples import SYSTEM_PROMPT
+    from datamodules.prompts import SYSTEM_PROMPT
     from lightning_modules.chat_encoding import ChatEncoder
 
     base, tok = parts["datamodule"], parts["tokenizer"]
@@ -178,7 +178,7 @@ def test_over_long_samples_lose_their_oldest_visits_in_every_split(parts) -> Non
 def test_official_inst_layout(parts) -> None:
     """align.prompt_format=inst: "<bos>[INST] system + prompt [/INST] prefix" + answer + <eos>, labels on
     the answer and <eos> only."""
-    from datamodules.samples import SYSTEM_PROMPT
+    from datamodules.prompts import SYSTEM_PROMPT
     from lightning_modules.chat_encoding import ChatEncoder
 
     tok, dm = parts["tokenizer"], parts["datamodule"]
@@ -312,7 +312,7 @@ def test_the_saved_folder_can_be_shared(smoke_art, model_cache) -> None:
     # SmolLM2 with the quick start's adapter settings: the Hub id in the adapter config, <= 20 MB.
     qs = compose_cfg(["experiment=quickstart", f"paths.artifacts={smoke_art}", f"paths.cache={model_cache}"])
     assert base_identity(qs.llm)["base_model_hub"] == "HuggingFaceTB/SmolLM2-135M-Instruct"
-    from datamodules.samples import SYSTEM_PROMPT
+    from datamodules.prompts import SYSTEM_PROMPT
     from lightning_modules.chat_encoding import ChatEncoder
     from lightning_modules.llm import build_peft_model
     from location_tokenizers.codes import all_code_tokens
@@ -332,15 +332,13 @@ def test_the_saved_folder_can_be_shared(smoke_art, model_cache) -> None:
 @pytest.mark.slow
 def test_ten_smollm2_steps_on_nyc_samples(nyc_release, tmp_path, model_cache) -> None:
     """SmolLM2-135M, NF4 + checkpointing, on the release's own samples and index (tokenizer=released)."""
-    from pipeline.align import run_align_stage
-
     cfg = compose_cfg([
         "experiment=nyc_qlora_cpu", f"data.root={nyc_release}", f"paths.artifacts={tmp_path}", f"paths.cache={model_cache}",
         "tokenizer=released", "align.quantization=nf4", "align.new_tokens=rows", "align.gradient_checkpointing=true",
         "align.batch_size=2", "align.max_length=512", "align.eval_per_task=2", "align.num_generations=1",
         "eval.val_cases=2", "trainer.max_steps=10", "trainer.val_check_interval=10", "trainer.log_every_n_steps=2",
     ])
-    res = run_align_stage(cfg)
+    res = run_pipeline(cfg, "align")  # the data and tokenizer stages first, as run.py does
     assert res["steps"] == 10 and res["llm"] == "smollm2_135m" and res["quantization"] == "nf4"
     m = res["metrics"]
     assert np.isfinite(m["align/train/loss"]) and np.isfinite(m["align/val/loss"]) and "align/val/acc@1" in m
@@ -350,7 +348,7 @@ def test_ten_smollm2_steps_on_nyc_samples(nyc_release, tmp_path, model_cache) ->
 
 def test_a_crashed_run_resumes_from_last_ckpt_to_the_same_weights(smoke_art, model_cache, monkeypatch) -> None:
     from lightning_modules import alignment_module
-    from pipeline.align import build_alignment, run_align_stage
+    from pipeline.align import run_align_stage
 
     common = ["align.train_samples=64", "align.checkpoint_every_n_steps=3", "align.num_generations=0", "eval.val_cases=0"]
     straight = run_align_stage(smoke_cfg(smoke_art, model_cache, *common, "run_name=straight"))
@@ -400,7 +398,7 @@ def test_hub_models_fail_at_once_offline_naming_the_alternative(llm, tmp_path, m
 
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # as on a machine without internet, whatever this one has
     monkeypatch.setattr("huggingface_hub.constants.HF_HUB_OFFLINE", True)
-    cfg = compose_cfg([f"llm={llm}", f"paths.cache={tmp_path}"])
+    cfg = compose_run([f"llm={llm}", f"paths.cache={tmp_path}"])
     with pytest.raises(ModelUnavailableError, match=rf"{cfg.llm.hf_id}.*llm=smollm2_135m.*llm=tiny_random"):
         model_path(cfg.llm, cfg.paths.cache)
 
@@ -431,7 +429,9 @@ def test_a_whole_trajectory_sample_has_the_mean_loss_of_its_prefixes(parts, visi
     """next_format=trajectory: one forward pass over a trajectory gives, at every trained visit's code,
     the loss that visit's per-prefix sample (next_format=continuation, same prompt) has on its code;
     the sample loss is their mean, and a batch weighs the trajectory as that many answers."""
-    from datamodules.samples import SampleConfig, build_sample_index, render_samples
+    from datamodules.config import SampleConfig
+    from datamodules.rendering import render_samples
+    from datamodules.samples import build_sample_index
 
     dm, enc, module, model = parts["datamodule"], parts["encoder"], parts["module"], parts["model"]
     dm.setup()
@@ -479,7 +479,10 @@ def test_a_whole_trajectory_sample_has_the_mean_loss_of_its_prefixes(parts, visi
 
 
 def test_a_whole_trajectory_cut_by_tokens_never_trains_half_a_code(parts) -> None:
-    from datamodules.samples import SYSTEM_PROMPT, SampleConfig, build_sample_index, render_samples
+    from datamodules.config import SampleConfig
+    from datamodules.prompts import SYSTEM_PROMPT
+    from datamodules.rendering import render_samples
+    from datamodules.samples import build_sample_index
     from lightning_modules.chat_encoding import ChatEncoder, code_runs
 
     dm, tok = parts["datamodule"], parts["tokenizer"]
@@ -508,7 +511,9 @@ def test_encoding_in_slices_gives_the_same_arrays(parts, monkeypatch) -> None:
     """ChatEncoder.encode tokenises ENCODE_ROWS samples at a time (bounded memory); the packed result,
     label masks of whole-trajectory samples included, does not depend on the slice size."""
     import lightning_modules.chat_encoding as ce
-    from datamodules.samples import SampleConfig, build_sample_index, render_samples
+    from datamodules.config import SampleConfig
+    from datamodules.rendering import render_samples
+    from datamodules.samples import build_sample_index
 
     dm, enc = parts["datamodule"], parts["encoder"]
     dm.setup()

@@ -14,7 +14,7 @@ HEAVY = ("torch", "lightning", "transformers", "peft", "polars")
 RENAMES = re.compile(r"os\.(replace|rename)\(|shutil\.move\(|\btmp\w*\.(replace|rename)\(")
 # Files that move whole finished things, never write one: why each may rename.
 MOVERS = {
-    "download.py": "installs verified downloaded entries into a user's data folder",
+    "archives.py": "installs verified downloaded entries into a user's data folder",
     "align.py": "moves an unreadable last.ckpt aside before training starts afresh",
 }
 

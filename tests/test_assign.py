@@ -9,7 +9,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from location_tokenizers.assign import assign_codes, count_collisions
-from location_tokenizers.rqvae import ResidualQuantizer
+from location_tokenizers.quantizer import ResidualQuantizer
 
 DIM = 6
 

@@ -407,7 +407,7 @@ def test_interrupt_cleans_up(server: _Server, root: Path, monkeypatch: pytest.Mo
     def interrupted(*args: object, **kwargs: object) -> None:
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(dl, "_verify", interrupted)
+    monkeypatch.setattr(dl, "verify", interrupted)  # the step after extraction, as download.py calls it
     with pytest.raises(KeyboardInterrupt):
         ensure_dataset(source_for(server.url("a.zip")), root, download=True, timeout=5)
     assert_no_leftovers(root)

@@ -6,10 +6,9 @@ import uuid
 
 import numpy as np
 import pytest
-from omegaconf import OmegaConf
 
 import lightning_modules.embed as embed
-from tests.conftest import CONFIG_DIR, compose_run
+from tests.conftest import compose_run
 
 TEXTS = [
     "The name of this location is \"Joe's Pizza\" and its POI category is Pizza Place, belonging to the parent category Food.",

@@ -16,7 +16,7 @@ from lightning_modules.metrics import RankingMetrics
 from pipeline.paths import tokenizer_dir
 from location_tokenizers.codes import CodeTable, all_code_tokens
 from location_tokenizers.trie import CodeTrie
-from tests.conftest import REPO, compose_cfg, run_pipeline
+from tests.conftest import REPO, compose_cfg, compose_run, run_pipeline
 
 
 # ------------------------------------------------------------------------------ metrics
@@ -162,7 +162,7 @@ def test_beam_search_equals_hf_generate_on_smollm2(model_cache) -> None:
     from lightning_modules.constrained_decoding import beam_search
     from lightning_modules.llm import load_model, load_tokenizer
 
-    cfg = compose_cfg(["llm=smollm2_135m", f"paths.cache={model_cache}"])
+    cfg = compose_run(["llm=smollm2_135m", f"paths.cache={model_cache}"])
     tok = load_tokenizer(cfg.llm, cfg.paths.cache)
     table = _table(300, 4, 16, seed=5)
     tok.add_tokens(all_code_tokens(4, 16))

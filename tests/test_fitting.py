@@ -9,8 +9,10 @@ import numpy as np
 import polars as pl
 import pytest
 
+from datamodules.config import SampleConfig
 from datamodules.fitting import fit_history
-from datamodules.samples import SampleConfig, build_sample_index, render_samples
+from datamodules.rendering import render_samples
+from datamodules.samples import build_sample_index
 
 PROFILE = "PROFILE-START " + "likes coffee and late dinners " * 10 + "PROFILE-END"
 

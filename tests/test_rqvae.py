@@ -9,15 +9,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from location_tokenizers.rqvae import (
-    MLP,
-    RQVAE,
-    ResidualQuantizer,
-    code_usage,
-    perplexity,
-    sinkhorn,
-    squared_distances,
-)
+from location_tokenizers.quantizer import ResidualQuantizer, sinkhorn, squared_distances
+from location_tokenizers.rqvae import MLP, RQVAE, code_usage, perplexity
 
 IN_DIM, LATENT, LEVELS, K = 64, 16, 3, 16
 

@@ -7,15 +7,18 @@ import json
 import polars as pl
 import pytest
 
+from datamodules.config import SampleConfig
 from datamodules.dataset import load_dataset
 from datamodules.mobility_datamodule import default_codes
-from datamodules.samples import MASK, UNKNOWN, SampleConfig, build_sample_index, count_samples, render_samples
-from tests.conftest import compose_cfg
+from datamodules.prompts import MASK, UNKNOWN
+from datamodules.rendering import render_samples
+from datamodules.samples import build_sample_index, count_samples
+from tests.conftest import compose_run
 
 
 @pytest.fixture(scope="module")
 def city():
-    cfg = compose_cfg(["experiment=smoke"])
+    cfg = compose_run(["experiment=smoke"])
     return load_dataset(cfg.data)
 
 
@@ -168,7 +171,7 @@ def test_render_refuses_missing_codes(city, index) -> None:
 
 
 def test_release_renders_with_released_index(nyc_release) -> None:
-    cfg = compose_cfg(["data=qtmob_nyc", f"data.root={nyc_release}"])
+    cfg = compose_run(["data=qtmob_nyc", f"data.root={nyc_release}"])
     data = load_dataset(cfg.data)
     released = json.loads((nyc_release / "index_Llama-3.2-1B-Instruct.json").read_text())
     codes = pl.DataFrame({"loc_id": [int(k) for k in released], "code": ["".join(v) for v in released.values()]})

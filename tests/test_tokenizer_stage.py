@@ -92,7 +92,7 @@ def test_same_seed_same_codes(smoke_run, tmp_path) -> None:
 
 
 def test_failed_stage_leaves_previous_codebook(smoke_run, tmp_path, monkeypatch) -> None:
-    import location_tokenizers.assign as assign
+    import pipeline.tokenizer as stage
 
     cfg, _, art, cache = smoke_run
     out = tokenizer_dir(cfg)
@@ -101,7 +101,7 @@ def test_failed_stage_leaves_previous_codebook(smoke_run, tmp_path, monkeypatch)
     def boom(*args, **kwargs):
         raise KeyboardInterrupt("killed during code assignment")
 
-    monkeypatch.setattr(assign, "assign_codes", boom)
+    monkeypatch.setattr(stage, "assign_codes", boom)  # where the stage looks it up
     with pytest.raises(KeyboardInterrupt):
         run_module.run(smoke_cfg(art, cache, "force=true"))
     assert (out / "codes.parquet").read_bytes() == before

@@ -7,7 +7,9 @@ from datetime import datetime, timedelta
 
 import polars as pl
 
-from datamodules.samples import SampleConfig, build_sample_index, render_samples
+from datamodules.config import SampleConfig
+from datamodules.rendering import render_samples
+from datamodules.samples import build_sample_index
 from datamodules.user_memory import user_memory
 
 CODES = pl.DataFrame({"loc_id": [1, 2, 3, 4, 5], "code": ["<a_1>", "<a_2>", "<a_3>", "<a_4>", "<a_5>"]})

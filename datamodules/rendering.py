@@ -1,0 +1,275 @@
+"""Rendering a sample index into text (step 2 of :mod:`datamodules.samples`), once location codes exist.
+
+Vectorised over all samples with Polars: each visit's sentence is written once per variant (its code,
+``[MASK]``, ``[UNKNOWN]``) and the windows of a trajectory are joined from those sentences.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+
+import polars as pl
+
+from datamodules.config import SampleConfig
+from datamodules.prompts import CONTINUATION_PROMPT, MASK, RESPONSE_PREFIX, TEMPLATES, UNKNOWN, VISIT_TEXT
+from datamodules.samples import TASKS, add_positions
+
+
+def _template_expr(template: str, values: dict[str, pl.Expr]) -> pl.Expr:
+    """``pl.format`` of a ``{name}`` template with per-name expressions."""
+    names = re.findall(r"\{(\w+)\}", template)
+    return pl.format(re.sub(r"\{\w+\}", "{}", template), *[values[n] for n in names])
+
+
+def _window_text(samples: pl.DataFrame, flat: pl.Series, n: int, variant: pl.Expr, separator: str) -> pl.Series:
+    """Join, per sample, the strings of its visits ``[start, end)`` taken from ``flat``.
+
+    ``flat`` stacks variants of one string per visit (variant ``k`` of visit row ``r`` is at
+    ``k * n + r``); ``variant`` picks the variant per (sample, position). Gathering by integer
+    index is a memcpy, which keeps rendering fast without per-sample Python.
+    """
+    rows = samples.select(
+        "sample_id", "off", "target_pos", "masked", pos=pl.int_ranges("start", "end", dtype=pl.Int32)
+    ).explode("pos")
+    rows = rows.with_columns(
+        flat_idx=variant.cast(pl.Int64) * n + pl.col("off").cast(pl.Int64) + pl.col("pos").cast(pl.Int64)
+    )
+    rows = rows.with_columns(text=flat.gather(rows["flat_idx"]))
+    joined = rows.group_by("sample_id", maintain_order=True).agg(pl.col("text").str.join(separator))
+    # Samples with an empty window (none today) would be missing from the group_by.
+    return samples.select("sample_id").join(joined, on="sample_id", how="left", maintain_order="left")["text"].fill_null("")
+
+
+def _visit_joiner(v: pl.DataFrame, text: pl.Series, separator: str) -> Callable[[pl.DataFrame], pl.Series]:
+    """Prepare fast joins of *unmasked* visit windows: per trajectory, all visit strings are
+    joined once; a window ``[start, end)`` is then one substring of it (views, no per-visit work).
+
+    Args:
+        v: Visits sorted by trajectory and position (``traj_id``).
+        text: One string per row of ``v``.
+        separator: Between visits.
+
+    Returns:
+        A function mapping samples (``traj_id, off, start, end``) to their joined windows.
+    """
+    sep = len(separator)
+    lens = text.str.len_chars().cast(pl.Int64)
+    starts = v.select(traj_id="traj_id", ln=lens + sep).select((pl.col("ln").cum_sum() - pl.col("ln")).over("traj_id"))["ln"]
+    whole = pl.DataFrame({"traj_id": v["traj_id"], "t": text}).group_by("traj_id").agg(whole=pl.col("t").str.join(separator))
+
+    def window(samples: pl.DataFrame) -> pl.Series:
+        first = samples["off"].cast(pl.Int64) + samples["start"].cast(pl.Int64)
+        last = samples["off"].cast(pl.Int64) + samples["end"].cast(pl.Int64) - 1
+        begin = starts.gather(first)
+        length = starts.gather(last) + lens.gather(last) - begin
+        return (
+            samples.select("traj_id")
+            .with_columns(begin=begin, length=length)
+            .join(whole, on="traj_id", how="left", maintain_order="left")
+            .select(pl.col("whole").str.slice(pl.col("begin"), pl.col("length")))["whole"]
+        )
+
+    return window
+
+
+def _continuation(sub: pl.DataFrame, vals: dict[str, pl.Expr], finish: Callable[..., None], sentence: str) -> None:
+    """Next-location samples whose visits are the assistant's turn (``next_format`` continuation or
+    trajectory). A per-prefix row answers the target's code after its history and the target's time;
+    a whole-trajectory row (``masked`` = its targets) has every visit of its window as the answer, of
+    which the codes of ``labelled_visits`` (0-based within the window) are trained."""
+    before_code = sentence.split("{code}")[0]
+    whole = pl.col("masked").is_not_null()
+    target_prefix = _template_expr(before_code, {"time": pl.col("time"), "user": pl.col("user_id")})
+    # The targets are contiguous, from target_pos to the window's end; a window whose oldest visits were
+    # cut to fit (datamodules/fitting.py) keeps the targets it still holds.
+    first = pl.max_horizontal("target_pos", "start") - pl.col("start")
+    offsets = pl.int_ranges(first, pl.col("end") - pl.col("start"), dtype=pl.Int32)
+    per_prefix, trajectory = sub.filter(~whole), sub.filter(whole)
+    if per_prefix.height:
+        finish(per_prefix, "next", vals, pl.col("tgt_code"), pl.col("tgt_loc"),
+               prefix=pl.concat_str([pl.col("window"), pl.lit(" "), target_prefix]), template=CONTINUATION_PROMPT)
+    if trajectory.height:
+        finish(trajectory, "next", vals, pl.col("window"), pl.lit(None), prefix=pl.lit(""),
+               labelled=offsets.cast(pl.List(pl.Int32)), template=CONTINUATION_PROMPT)
+
+
+def _without_lines(text: pl.Expr, drop: tuple[int, ...]) -> pl.Expr:
+    """``text`` without its 0-based lines ``drop``."""
+    if not drop:
+        return text
+    keep = pl.element().filter(~pl.int_range(pl.len()).is_in(list(drop)))
+    return text.str.split("\n").list.eval(keep).list.join("\n")
+
+
+def render_samples(
+    index: pl.DataFrame,
+    visits: pl.DataFrame,
+    codes: pl.DataFrame,
+    descriptions: pl.DataFrame | None = None,
+    profiles: pl.DataFrame | None = None,
+    cfg: SampleConfig = SampleConfig(),
+    memory: pl.DataFrame | None = None,
+) -> pl.DataFrame:
+    """Render a sample index into text.
+
+    Every visit's sentence (and its ``[MASK]``/``[UNKNOWN]``/numbered/described variants) is
+    formatted once; samples then gather and join them by integer position, so the cost is one
+    pass over the output text rather than per-sample Python.
+
+    Args:
+        index: Output of :func:`build_sample_index`.
+        visits: Check-ins with ``traj_id``, ``user_id``, ``local_time``, ``loc_id``.
+        codes: ``loc_id, code`` — the token string of each location (e.g. ``<a_1><b_2><c_3><d_4>``).
+        descriptions: ``loc_id, description, short_description`` (for the token-semantic and
+            translation tasks).
+        profiles: ``user_id, profile`` (prepended to next-location and recovery prompts).
+        cfg: Sample settings (``add_profile``).
+        memory: ``user_id, memory`` (:func:`datamodules.user_memory.user_memory`), placed after the
+            profile in next-location and recovery prompts.
+
+    Returns:
+        ``sample_id, task, split, traj_id, user_id, target_loc, is_last, template, prompt,
+        response_prefix, target`` — one row per index row, grouped by task (in :data:`TASKS`
+        order), index order within a task; ``sample_id`` is the row number in ``index``.
+        ``target_loc`` is the location the answer names (null for free-text answers).
+
+    Raises:
+        ValueError: if a visited or described location has no code, or descriptions are needed
+            but missing.
+    """
+    tasks_present = set(index["task"].unique().to_list())
+    needs_text = sorted(tasks_present & {"index2loc", "loc2index", "translation"})
+    if needs_text and descriptions is None:
+        raise ValueError(f"{needs_text} samples need location descriptions")
+    index = index.with_row_index("sample_id")
+    v = add_positions(visits.select("traj_id", "user_id", "utc_time", "local_time", "loc_id")).join(
+        codes.select("loc_id", "code"), on="loc_id", how="left", maintain_order="left"
+    )
+    if v["code"].null_count():
+        missing = v.filter(pl.col("code").is_null())["loc_id"].unique().head(5).to_list()
+        raise ValueError(f"locations without a code, e.g. {missing}: the code table does not cover the data")
+    n = v.height
+    time_format, visit_sentence = VISIT_TEXT[cfg.visit_text]
+    v = v.with_columns(time_s=pl.col("local_time").dt.strftime(time_format))
+
+    def sentence(code: pl.Expr) -> pl.Expr:
+        return _template_expr(visit_sentence, {"time": pl.col("time_s"), "user": pl.col("user_id"), "code": code})
+
+    # Variant 0: the visit with its code; 1: [MASK]; 2: [UNKNOWN].
+    flat = pl.concat([v.select(s=sentence(c))["s"] for c in (pl.col("code"), pl.lit(MASK), pl.lit(UNKNOWN))])
+    plain_window = _visit_joiner(v, flat.head(n), " ")
+    offsets = v.with_row_index("vrow").group_by("traj_id").agg(off=pl.col("vrow").min())
+    index = index.join(offsets, on="traj_id", how="left", maintain_order="left")
+
+    def at_target(col: str) -> pl.Series:
+        """Per sample, ``v[col]`` at its target visit (null where there is none)."""
+        rows = index["off"].cast(pl.Int64) + index["target_pos"].cast(pl.Int64)
+        values = v[col].gather(rows.fill_null(0))
+        return pl.select(pl.when(rows.is_not_null()).then(values).otherwise(None)).to_series()
+
+    heads = []  # per user: the profile sentence, then the memory sentence
+    if profiles is not None and cfg.add_profile:
+        heads.append(profiles.select("user_id", text=pl.format("User {} has the following profile: {}\n", "user_id", "profile"), k=pl.lit(0)))
+    if memory is not None and memory.height:
+        heads.append(memory.select("user_id", text="memory", k=pl.lit(1)))
+    if heads:
+        prof = pl.concat(heads).sort("user_id", "k").group_by("user_id", maintain_order=True).agg(profile=pl.col("text").str.join(""))
+    else:
+        prof = pl.DataFrame(schema={"user_id": pl.String, "profile": pl.String})
+    index = index.with_columns(
+        time=at_target("time_s"), tgt_code=at_target("code"), tgt_loc=at_target("loc_id"),
+    )
+    keep = ["sample_id", "task", "split", "traj_id", "user_id", "target_loc", "is_last", "template", "prompt", "response_prefix",
+            "target", "labelled_visits"]
+    parts: dict[str, pl.DataFrame] = {}
+
+    def finish(df: pl.DataFrame, task: str, values: dict[str, pl.Expr], target: pl.Expr, target_loc: pl.Expr,
+               prefix: pl.Expr | None = None, labelled: pl.Expr | None = None, template: str | None = None) -> None:
+        """Format the prompts (``template`` or the row's template of ``task``), prefix, answer and
+        labelled visits (whole-trajectory samples) of ``df`` into ``parts[task]``."""
+        if prefix is None:
+            prefix = _template_expr(RESPONSE_PREFIX[task], values) if RESPONSE_PREFIX[task] else pl.lit("")
+        if labelled is None:
+            labelled = pl.lit(None, pl.List(pl.Int32))
+        # Format each template only on its own rows (a when/then chain would format every
+        # template for every row), then restore index order.
+        pieces = [
+            part.select(
+                *[c for c in keep if c not in ("prompt", "response_prefix", "target", "target_loc", "labelled_visits")],
+                prompt=_template_expr(template or TEMPLATES[task][t], values),
+                response_prefix=prefix,
+                target=target,
+                target_loc=target_loc.cast(pl.Int64),
+                labelled_visits=labelled,
+            ).select(keep)
+            for (t,), part in df.partition_by("template", as_dict=True, maintain_order=True).items()
+        ]
+        if task in parts:  # next-location rows of two kinds (per prefix and whole trajectory)
+            pieces.append(parts[task])
+        parts[task] = pl.concat(pieces).sort("sample_id") if len(pieces) > 1 else pieces[0]
+
+    def with_profile(df: pl.DataFrame) -> pl.DataFrame:
+        return df.join(prof, on="user_id", how="left", maintain_order="left").with_columns(pl.col("profile").fill_null(""))
+
+    base = {"user": pl.col("user_id"), "time": pl.col("time")}
+    for task in ("next", "recovery_multi", "recovery_single"):
+        sub = index.filter(pl.col("task") == task)
+        if not sub.height:
+            continue
+        if task == "next":
+            variant = None
+        elif task == "recovery_multi":
+            variant = pl.when(pl.col("pos").is_in(pl.col("masked"))).then(1).otherwise(0)
+        else:
+            variant = (
+                pl.when(pl.col("pos") == pl.col("target_pos")).then(1)
+                .when(pl.col("pos").is_in(pl.col("masked"))).then(2)
+                .otherwise(0)
+            )
+        window = plain_window(sub) if variant is None else _window_text(sub, flat, n, variant, " ")
+        sub = with_profile(sub.with_columns(window=window))
+        vals = {**base, "profile": pl.col("profile"), "history": pl.col("window"), "visits": pl.col("window")}
+        if task == "next" and cfg.next_format != "question":
+            _continuation(sub, vals, finish, visit_sentence)
+            continue
+        if task == "recovery_multi":
+            full = plain_window(sub)
+            finish(sub.with_columns(full=full), task, vals, pl.col("full"), pl.lit(None))
+        else:
+            finish(sub, task, vals, pl.col("tgt_code"), pl.col("tgt_loc"))
+
+    # Translation: each visit as a numbered block of time + short description -> the token sequence.
+    sub = index.filter(pl.col("task") == "translation")
+    if sub.height:
+        vd = v.join(descriptions.select("loc_id", "short_description"), on="loc_id", how="left", maintain_order="left")
+        k = (pl.col("pos") + 1).cast(pl.String)
+        numbered = vd.select(s=pl.format("[ {} ] {}", k, sentence(pl.col("code"))))["s"]
+        blocks = vd.select(
+            s=pl.format("[ {} ]\nTime: {}\nLocation Description: {}", k, "time_s", pl.col("short_description").fill_null(""))
+        )["s"]
+        sub = sub.with_columns(blocks=_visit_joiner(v, blocks, "\n")(sub), numbered=_visit_joiner(v, numbered, " ")(sub))
+        finish(sub, "translation", {"user": pl.col("user_id"), "blocks": pl.col("blocks")}, pl.col("numbered"), pl.lit(None))
+
+    # Token semantics: code -> description and description -> code.
+    for task in ("index2loc", "loc2index"):
+        sub = index.filter(pl.col("task") == task)
+        if not sub.height:
+            continue
+        sub = (
+            sub.join(codes.select("loc_id", "code"), on="loc_id", how="left", maintain_order="left")
+            .join(descriptions.select("loc_id", description=_without_lines(pl.col("description"), cfg.drop_description_lines)),
+                  on="loc_id", how="left", maintain_order="left")
+        )
+        if sub["code"].null_count():
+            missing = sub.filter(pl.col("code").is_null())["loc_id"].head(5).to_list()
+            raise ValueError(f"locations without a code, e.g. {missing}: the code table does not cover the data")
+        vals = {"code": pl.col("code"), "description": pl.col("description")}
+        if task == "index2loc":
+            finish(sub, task, vals, pl.col("description"), pl.lit(None))
+        else:
+            finish(sub, task, vals, pl.col("code"), pl.col("loc_id"))
+
+    if not parts:
+        return pl.DataFrame(schema={c: (pl.UInt32 if c == "sample_id" else pl.String) for c in keep})
+    return pl.concat([parts[t] for t in TASKS if t in parts], rechunk=False)
