@@ -7,7 +7,6 @@ and sweeps call the same code path.
 from __future__ import annotations
 
 import importlib
-import logging
 import sys
 from pathlib import Path
 from typing import Any
@@ -18,8 +17,6 @@ from hydra.types import RunMode
 from omegaconf import DictConfig, open_dict
 
 from pipeline.config import STAGES, RunConfig, load_config
-
-log = logging.getLogger("qtmob")
 
 # Where each stage lives (pipeline/<module>.py, function run_<stage>_stage). Imported when it runs, so that
 # `python run.py --help` does not load torch.
@@ -116,7 +113,7 @@ def main(cfg: DictConfig) -> None:
         config = load_config(cfg)
         results = run(config)
     except (ConfigError, DataError, ModelUnavailableError) as exc:
-        write_job_record(cfg, "failed", [], f"{type(exc).__name__}: {exc}")
+        write_job_record(config, "failed", [], f"{type(exc).__name__}: {exc}")
         print(f"error: {exc}", file=sys.stderr)
         sys.exit(2)
     except BaseException as exc:  # a crash or Ctrl-C: recorded for the sweep report, then raised as usual

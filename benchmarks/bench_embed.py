@@ -17,12 +17,12 @@ import time
 from pathlib import Path
 
 import torch
-from omegaconf import OmegaConf
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from lightning_modules.embed import _Encoder  # noqa: E402
+from tests.conftest import compose_run  # noqa: E402
 
 DEFAULT_DATA = ROOT.parent / "shared" / "data" / "foursquare_nyc" / "qtmob_foursquare_NYC"
 
@@ -53,7 +53,7 @@ def main() -> None:
     ap.add_argument("--data", type=Path, default=DEFAULT_DATA)
     ap.add_argument("--cache", type=Path, default=Path.home() / ".cache" / "qtmob")
     args = ap.parse_args()
-    llm = OmegaConf.load(ROOT / "experiments" / "llm" / "smollm2_135m.yaml")
+    llm = compose_run(["llm=smollm2_135m"]).llm  # the typed settings the library takes
     texts, what = load_texts(args.data, args.texts)
     texts.sort(key=len)
     dtype = getattr(torch, args.dtype)

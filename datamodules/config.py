@@ -14,7 +14,7 @@ from typing import Any, Optional
 FORMATS = ("qtmob_release", "tsmc", "gowalla", "synthetic")
 DESCRIPTION_SOURCES = ("release", "refined", "generate")
 PROFILE_SOURCES = ("release", "generate")
-# data.samples.visit_text and data.samples.next_format (datamodules/samples.py renders them).
+# data.samples.visit_text and data.samples.next_format (datamodules/rendering.py writes them out).
 VISIT_TEXTS = ("official", "compact")
 NEXT_FORMATS = ("question", "continuation", "trajectory")
 

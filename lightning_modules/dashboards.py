@@ -8,6 +8,8 @@ with its final figures, so the HPARAMS tab compares the runs of a sweep by what 
 
 from __future__ import annotations
 
+import inspect
+
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -58,7 +60,12 @@ def log_run(logger: Any, hparams: dict[str, Any], metrics: Mapping[str, float], 
     if logger is None:
         return
     finite = {k: float(v) for k, v in metrics.items() if v is not None and float(v) == float(v)}
-    logger.log_hyperparams(hparams, metrics=finite or None, step=step)
+    if "metrics" in inspect.signature(logger.log_hyperparams).parameters:  # TensorBoard: the HPARAMS tab
+        logger.log_hyperparams(hparams, metrics=finite or None, step=step)
+    else:  # CSV and the like: hparams.yaml, and the figures as metrics rows
+        logger.log_hyperparams(hparams)
+        if finite:
+            logger.log_metrics(finite, step=step)
     logger.save()
 
 

@@ -39,7 +39,7 @@ from lightning_modules.aligned_model import greedy_generate, save_aligned
 from lightning_modules.alignment_module import AlignmentModule, peak_rss_mb
 from lightning_modules.chat_encoding import ChatEncoder
 from lightning_modules.dashboards import flat_hparams, log_run
-from lightning_modules.llm import build_peft_model, model_path
+from lightning_modules.llm import build_peft_model
 from lightning_modules.ranking import rank_prompts
 from lightning_modules.results import score
 from location_tokenizers.codes import CodeTable, all_code_tokens
@@ -92,13 +92,6 @@ def next_location_evaluator(cfg: RunConfig, dm: Any, encoder: Any, tokenizer: An
         return {"acc@1": metrics["acc@1"], "acc@5": metrics["acc@5"]} if beams >= 5 else {"acc@1": metrics["acc@1"]}
 
     return evaluate
-
-
-def base_model_path(cfg: RunConfig) -> str | None:
-    """This machine's copy of the configured base model (converted once into the cache; None for the
-    random test model, whose folder ``qtmob.json`` records)."""
-
-    return None if str(cfg.llm.source) == "random" else model_path(cfg.llm, cfg.paths.cache)
 
 
 def command_line(cfg: RunConfig) -> str:
@@ -156,6 +149,10 @@ def build_alignment(cfg: RunConfig | Any, table: CodeTable | None = None) -> dic
     )
     return {"model": model, "tokenizer": tokenizer, "info": info, "encoder": encoder, "datamodule": dm,
             "module": module, "table": table}
+
+
+def _whole(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
 def _checkpoint_callback(cfg: RunConfig, out: Path):
@@ -235,11 +232,14 @@ def run_align_stage(cfg: RunConfig, force: bool | None = None) -> dict[str, Any]
     train_samples = cfg.align.train_samples  # in total, over all processes
     per_rank = int(train_samples) // (int(cfg.align.batch_size) * world_size(cfg)) if train_samples else 0
     overrides: dict[str, Any] = {}
+    # Batches per epoch: align.train_samples, or fewer where the run asks (debug=limit, debug=overfit).
+    asked = [v for k in ("limit_train_batches", "overfit_batches") if _whole(v := cfg.trainer.get(k)) and v > 0]
+    limits = ([max(per_rank, 1)] if train_samples else []) + asked
     if train_samples:
-        overrides["limit_train_batches"] = max(per_rank, 1)
-        vci = cfg.trainer.get("val_check_interval", 1.0)
-        if isinstance(vci, int) and not isinstance(vci, bool) and vci > overrides["limit_train_batches"]:
-            overrides["val_check_interval"] = overrides["limit_train_batches"]  # a validation every N steps, at most once an epoch
+        overrides["limit_train_batches"] = min(limits)
+    vci = cfg.trainer.get("val_check_interval", 1.0)
+    if limits and _whole(vci) and vci > min(limits):
+        overrides["val_check_interval"] = min(limits)  # a validation every N steps, at most once an epoch
     trainer = make_trainer(
         cfg, "align", logger=make_logger(cfg, "align"), callbacks=[_checkpoint_callback(cfg, out)],
         # The data module shards its length-grouped batches by rank itself.

@@ -158,7 +158,7 @@ class EvalConfig:
 @dataclass
 class LoggerConfig:
     kind: str = "tensorboard"           # tensorboard | csv
-    save_dir: Optional[str] = None      # null: <run folder>/tb (or /csv)
+    save_dir: Optional[str] = None      # null: <run folder>/tb (TensorBoard event files or CSV files)
 
     def __post_init__(self) -> None:
         one_of("logger.kind", self.kind, ("tensorboard", "csv"))
@@ -206,6 +206,9 @@ class RunConfig:
     progress: ProgressConfig = field(default_factory=ProgressConfig)
     run_name: str = "default"
     variant: Optional[str] = None
+    # Set by the debug group (debug=fast|limit|overfit): the run folder gets a debug-<name> sub-folder,
+    # so that a debug model never takes the place of the experiment's, in a plain run or a sweep.
+    debug_run: Optional[str] = None
     report: ReportConfig = field(default_factory=ReportConfig)
     cpu_recipe: CpuRecipeConfig = field(default_factory=CpuRecipeConfig)
     launcher_slurm: Optional[dict[str, Any]] = None

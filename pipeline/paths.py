@@ -23,9 +23,12 @@ from pipeline.config import RunConfig, as_dict, load_config
 # Trainer of the run, and is in the fingerprints unless it only changes what is reported, so that a
 # debug run (trainer.fast_dev_run, limit_*) never leaves a folder that a full run would reuse.
 LAYOUT_KEYS = ("accelerator", "devices", "strategy", "num_nodes", "precision")
-SCHEDULE_KEYS = ("max_epochs", "max_steps", "accumulate_grad_batches", "gradient_clip_val", "val_check_interval",
-                 "log_every_n_steps")
+SCHEDULE_KEYS = ("max_epochs", "max_steps", "max_time", "min_epochs", "min_steps", "accumulate_grad_batches",
+                 "gradient_clip_val", "val_check_interval", "log_every_n_steps")
 REPORTING_KEYS = ("profiler", "enable_progress_bar", "enable_model_summary", "default_root_dir", "barebones")
+# Arguments of validation loops only: the RQ-VAE has none, so they never retrain the tokenizer.
+VALIDATION_KEYS = ("limit_val_batches", "num_sanity_val_steps", "check_val_every_n_epoch", "limit_test_batches",
+                   "limit_predict_batches")
 
 
 def extra_trainer_args(cfg: RunConfig) -> dict[str, Any]:
@@ -114,9 +117,9 @@ def tokenizer_fingerprint(cfg: RunConfig) -> str:
     cfg = load_config(cfg)
     tok = {k: v for k, v in as_dict(cfg.tokenizer).items() if k != "progress_bar"}
     tok["embed_dtype"], tok["precision"] = embed_dtype(cfg), rqvae_precision(cfg)
-    llm = as_dict(cfg.llm) if cfg.tokenizer.embedder == "llm" else None
-    return fingerprint({"data": data_fingerprint(cfg), "tokenizer": tok, "llm": llm, "seed": cfg.seed,
-                        "trainer": _learning_args(cfg)})
+    llm = as_dict(cfg.llm) if cfg.tokenizer.kind == "rqvae" and cfg.tokenizer.embedder == "llm" else None
+    trainer = {k: v for k, v in _learning_args(cfg).items() if k not in VALIDATION_KEYS}
+    return fingerprint({"data": data_fingerprint(cfg), "tokenizer": tok, "llm": llm, "seed": cfg.seed, "trainer": trainer})
 
 
 def tokenizer_dir(cfg: RunConfig) -> Path:
@@ -148,12 +151,14 @@ def released_table(cfg: RunConfig):
 
 # ----------------------------------------------------------------------------------- align, test
 def run_dir(cfg: RunConfig) -> Path:
-    """``<paths.artifacts>/<data.name>/<run_name>[/<variant>]``: the alignment, test and TensorBoard
-    folder of a run. ``variant`` names a grid point of a sweep (an ablation file sets it; a plain
-    multirun uses its overrides), so that the points of one grid never share a folder."""
+    """``<paths.artifacts>/<data.name>/<run_name>[/<variant>][/debug-<name>]``: the alignment, test and
+    TensorBoard folder of a run. ``variant`` names a grid point of a sweep (an ablation file sets it; a
+    plain multirun uses its overrides), so that the points of one grid never share a folder; a debug
+    run (``debug=...``) goes one level below, so it never takes the place of the full run's model."""
     cfg = load_config(cfg)
     out = Path(cfg.paths.artifacts) / cfg.data.name / cfg.run_name
-    return out / cfg.variant if cfg.variant else out
+    out = out / cfg.variant if cfg.variant else out
+    return out / f"debug-{cfg.debug_run}" if cfg.debug_run else out
 
 
 def tb_dir(cfg: RunConfig) -> Path:
@@ -166,7 +171,7 @@ def align_fingerprint(cfg: RunConfig) -> str:
     """Everything that determines the aligned model."""
     cfg = load_config(cfg)
 
-    trainer = {k: cfg.trainer.get(k) for k in SCHEDULE_KEYS if k not in ("val_check_interval", "log_every_n_steps")}
+    trainer = {k: cfg.trainer[k] for k in SCHEDULE_KEYS if k in cfg.trainer and k not in ("val_check_interval", "log_every_n_steps")}
     trainer["precision"] = run_precision(cfg)  # resolved: `auto` means another thing on another machine
     align = {k: v for k, v in as_dict(cfg.align).items() if k not in ("num_workers", "num_generations")}
     return fingerprint({

@@ -90,7 +90,7 @@ def gather(sweep: str | Path) -> list[dict[str, Any]]:
         if record_file.is_file():
             record = json.loads(record_file.read_text())
             entry.update(status=record["status"], error=record.get("error"), point=record.get("variant"))
-            results = Path(record["run_dir"]) / "results.json"
+            results = Path(record["run_dir"] or sub) / "results.json"  # no run_dir: the config itself failed
             if record["status"] == "ok":
                 if results.is_file():
                     entry["results"] = json.loads(results.read_text())

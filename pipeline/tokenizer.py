@@ -178,7 +178,7 @@ def run_tokenizer_stage(cfg: RunConfig, force: bool | None = None) -> dict[str, 
             try:
                 table = baseline_table(kind, loc_ids, cfg.tokenizer.num_levels, cfg.tokenizer.codebook_size, cfg.seed)
             except ValueError as exc:
-                raise DataError(f"tokenizer={cfg.tokenizer.name}: {exc}") from None
+                raise DataError(str(exc)) from None
         else:
             raise DataError(f"tokenizer.kind={kind!r}; choose rqvae, released, id or random")
         metrics.update(coherence(table.codes, locations, table.loc_ids, table.codebook_size))

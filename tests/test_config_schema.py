@@ -134,6 +134,20 @@ def test_an_unknown_trainer_argument_fails_before_any_stage(tmp_path) -> None:
     _stopped_early(_run(tmp_path, "+trainer.fast_dev_runn=true"), tmp_path, "trainer.fast_dev_runn")
 
 
+@pytest.mark.parametrize(("override", "words"), [
+    ("trainer.val_check_interval=abc", ("trainer", "abc")), ("trainer.max_epochs=many", ("trainer.max_epochs", "many")),
+    ("trainer.gradient_clip_val=big", ("trainer", "gradient_clip_val")), ("trainer.precision=33", ("trainer", "33")),
+])
+def test_a_trainer_value_lightning_refuses_fails_before_any_stage(override: str, words: tuple[str, ...], tmp_path) -> None:
+    """The trainer group is Lightning's own arguments (no schema of ours): their values are checked by
+    building the Trainer once, before the data stage, not minutes later at the alignment."""
+    from pipeline.trainers import check_trainer_args
+
+    with pytest.raises(ConfigError) as err:
+        check_trainer_args(compose_run(["experiment=smoke", override]))
+    assert all(w in str(err.value) for w in words) and len(str(err.value).splitlines()) == 1, str(err.value)
+
+
 @pytest.mark.parametrize(("override", "key"), [
     ("data.samples.visit_text=tiny", "data.samples.visit_text"), ("eval.decoding=greedy", "eval.decoding"),
     ("tokenizer.embedder=bert", "tokenizer.embedder"), ("logger.kind=wandb", "logger.kind"),

@@ -47,5 +47,36 @@ def test_debug_fast_runs_the_pipeline_in_its_own_folder(tmp_path, model_cache) -
     result = run(cfg)["align"]
     assert result["steps"] == 1
     assert run_dir(cfg).name == "debug-fast" and (run_dir(cfg) / "align.json").is_file()
+    assert run_dir(cfg).parent == run_dir(compose_run(["experiment=smoke", f"paths.artifacts={tmp_path}"]))
     metrics = json.loads(next(tmp_path.glob("synthetic/tokenizer-*/metrics.json")).read_text())
     assert metrics["training"]["epochs"] <= 1
+
+
+def test_a_csv_logger_records_every_stage(tmp_path, model_cache) -> None:
+    """logger=csv: the RQ-VAE and the alignment write metrics.csv and hparams.yaml (no TensorBoard API)."""
+    from run import run
+
+    cfg = compose_run(["experiment=smoke", f"paths.artifacts={tmp_path}", f"paths.cache={model_cache}", "logger=csv",
+                       "stage=align", "progress.style=none", "tokenizer.progress_bar=false", "tokenizer.max_epochs=3",
+                       "align.train_samples=16", "eval.val_cases=0", "align.num_generations=0"])
+    assert run(cfg)["align"]["steps"] == 2
+    for stage in ("tokenizer", "align"):
+        folder = next((run_dir(cfg) / "tb" / stage).glob("version_*"))
+        assert (folder / "metrics.csv").is_file() and (folder / "hparams.yaml").is_file(), sorted(folder.iterdir())
+
+
+def test_debug_overfit_fits_the_validation_cadence_to_its_batches(tmp_path, model_cache) -> None:
+    """debug=overfit (2 batches) under experiment=smoke (a validation every 8 steps): the cadence is
+    clamped to the batches there are, instead of Lightning refusing to start."""
+    from run import run
+
+    cfg = compose_run(["experiment=smoke", f"paths.artifacts={tmp_path}", f"paths.cache={model_cache}", "debug=overfit",
+                       "stage=align", "progress.style=none", "tokenizer.progress_bar=false", "tokenizer.max_epochs=3",
+                       "eval.val_cases=0", "align.num_generations=0"])
+    assert run(cfg)["align"]["steps"] == 2 and run_dir(cfg).name == "debug-overfit"
+
+
+def test_a_debug_run_in_a_sweep_keeps_the_grid_points_apart(tmp_path) -> None:
+    base = ["experiment=smoke", f"paths.artifacts={tmp_path}", "ablation=objectives", "debug=limit"]
+    folders = {run_dir(compose_run([*base, f"objectives={o}"])) for o in ("all", "next_only")}
+    assert {(f.parent.name, f.name) for f in folders} == {("objectives-all", "debug-limit"), ("objectives-next_only", "debug-limit")}
