@@ -7,6 +7,7 @@ and sweeps call the same code path.
 from __future__ import annotations
 
 import importlib
+import logging
 import sys
 from pathlib import Path
 from typing import Any
@@ -17,6 +18,8 @@ from hydra.types import RunMode
 from omegaconf import DictConfig, open_dict
 
 from pipeline.config import STAGES, RunConfig, load_config
+
+log = logging.getLogger("qtmob")
 
 # Where each stage lives (pipeline/<module>.py, function run_<stage>_stage). Imported when it runs, so that
 # `python run.py --help` does not load torch.
@@ -55,6 +58,9 @@ def run(cfg: DictConfig | RunConfig) -> dict[str, Any]:
         from pipeline.trainers import check_trainer_args
 
         check_trainer_args(config)
+    from lightning_modules.alignment_module import peak_rss_mb
+    from lightning_modules.hardware import release_memory, resident_mb
+
     asked = set(STAGES) if config.stage == "all" else {config.stage}
     results = {}
     for name in names:
@@ -62,6 +68,11 @@ def run(cfg: DictConfig | RunConfig) -> dict[str, Any]:
         result = stage_function(name)(config, **kwargs)
         if name in asked:
             results[name] = result
+        # What a stage leaves is freed before the next one starts, so that peaks do not stack.
+        held = resident_mb()
+        release_memory()
+        log.info("%s: done; resident memory %.0f MB (%.0f MB before the release), peak so far %.0f MB", name, resident_mb(),
+                 held, peak_rss_mb())
     return results
 
 
