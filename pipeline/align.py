@@ -55,6 +55,7 @@ from pipeline.paths import (
 from pipeline.trainers import (
     align_schedule,
     fitted_progress,
+    is_whole,
     make_logger,
     make_trainer,
     world_size,
@@ -151,10 +152,6 @@ def build_alignment(cfg: RunConfig | Any, table: CodeTable | None = None) -> dic
             "module": module, "table": table}
 
 
-def _whole(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
 def _checkpoint_callback(cfg: RunConfig, out: Path):
     from lightning.pytorch.callbacks import ModelCheckpoint
 
@@ -233,12 +230,12 @@ def run_align_stage(cfg: RunConfig, force: bool | None = None) -> dict[str, Any]
     per_rank = int(train_samples) // (int(cfg.align.batch_size) * world_size(cfg)) if train_samples else 0
     overrides: dict[str, Any] = {}
     # Batches per epoch: align.train_samples, or fewer where the run asks (debug=limit, debug=overfit).
-    asked = [v for k in ("limit_train_batches", "overfit_batches") if _whole(v := cfg.trainer.get(k)) and v > 0]
+    asked = [v for k in ("limit_train_batches", "overfit_batches") if is_whole(v := cfg.trainer.get(k)) and v > 0]
     limits = ([max(per_rank, 1)] if train_samples else []) + asked
     if train_samples:
         overrides["limit_train_batches"] = min(limits)
     vci = cfg.trainer.get("val_check_interval", 1.0)
-    if limits and _whole(vci) and vci > min(limits):
+    if limits and is_whole(vci) and vci > min(limits):
         overrides["val_check_interval"] = min(limits)  # a validation every N steps, at most once an epoch
     trainer = make_trainer(
         cfg, "align", logger=make_logger(cfg, "align"), callbacks=[_checkpoint_callback(cfg, out)],

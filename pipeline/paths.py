@@ -46,7 +46,6 @@ def _learning_args(cfg: RunConfig) -> dict[str, Any]:
 def run_precision(cfg: RunConfig) -> str:
     """The Lightning precision of the alignment and test (``trainer.precision=auto`` resolved here)."""
     cfg = load_config(cfg)
-
     return resolve_precision(str(cfg.trainer.get("precision", "auto")), str(cfg.trainer.get("accelerator", "auto")))
 
 
@@ -66,7 +65,6 @@ def input_manifest(cfg: RunConfig) -> dict[str, dict[str, Any]]:
     """Size, modification time and content hash of every input file (streamed: SNAP Gowalla's ~400 MB
     costs seconds, once per process)."""
     cfg = load_config(cfg)
-
     out = {}
     for path in input_files(cfg.data):
         st = path.stat()
@@ -101,14 +99,12 @@ def read_data(cfg: RunConfig, name: str):
 def embed_dtype(cfg: RunConfig) -> str:
     """The dtype the description encoder runs in (``tokenizer.embed_dtype=auto`` resolved here)."""
     cfg = load_config(cfg)
-
     return resolve_dtype(cfg.tokenizer.embed_dtype, str(cfg.trainer.get("accelerator", "auto")))
 
 
 def rqvae_precision(cfg: RunConfig) -> str:
     """The precision of the RQ-VAE's MLPs (``tokenizer.precision=auto`` resolved here)."""
     cfg = load_config(cfg)
-
     return resolve_precision(cfg.tokenizer.precision, str(cfg.trainer.get("accelerator", "auto")))
 
 
@@ -132,7 +128,6 @@ def tokenizer_dir(cfg: RunConfig) -> Path:
 def load_codes(cfg: RunConfig):
     """The code table of a finished tokenizer stage."""
     cfg = load_config(cfg)
-
     path = tokenizer_dir(cfg) / "codes.parquet"
     if not path.is_file():
         raise DataError(f"{path} not found: run the tokenizer stage first (python run.py stage=tokenizer ...)")
@@ -142,7 +137,6 @@ def load_codes(cfg: RunConfig):
 def released_table(cfg: RunConfig):
     """The release's own index, if the data folder has one."""
     cfg = load_config(cfg)
-
     if not cfg.data.root:
         return None
     path = Path(cfg.data.root) / cfg.tokenizer.index_file
@@ -170,7 +164,6 @@ def tb_dir(cfg: RunConfig) -> Path:
 def align_fingerprint(cfg: RunConfig) -> str:
     """Everything that determines the aligned model."""
     cfg = load_config(cfg)
-
     trainer = {k: cfg.trainer[k] for k in SCHEDULE_KEYS if k in cfg.trainer and k not in ("val_check_interval", "log_every_n_steps")}
     trainer["precision"] = run_precision(cfg)  # resolved: `auto` means another thing on another machine
     align = {k: v for k, v in as_dict(cfg.align).items() if k not in ("num_workers", "num_generations")}

@@ -27,6 +27,11 @@ from pipeline.paths import SCHEDULE_KEYS, extra_trainer_args, run_precision, tb_
 STAGE_LAYOUT = ("accelerator", "devices", "strategy", "num_nodes")
 
 
+def is_whole(value: Any) -> bool:
+    """An int that is not a bool (YAML's ``true`` is an int to Python)."""
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
 # Whole-number arguments Lightning takes without checking their type (a string would fail mid-run).
 _WHOLE = ("max_epochs", "max_steps", "min_epochs", "min_steps", "accumulate_grad_batches", "log_every_n_steps", "num_nodes")
 
@@ -44,7 +49,7 @@ def check_trainer_args(cfg: RunConfig) -> None:
                           f"(unknown: {unknown}); see https://lightning.ai/docs/pytorch/stable/common/trainer.html")
     for key in _WHOLE:
         value = cfg.trainer.get(key)
-        if value is not None and (not isinstance(value, int) or isinstance(value, bool)):
+        if value is not None and not is_whole(value):
             raise ConfigError(f"trainer.{key}={value!r} is not a whole number")
     args = {**{k: v for k, v in cfg.trainer.items() if k not in STAGE_LAYOUT}, "precision": run_precision(cfg)}
     quiet = [logging.getLogger(name) for name in ("lightning", "lightning.pytorch", "lightning.fabric")]
