@@ -87,6 +87,10 @@ class SampleConfig:
     # The user's top-K train places as location tokens in next-location and recovery prompts (0: off,
     # the paper's; see datamodules/user_memory.py).
     user_places: int = 0
+    # Beside each visit's time, the user's K most visited train places within visit_hint_hours of that time
+    # of day, as tokens (0: off, the paper's; see datamodules/visit_hints.py).
+    visit_hints: int = 0
+    visit_hint_hours: int = 1
     # How a visit is written. official: "At time 2012-04-03 18:00:09, user 12 visited POI index
     # <a_1><b_2><c_3><d_4>." (36 SmolLM2 tokens, 19 of them the timestamp: numbers are split into
     # digits); compact: "Tue 18:00 <a_1><b_2><c_3><d_4>." (12 tokens; weekday and minute kept, the
@@ -107,6 +111,8 @@ class SampleConfig:
         at_least("data.samples.min_history", self.min_history, 1)
         at_least("data.samples.max_history", self.max_history, self.min_history)
         at_least("data.samples.user_places", self.user_places, 0)
+        at_least("data.samples.visit_hints", self.visit_hints, 0)
+        at_least("data.samples.visit_hint_hours", self.visit_hint_hours, 0)
 
 
 @dataclass

@@ -14,6 +14,7 @@ import polars as pl
 from datamodules.config import SampleConfig
 from datamodules.prompts import CONTINUATION_PROMPT, MASK, RESPONSE_PREFIX, TEMPLATES, UNKNOWN, VISIT_TEXT
 from datamodules.samples import TASKS, add_positions
+from datamodules.visit_hints import visit_hints
 
 
 def _template_expr(template: str, values: dict[str, pl.Expr]) -> pl.Expr:
@@ -110,6 +111,7 @@ def render_samples(
     profiles: pl.DataFrame | None = None,
     cfg: SampleConfig = SampleConfig(),
     memory: pl.DataFrame | None = None,
+    hints: pl.DataFrame | None = None,
 ) -> pl.DataFrame:
     """Render a sample index into text.
 
@@ -127,6 +129,8 @@ def render_samples(
         cfg: Sample settings (``add_profile``).
         memory: ``user_id, memory`` (:func:`datamodules.user_memory.user_memory`), placed after the
             profile in next-location and recovery prompts.
+        hints: ``traj_id, utc_time, hint`` (:func:`datamodules.visit_hints.visit_hints`) when
+            ``cfg.visit_hints`` is on; default: computed from ``visits`` (which then need ``split``).
 
     Returns:
         ``sample_id, task, split, traj_id, user_id, target_loc, is_last, template, prompt,
@@ -152,9 +156,16 @@ def render_samples(
     n = v.height
     time_format, visit_sentence = VISIT_TEXT[cfg.visit_text]
     v = v.with_columns(time_s=pl.col("local_time").dt.strftime(time_format))
+    v = v.with_columns(time_plain=pl.col("time_s"))  # translation blocks keep the bare time
+    if cfg.visit_hints:  # the hint follows the time wherever a visit or a target is written
+        if hints is None:
+            hints = visit_hints(visits, codes, cfg.visit_hints, cfg.visit_hint_hours)
+        v = v.join(hints, on=["traj_id", "utc_time"], how="left", maintain_order="left").with_columns(
+            time_s=pl.when(pl.col("hint").fill_null("") != "").then(pl.format("{} {}", "time_s", "hint")).otherwise("time_s")
+        )
 
-    def sentence(code: pl.Expr) -> pl.Expr:
-        return _template_expr(visit_sentence, {"time": pl.col("time_s"), "user": pl.col("user_id"), "code": code})
+    def sentence(code: pl.Expr, time: str = "time_s") -> pl.Expr:
+        return _template_expr(visit_sentence, {"time": pl.col(time), "user": pl.col("user_id"), "code": code})
 
     # Variant 0: the visit with its code; 1: [MASK]; 2: [UNKNOWN].
     flat = pl.concat([v.select(s=sentence(c))["s"] for c in (pl.col("code"), pl.lit(MASK), pl.lit(UNKNOWN))])
@@ -244,9 +255,9 @@ def render_samples(
     if sub.height:
         vd = v.join(descriptions.select("loc_id", "short_description"), on="loc_id", how="left", maintain_order="left")
         k = (pl.col("pos") + 1).cast(pl.String)
-        numbered = vd.select(s=pl.format("[ {} ] {}", k, sentence(pl.col("code"))))["s"]
+        numbered = vd.select(s=pl.format("[ {} ] {}", k, sentence(pl.col("code"), "time_plain")))["s"]
         blocks = vd.select(
-            s=pl.format("[ {} ]\nTime: {}\nLocation Description: {}", k, "time_s", pl.col("short_description").fill_null(""))
+            s=pl.format("[ {} ]\nTime: {}\nLocation Description: {}", k, "time_plain", pl.col("short_description").fill_null(""))
         )["s"]
         sub = sub.with_columns(blocks=_visit_joiner(v, blocks, "\n")(sub), numbered=_visit_joiner(v, numbered, " ")(sub))
         finish(sub, "translation", {"user": pl.col("user_id"), "blocks": pl.col("blocks")}, pl.col("numbered"), pl.lit(None))

@@ -295,9 +295,16 @@ class ChatEncoder:
             "task": [item[3] for item in items],
         }
 
+    def prompt_ids(self, texts: Sequence[str]) -> list[list[int]]:
+        """Token ids of prompts (from :meth:`prompt_texts`), as :meth:`prompt_batch` feeds them."""
+        return self._ids(list(texts))
+
     def prompt_batch(self, texts: Sequence[str], device: torch.device | str = "cpu") -> dict[str, torch.Tensor]:
         """Left-padded prompts for generation (the last column is every prompt's last token)."""
-        rows = self._ids(list(texts))
+        return self.pad_left(self._ids(list(texts)), device)
+
+    def pad_left(self, rows: Sequence[Sequence[int]], device: torch.device | str = "cpu") -> dict[str, torch.Tensor]:
+        """``input_ids`` and ``attention_mask`` of token id rows, left-padded to the longest."""
         width = max(len(r) for r in rows)
         ids = torch.full((len(rows), width), self.pad_id, dtype=torch.long)
         mask = torch.zeros((len(rows), width), dtype=torch.long)

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import copy
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -51,7 +52,24 @@ def _positions(attention_mask: Tensor) -> Tensor:
 
 
 @torch.no_grad()
-def beam_search(model: torch.nn.Module, input_ids: Tensor, attention_mask: Tensor, trie: CodeTrie, num_beams: int = 15) -> Ranked:
+def prefill(model: torch.nn.Module, input_ids: Tensor, cache: Any = None) -> Any:
+    """The KV cache of one unpadded row ``(1, T)``, continuing ``cache`` (a copy is extended; None: from scratch).
+
+    Used for a prefix that several prompts share (:func:`beam_search`'s ``prefix``)."""
+    done = 0 if cache is None else cache.get_seq_length()
+    if cache is not None:
+        cache = copy.deepcopy(cache)
+    if input_ids.shape[1] == 0:
+        return cache
+    pos = (done + torch.arange(input_ids.shape[1], device=input_ids.device)).unsqueeze(0)
+    mask = torch.ones(1, done + input_ids.shape[1], dtype=torch.long, device=input_ids.device)
+    return model(input_ids=input_ids, attention_mask=mask, position_ids=pos, cache=cache, use_cache=True,
+                 logits_to_keep=1).cache
+
+
+@torch.no_grad()
+def beam_search(model: torch.nn.Module, input_ids: Tensor, attention_mask: Tensor, trie: CodeTrie, num_beams: int = 15,
+                prefix: Any = None) -> Ranked:
     """Constrained beam search over the code trie for a batch of left-padded prompts.
 
     Args:
@@ -60,14 +78,26 @@ def beam_search(model: torch.nn.Module, input_ids: Tensor, attention_mask: Tenso
         attention_mask: ``(B, T)``.
         trie: Valid codes (on the model's device).
         num_beams: Beams kept per prompt; also the number of ranked locations returned.
+        prefix: The KV cache (batch 1, from :func:`prefill`) of tokens that every prompt of the batch starts
+            with; ``input_ids`` then holds only what follows it (the pads sit between the two, masked). The
+            scores are those of the whole prompts, up to float rounding; the prefix is computed once.
 
     Returns:
         The ``num_beams`` best complete codes per prompt as location ids with their scores.
     """
     b, nb, k = input_ids.shape[0], int(num_beams), trie.codebook_size
     device = input_ids.device
-    pos = _positions(attention_mask)
-    out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=pos, use_cache=True, logits_to_keep=1)
+    cache = None
+    if prefix is not None:
+        done = prefix.get_seq_length()
+        cache = copy.deepcopy(prefix)
+        cache.batch_repeat_interleave(b)
+        pos = _positions(attention_mask) + done
+        attention_mask = torch.cat([torch.ones(b, done, dtype=attention_mask.dtype, device=device), attention_mask], dim=1)
+    else:
+        pos = _positions(attention_mask)
+    out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=pos, cache=cache, use_cache=True,
+                logits_to_keep=1)
     cache = out.cache
     logp = out.logits[:, -1].float().log_softmax(-1).repeat_interleave(nb, dim=0)  # (B*nb, V)
     cache.batch_repeat_interleave(nb)
@@ -189,4 +219,4 @@ def rank_exact(scores: Tensor, loc_ids: Tensor, top: int) -> Ranked:
     return Ranked(loc_ids=loc_ids.to(scores.device)[idx], scores=values)
 
 
-__all__ = ["Ranked", "beam_search", "exact_scores", "rank_exact"]
+__all__ = ["Ranked", "beam_search", "exact_scores", "prefill", "rank_exact"]

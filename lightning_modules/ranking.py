@@ -11,6 +11,7 @@ import torch
 from lightning_modules.constrained_decoding import (
     beam_search,
     exact_scores,
+    prefill,
     rank_exact,
     sampled_beam_search,
 )
@@ -22,37 +23,72 @@ DECODINGS = ("beam", "sampled_beams")
 
 def rank_prompts(model: torch.nn.Module, encoder: Any, trie: Any, prompts: list[str], num_beams: int,
                  batch_size: int, precision: str = "32-true", decoding: str = "beam", seed: int = 0,
-                 progress: Any = None) -> tuple[np.ndarray, np.ndarray]:
-    """Constrained beam search over ``prompts`` in length-sorted batches; rows in input order.
+                 progress: Any = None, share_prefix: bool = True) -> tuple[np.ndarray, np.ndarray]:
+    """Constrained beam search over ``prompts`` in batches; rows in input order.
 
     ``precision`` is the run's resolved Lightning precision: ``bf16-mixed`` decodes under bf16
     autocast, as the model was trained (the scores that rank the beams are accumulated in float32).
     ``decoding``: ``beam`` (deterministic) or ``sampled_beams`` (the official protocol, seeded per batch).
     ``progress``: a :class:`lightning_modules.progress.ProgressStyle` to report cases/s and the ETA (None: silent).
+    ``share_prefix`` (``eval.share_prefix``, ``beam`` only): the prompts are batched in token order, so that a
+    user's prompts sit together, and the tokens a batch's prompts start with (the system text, the user's
+    memory or profile) are prefilled once instead of once per prompt; the tokens every prompt starts with
+    once per run. Off: batches of similar length, each prompt prefilled whole. The rankings agree
+    (``tests/test_constrained_decoding.py``); the scores differ by float rounding.
     """
     from contextlib import nullcontext
     from functools import partial
 
-
     if decoding not in DECODINGS:
         raise ValueError(f"eval.decoding={decoding!r}; choose from {list(DECODINGS)}")
 
-    order = np.argsort([-len(p) for p in prompts], kind="stable")
+    ids = encoder.prompt_ids(prompts)
+    shared = share_prefix and decoding == "beam" and len(ids) > 0
+    if shared:
+        order = np.array(sorted(range(len(ids)), key=ids.__getitem__), dtype=np.int64)
+    else:
+        order = np.argsort([-len(r) for r in ids], kind="stable")
     locs = np.full((len(prompts), num_beams), -1, dtype=np.int64)
     scores = np.full((len(prompts), num_beams), -np.inf)
     device = next(model.parameters()).device
+    trunk, trunk_len = None, 0
+    if shared:  # the tokens every prompt starts with, prefilled once
+        trunk_len = _common_prefix([ids[order[0]], ids[order[-1]]])
+        with autocast(precision, device.type):
+            trunk = prefill(model, torch.tensor([ids[order[0]][:trunk_len]], device=device))
     with progress.loop("test", len(prompts), "cases") if progress is not None else nullcontext() as bar:
         for start in range(0, len(prompts), batch_size):
             rows = order[start : start + batch_size]
-            batch = encoder.prompt_batch([prompts[i] for i in rows], device=device)
-            search = beam_search if decoding == "beam" else partial(sampled_beam_search, seed=seed + start, pad_token_id=encoder.pad_id)
             with autocast(precision, device.type):
-                ranked = search(model, batch["input_ids"], batch["attention_mask"], trie, num_beams=num_beams)
+                if shared:
+                    # Sorted rows: the first and the last share what all of them share.
+                    cut = max(_common_prefix([ids[rows[0]], ids[rows[-1]]]), trunk_len)
+                    first = ids[rows[0]]
+                    prefix = prefill(model, torch.tensor([first[trunk_len:cut]], device=device), trunk) if cut > trunk_len else trunk
+                    batch = encoder.pad_left([ids[i][cut:] for i in rows], device=device)
+                    ranked = beam_search(model, batch["input_ids"], batch["attention_mask"], trie, num_beams=num_beams,
+                                         prefix=prefix)
+                else:
+                    batch = encoder.pad_left([ids[i] for i in rows], device=device)
+                    search = beam_search if decoding == "beam" else partial(sampled_beam_search, seed=seed + start,
+                                                                            pad_token_id=encoder.pad_id)
+                    ranked = search(model, batch["input_ids"], batch["attention_mask"], trie, num_beams=num_beams)
             locs[rows] = ranked.loc_ids.cpu().numpy()
             scores[rows] = ranked.scores.cpu().numpy()
             if bar is not None:
                 bar.update(len(rows))
     return locs, scores
+
+
+def _common_prefix(rows: list[list[int]]) -> int:
+    """Length of the prefix all ``rows`` share, short of each row's last token (a prompt must keep one to
+    give the first code's logits)."""
+    n = min(len(r) for r in rows) - 1
+    first = rows[0]
+    for i in range(max(n, 0)):
+        if any(r[i] != first[i] for r in rows[1:]):
+            return i
+    return max(n, 0)
 
 
 def exact_agreement(model: torch.nn.Module, encoder: Any, trie: Any, table: Any, tokenizer: Any, prompts: list[str],

@@ -135,6 +135,7 @@ class EvalConfig:
     num_beams: int = 15
     decoding: str = "beam"              # beam | sampled_beams (the official test: sampling inside the beams)
     batch_size: int = 8
+    share_prefix: bool = True           # prefill the prompt tokens a batch shares once (beam decoding; same rankings)
     max_cases: Optional[int] = None     # cap per task (a seeded random subset); null: every case
     top_k: int = 10
     exact_max_locations: int = 400

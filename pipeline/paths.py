@@ -30,6 +30,10 @@ REPORTING_KEYS = ("profiler", "enable_progress_bar", "enable_model_summary", "de
 VALIDATION_KEYS = ("limit_val_batches", "num_sanity_val_steps", "check_val_every_n_epoch", "limit_test_batches",
                    "limit_predict_batches")
 
+# data.samples settings that only change how a sample is written, not which samples exist: they leave
+# the data and tokenizer stages alone (a grid over them trains one RQ-VAE) and are in the alignment's.
+RENDER_KEYS = ("add_profile", "drop_description_lines", "user_places", "visit_hints", "visit_hint_hours", "visit_text")
+
 
 def extra_trainer_args(cfg: RunConfig) -> dict[str, Any]:
     """``trainer.*`` arguments beyond the layout and the alignment schedule (``+trainer.fast_dev_run=true``,
@@ -80,8 +84,16 @@ def data_fingerprint(cfg: RunConfig) -> str:
     and the *content* of every input file: a fixed row or a cut file means a new data folder."""
     cfg = load_config(cfg)
     data = {k: v for k, v in as_dict(cfg.data).items() if k not in ("loader", "download")}
+    data["samples"] = {k: v for k, v in data["samples"].items() if k not in RENDER_KEYS}
     inputs = {name: (m["size"], m["sha256"]) for name, m in input_manifest(cfg).items()}
     return fingerprint({**data, "inputs": inputs})
+
+
+def render_settings(cfg: RunConfig) -> dict[str, Any]:
+    """The ``data.samples`` settings that only change how samples are written (:data:`RENDER_KEYS`): part
+    of the alignment's fingerprint, not of the data or tokenizer stages', whose tables they do not touch."""
+    cfg = load_config(cfg)
+    return {k: v for k, v in as_dict(cfg.data.samples).items() if k in RENDER_KEYS}
 
 
 def read_data(cfg: RunConfig, name: str):
@@ -168,7 +180,7 @@ def align_fingerprint(cfg: RunConfig) -> str:
     trainer["precision"] = run_precision(cfg)  # resolved: `auto` means another thing on another machine
     align = {k: v for k, v in as_dict(cfg.align).items() if k not in ("num_workers", "num_generations")}
     return fingerprint({
-        "data": data_fingerprint(cfg), "tokenizer": tokenizer_fingerprint(cfg), "llm": as_dict(cfg.llm),
+        "data": data_fingerprint(cfg), "render": render_settings(cfg), "tokenizer": tokenizer_fingerprint(cfg), "llm": as_dict(cfg.llm),
         "align": {**align, "compute_dtype": align_compute_dtype(cfg.align), "quantization": align_quantization(cfg.align)},
         "objectives": as_dict(cfg.objectives), "trainer": {**trainer, **_learning_args(cfg)}, "seed": cfg.seed,
     })

@@ -13,6 +13,7 @@ from datamodules.rendering import render_samples
 from datamodules.samples import INDEX_SCHEMA
 from datamodules.user_checkins import parse_time, read_user_checkins
 from datamodules.user_memory import user_memory
+from datamodules.visit_hints import visit_hints
 from lightning_modules.constrained_decoding import beam_search
 from lightning_modules.hardware import autocast
 from location_tokenizers.codes import CodeTable
@@ -48,7 +49,8 @@ def run_predict_stage(cfg: RunConfig) -> dict[str, Any]:
         raise DataError(f"eval.predict.at={at} is not after the last check-in of {p.input} ({visits['local_time'].max()}): "
                         "give a time to predict for that follows the history")
     user = str(visits["user_id"][0])
-    known_users = set(read_data(cfg, "checkins.parquet").filter(pl.col("split") == "train")["user_id"].unique().to_list())
+    checkins = read_data(cfg, "checkins.parquet")
+    known_users = set(checkins.filter(pl.col("split") == "train")["user_id"].unique().to_list())
     if user not in known_users:
         log.warning("predict: user %r has no train check-ins (cold start): the prompt has no profile, and the model "
                     "predicts from these %d visits alone", user, visits.height)
@@ -61,8 +63,9 @@ def run_predict_stage(cfg: RunConfig) -> dict[str, Any]:
                            "template": 0, "is_last": True}], schema=INDEX_SCHEMA)
     locations = read_data(cfg, "locations.parquet")
     profiles, sample_cfg = read_data(cfg, "profiles.parquet"), cfg.data.samples
-    memory = user_memory(read_data(cfg, "checkins.parquet"), table.strings(), sample_cfg.user_places)
-    render = lambda ix: render_samples(ix, traj, table.strings(), locations, profiles, sample_cfg, memory)  # noqa: E731
+    memory = user_memory(checkins, table.strings(), sample_cfg.user_places)
+    hints = visit_hints(checkins, table.strings(), sample_cfg.visit_hints, sample_cfg.visit_hint_hours, visits=traj)
+    render = lambda ix: render_samples(ix, traj, table.strings(), locations, profiles, sample_cfg, memory, hints)  # noqa: E731
     model, _, encoder, trie = load_for_eval(cfg, folder, table)
     samples, _ = fit_history(index, render(index), render, encoder.lengths, encoder.max_length)
     batch = encoder.prompt_batch(encoder.prompt_texts(samples), device=next(model.parameters()).device)

@@ -206,6 +206,21 @@ def load_for_eval(cfg: RunConfig, folder: Path, table: Any = None) -> tuple[Any,
     return model, tokenizer, encoder, trie
 
 
+def test_prompts(cfg: RunConfig, table: CodeTable, encoder: ChatEncoder,
+                 checkins: pl.DataFrame) -> tuple[pl.DataFrame, list[str], dict[str, int]]:
+    """The test cases (:func:`test_index`), their prompts as the model reads them, and how many lost
+    their oldest visits to ``align.max_length`` (the training length rule), per task."""
+    index = test_index(cfg)
+    locations, profiles, sample_cfg = read_data(cfg, "locations.parquet"), read_data(cfg, "profiles.parquet"), cfg.data.samples
+    memory = user_memory(checkins, table.strings(), sample_cfg.user_places)
+    render = lambda ix: render_samples(ix, checkins, table.strings(), locations, profiles, sample_cfg, memory)  # noqa: E731
+    samples, cut = fit_history(index, render(index), render, encoder.lengths, encoder.max_length)
+    cases = eval_cases(index, checkins).join(samples.select("sample_id", "prompt", "response_prefix"), on="sample_id", how="left")
+    if cases.is_empty():
+        raise DataError(f"no test cases for eval.tasks={list(cfg.eval.tasks)} in {data_dir(cfg)}")
+    return cases, encoder.prompt_texts(cases), cut
+
+
 def eval_on_gpu(cfg: RunConfig) -> bool:
     """Whether the test and predict stages decode on a GPU (``trainer.accelerator`` gpu/cuda, or auto
     with one present)."""
@@ -227,23 +242,14 @@ def run_test_stage(cfg: RunConfig, force: bool | None = None) -> dict[str, Any]:
     torch.manual_seed(int(cfg.seed))
     table = CodeTable.read_parquet(out / "model" / "codes.parquet")
     model, tokenizer, encoder, trie = load_for_eval(cfg, out / "model", table)
-    index = test_index(cfg)
     checkins = read_data(cfg, "checkins.parquet")
-    locations, profiles, sample_cfg = read_data(cfg, "locations.parquet"), read_data(cfg, "profiles.parquet"), cfg.data.samples
-    memory = user_memory(checkins, table.strings(), sample_cfg.user_places)
-    render = lambda ix: render_samples(ix, checkins, table.strings(), locations, profiles, sample_cfg, memory)  # noqa: E731
-    # The training length rule: a prompt over align.max_length loses its oldest visits.
-    samples, cut = fit_history(index, render(index), render, encoder.lengths, encoder.max_length)
-    cases = eval_cases(index, checkins).join(samples.select("sample_id", "prompt", "response_prefix"), on="sample_id", how="left")
-    if cases.is_empty():
-        raise DataError(f"no test cases for eval.tasks={list(cfg.eval.tasks)} in {data_dir(cfg)}")
-    prompts = encoder.prompt_texts(cases)
+    cases, prompts, cut = test_prompts(cfg, table, encoder, checkins)
     e = cfg.eval
     t_llm = time.perf_counter()
     precision = run_precision(cfg)
     progress = ProgressStyle.from_mapping(vars(cfg.progress))
     locs, _ = rank_prompts(model, encoder, trie, prompts, int(e.num_beams), int(e.batch_size), precision=precision,
-                           decoding=e.decoding, seed=int(cfg.seed), progress=progress)
+                           decoding=e.decoding, seed=int(cfg.seed), progress=progress, share_prefix=bool(e.share_prefix))
     llm_seconds = time.perf_counter() - t_llm
     logger = make_logger(cfg, "test")
     rankings, seconds, tuned = baseline_rankings(cfg, cases, checkins, table.loc_ids, with_gru=True, logger=logger,
@@ -284,4 +290,4 @@ def run_test_stage(cfg: RunConfig, force: bool | None = None) -> dict[str, Any]:
     return results
 
 
-__all__ = ["load_for_eval", "run_baselines_stage", "run_test_stage", "test_index"]
+__all__ = ["load_for_eval", "run_baselines_stage", "run_test_stage", "test_index", "test_prompts"]

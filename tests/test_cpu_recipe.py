@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-POINTS = ["none", "float32", "bf16", "compact", "trajectory", "user_places", "nf4", "lora", "all"]
+POINTS = ["none", "float32", "bf16", "compact", "trajectory", "user_places", "visit_hints", "nf4", "lora", "all"]
 
 
 @pytest.mark.slow
@@ -35,3 +35,6 @@ def test_the_cpu_recipe_grid_runs_on_the_smoke_experiment(tmp_path) -> None:
     # the same samples with fewer tokens (descriptions and profiles, unchanged, are most of the smoke tokens)
     assert runs["compact"]["train_samples"] == runs["none"]["train_samples"]
     assert runs["compact"]["train_tokens"] < 0.9 * runs["none"]["train_tokens"]
+    # the same samples, each visit with its hint: more tokens
+    assert runs["visit_hints"]["train_samples"] == runs["none"]["train_samples"]
+    assert runs["visit_hints"]["train_tokens"] > runs["none"]["train_tokens"] and meta["visit_hints"]["visit_hints"] == 3

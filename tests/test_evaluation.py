@@ -157,6 +157,56 @@ def test_exact_scores_agree_with_beam_scores() -> None:
     assert (torch.logsumexp(exact, 1) <= 1e-4).all(), "probabilities of all codes sum to at most 1"
 
 
+class _IdEncoder:
+    """Prompts written as token ids ("5 9 12"); padding as the real ChatEncoder pads."""
+
+    pad_id = 0
+
+    def prompt_ids(self, texts):
+        return [[int(t) for t in text.split()] for text in texts]
+
+    def pad_left(self, rows, device="cpu"):
+        from lightning_modules.chat_encoding import ChatEncoder
+
+        return ChatEncoder.pad_left(self, rows, device)
+
+
+@pytest.mark.parametrize("batch_size", [1, 3, 4, 16])
+def test_shared_prefix_ranks_as_whole_prompts(batch_size: int) -> None:
+    """eval.share_prefix: prefilling the tokens a batch shares once gives the rankings (and, up to rounding,
+    the scores) of each prompt decoded alone, unpadded: users with several prompts, a prompt that is a
+    prefix of another, twin prompts, and a user with a single prompt."""
+    from lightning_modules.constrained_decoding import beam_search
+    from lightning_modules.ranking import rank_prompts
+
+    vocab, levels, k = 300, 3, 8
+    _, _, trie = _tiny_trie(120, levels, k, 50, vocab, seed=4)
+    model = _tiny_lm(vocab, seed=4)
+    rng = np.random.default_rng(0)
+    system = rng.integers(3, 50, 9).tolist()
+    prompts = []
+    for user in range(5):
+        memory = rng.integers(3, 50, int(rng.integers(1, 8))).tolist()
+        for _ in range(int(rng.integers(1, 4))):
+            prompts.append(system + memory + rng.integers(3, 50, int(rng.integers(1, 10))).tolist())
+    prompts += [prompts[0][:-1], list(prompts[2]), system[:4]]
+    texts = [" ".join(map(str, p)) for p in rng.permutation(np.array(prompts, dtype=object))]
+    alone = [beam_search(model, torch.tensor([[int(t) for t in text.split()]]), torch.ones(1, len(text.split()), dtype=torch.long),
+                         trie, num_beams=5) for text in texts]
+    fed = []  # prompt tokens embedded per call (the beam steps feed one token per beam)
+    model.model.embed_tokens.register_forward_hook(lambda _m, args, _o: fed.append(args[0].numel()))
+    read = {}
+    for share in (True, False):
+        fed.clear()
+        locs, scores = rank_prompts(model, _IdEncoder(), trie, texts, 5, batch_size, share_prefix=share)
+        assert np.array_equal(locs, np.concatenate([a.loc_ids.numpy() for a in alone])), share
+        np.testing.assert_allclose(scores, np.concatenate([a.scores.numpy() for a in alone]), rtol=1e-4, atol=1e-4)
+        read[share] = sum(n for n in fed if n > 5 * min(batch_size, len(texts)))  # prefills, not beam steps
+    assert read[True] < read[False], read
+    if batch_size == 1:  # no padding: fewer tokens than the prompts hold
+        assert read[True] < sum(len(t.split()) for t in texts), read
+
+
 @pytest.mark.slow
 def test_beam_search_equals_hf_generate_on_smollm2(model_cache) -> None:
     from lightning_modules.constrained_decoding import beam_search

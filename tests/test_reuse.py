@@ -11,7 +11,7 @@ import pytest
 
 from datamodules.config import ConfigError
 from datamodules.errors import DataError
-from tests.conftest import compose_cfg, run_pipeline
+from tests.conftest import compose_cfg, compose_run, run_pipeline
 
 
 def _cfg(art, cache, *overrides: str):
@@ -120,3 +120,19 @@ def test_a_changed_input_file_rebuilds_the_data_stage(tmp_path, caplog) -> None:
     assert "skipping" not in caplog.text and fixed["quarantined_rows"] == 0
     assert fixed["protocol"]["input_checkins"] == first["protocol"]["input_checkins"] + 2
     assert data_dir(cfg).name != f"data-{before[:8]}"
+
+
+@pytest.mark.parametrize("override", ["data.samples.visit_text=compact", "data.samples.user_places=5",
+                                      "data.samples.add_profile=false", "data.samples.drop_description_lines=[]"])
+def test_how_samples_are_written_retrains_only_the_alignment(tmp_path, override) -> None:
+    """The rendering settings (pipeline.paths.RENDER_KEYS) leave the data and tokenizer folders alone (a
+    cpu_recipe grid trains one RQ-VAE) and give the alignment a folder of its own; which samples exist
+    (data.samples.max_history) is the data stage's."""
+    from pipeline.paths import align_fingerprint, data_dir, tokenizer_dir
+
+    base = compose_run(["experiment=smoke", f"paths.artifacts={tmp_path}"])
+    other = compose_run(["experiment=smoke", f"paths.artifacts={tmp_path}", override])
+    assert data_dir(other) == data_dir(base) and tokenizer_dir(other) == tokenizer_dir(base)
+    assert align_fingerprint(other) != align_fingerprint(base)
+    index = compose_run(["experiment=smoke", f"paths.artifacts={tmp_path}", "data.samples.max_history=7"])
+    assert data_dir(index) != data_dir(base) and align_fingerprint(index) != align_fingerprint(base)

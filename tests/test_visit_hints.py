@@ -1,0 +1,80 @@
+"""Visit hints (data.samples.visit_hints): the user's usual places at a visit's time of day, from train
+visits only, never counting the visit's own trajectory."""
+
+from __future__ import annotations
+
+from datetime import datetime, timezone
+
+import polars as pl
+
+from datamodules.visit_hints import visit_hints
+
+
+def _visits(rows: list[tuple[str, str, int, str, str]]) -> pl.DataFrame:
+    """(traj_id, user_id, loc_id, "HH:MM" on a day index "d", split) -> check-ins."""
+    out = []
+    for i, (traj, user, loc, when, split) in enumerate(rows):
+        day, clock = when.split(" ")
+        hh, mm = (int(x) for x in clock.split(":"))
+        t = datetime(2012, 4, int(day), hh, mm, i % 60, tzinfo=timezone.utc)
+        out.append({"traj_id": traj, "user_id": user, "loc_id": loc, "utc_time": t, "local_time": t.replace(tzinfo=None), "split": split})
+    return pl.DataFrame(out)
+
+
+CODES = pl.DataFrame({"loc_id": [1, 2, 3, 4, 5], "code": ["<A>", "<B>", "<C>", "<D>", "<E>"]})
+
+
+def _hint(hints: pl.DataFrame, traj: str, visits: pl.DataFrame, pos: int = 0) -> str:
+    t = visits.filter(pl.col("traj_id") == traj).sort("utc_time")["utc_time"][pos]
+    return hints.filter((pl.col("traj_id") == traj) & (pl.col("utc_time") == t))["hint"].item()
+
+
+def test_hints_count_train_visits_of_other_trajectories_only() -> None:
+    v = _visits([
+        ("t1", "u", 1, "2 09:00", "train"), ("t1", "u", 1, "2 09:30", "train"),
+        ("t2", "u", 2, "3 09:10", "train"), ("t2", "u", 4, "3 18:00", "train"),
+        ("v1", "u", 3, "4 09:00", "valid"), ("v1", "u", 3, "4 09:20", "valid"), ("v1", "u", 3, "4 09:40", "valid"),
+        ("x1", "u", 5, "5 09:15", "test"),
+        ("t3", "w", 5, "2 09:00", "train"),  # another user's habits never count
+    ])
+    hints = visit_hints(v, CODES, k=3, hours=1)
+    # A test visit: every train visit of the user around 09:00, most visited first; no valid visit, no other user.
+    assert _hint(hints, "x1", v) == "(usually <A> <B>)"
+    # A train visit of t1: its own trajectory left out, so the hint is no better at training than at test.
+    assert _hint(hints, "t1", v) == "(usually <B>)"
+    assert _hint(hints, "t2", v) == "(usually <A>)"
+    # 18:00 has only t2's own visit: nothing left to hint.
+    assert _hint(hints, "t2", v, pos=1) == ""
+    assert visit_hints(v, CODES, k=0).is_empty()
+
+
+def test_the_hour_window_wraps_around_midnight_and_k_caps_the_list() -> None:
+    v = _visits([
+        ("t1", "u", 1, "2 00:10", "train"), ("t2", "u", 2, "3 22:50", "train"), ("t2", "u", 2, "3 23:05", "train"),
+        ("t3", "u", 3, "4 12:00", "train"),
+        ("x1", "u", 4, "5 23:40", "test"), ("x2", "u", 4, "6 10:00", "test"),
+    ])
+    hints = visit_hints(v, CODES, k=1, hours=1)
+    assert _hint(hints, "x1", v) == "(usually <B>)"  # 22:xx, 23:xx and 00:xx are within an hour of 23:40; k=1 keeps the most visited
+    assert _hint(hints, "x2", v) == ""               # 12:00 is two hours away
+    assert _hint(visit_hints(v, CODES, k=3, hours=2), "x2", v) == "(usually <C>)"
+
+
+def test_rendered_visits_carry_their_hint_and_the_target_prefix_ends_with_it() -> None:
+    from datamodules.config import SampleConfig
+    from datamodules.rendering import render_samples
+
+    v = _visits([
+        ("t1", "u", 1, "2 09:00", "train"), ("t1", "u", 2, "2 12:00", "train"), ("t1", "u", 1, "2 18:00", "train"),
+        ("x1", "u", 2, "5 09:05", "test"), ("x1", "u", 3, "5 12:10", "test"), ("x1", "u", 1, "5 18:20", "test"),
+    ])
+    index = pl.DataFrame({"task": ["next"], "split": ["test"], "traj_id": ["x1"], "user_id": ["u"], "loc_id": [1], "is_last": [True],
+                          "template": [0], "start": [0], "end": [2], "target_pos": [2], "masked": [None]},
+                         schema_overrides={"start": pl.Int32, "end": pl.Int32, "target_pos": pl.Int32, "template": pl.Int32,
+                                           "masked": pl.List(pl.Int32), "loc_id": pl.Int64})
+    cfg = SampleConfig(visit_text="compact", next_format="continuation", visit_hints=2)
+    row = render_samples(index, v, CODES, cfg=cfg).row(0, named=True)
+    assert row["response_prefix"].startswith("Thu 09:05 (usually <A>) <B>. Thu 12:10 (usually <B>) <C>.")
+    assert row["response_prefix"].endswith("Thu 18:20 (usually <A>) ") and row["target"] == "<A>"
+    plain = render_samples(index, v, CODES, cfg=SampleConfig(visit_text="compact", next_format="continuation"))
+    assert "usually" not in plain["response_prefix"].item()
