@@ -78,3 +78,12 @@ def test_rendered_visits_carry_their_hint_and_the_target_prefix_ends_with_it() -
     assert row["response_prefix"].endswith("Thu 18:20 (usually <A>) ") and row["target"] == "<A>"
     plain = render_samples(index, v, CODES, cfg=SampleConfig(visit_text="compact", next_format="continuation"))
     assert "usually" not in plain["response_prefix"].item()
+
+
+def test_hints_for_visits_outside_the_history() -> None:
+    """stage=predict: the user's recent check-ins (no split, a trajectory of their own) get hints from the
+    train history."""
+    history = _visits([("t1", "u", 1, "2 09:00", "train"), ("t1", "u", 2, "2 18:00", "train"), ("x1", "u", 3, "5 09:00", "test")])
+    recent = _visits([("predict", "u", 5, "7 08:40", "train"), ("predict", "u", 5, "7 17:30", "train")]).drop("split")
+    hints = visit_hints(history, CODES, k=2, hours=1, visits=recent)
+    assert hints.sort("utc_time")["hint"].to_list() == ["(usually <A>)", "(usually <B>)"]
