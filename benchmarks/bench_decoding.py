@@ -42,7 +42,8 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_grad_enabled(False)
     art = tempfile.mkdtemp()
-    cfg = compose_run(["experiment=nyc_qlora_cpu", f"data.root={NYC_RELEASE}", f"paths.artifacts={art}", "tokenizer=released"])
+    cfg = compose_run(["experiment=nyc_qlora_cpu", f"data.root={NYC_RELEASE}", f"paths.artifacts={art}", "tokenizer=released",
+                       "data.samples.visit_text=official", "data.samples.next_format=question", "data.samples.visit_hints=0"])
     run_data_stage(cfg)
     table = released_table(cfg)
     tok = load_tokenizer(cfg.llm, cfg.paths.cache)

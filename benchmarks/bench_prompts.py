@@ -51,7 +51,7 @@ def main() -> None:
     tok.add_tokens(all_code_tokens(table.num_levels, table.codebook_size))
     checkins, locations = pl.read_parquet(d / "checkins.parquet"), pl.read_parquet(d / "locations.parquet")
     profiles = pl.read_parquet(d / "profiles.parquet")
-    base = cfg.data.samples
+    base = dataclasses.replace(cfg.data.samples, next_format="question", visit_hints=0)  # the paper's samples, then each switch
     index = build_sample_index(checkins, locations["loc_id"], base, tasks=("next", "recovery_multi", "recovery_single"))
     index = pl.concat([part.sample(min(args.samples, part.height), seed=0)
                        for part in index.filter(pl.col("split") == "train").partition_by("task", maintain_order=True)])
@@ -73,9 +73,10 @@ def main() -> None:
         print(f"{task}: compact is {m['compact'] / m['official']:.2f}x the official length")
 
     print("\nThe next-location train epoch (NYC release)")
-    print("| next_format | visit_text | samples | trained targets | tokens read | tokens per target |\n|---|---|---|---|---|---|")
-    for fmt, visit in (("question", "official"), ("question", "compact"), ("trajectory", "official"), ("trajectory", "compact")):
-        cfg_v = dataclasses.replace(base, next_format=fmt, visit_text=visit)
+    print("| next_format | visit_text | visit_hints | samples | trained targets | tokens read | tokens per target |\n|---|---|---|---|---|---|---|")
+    for fmt, visit, hints in (("question", "official", 0), ("question", "compact", 0), ("trajectory", "official", 0),
+                              ("trajectory", "compact", 0), ("trajectory", "compact", 3)):
+        cfg_v = dataclasses.replace(base, next_format=fmt, visit_text=visit, visit_hints=hints)
         ix = build_sample_index(checkins, locations["loc_id"], cfg_v, tasks=("next",)).filter(pl.col("split") == "train")
         out = render_samples(ix, checkins, table.strings(), locations, profiles, cfg_v)
         targets = int(ix["masked"].list.len().fill_null(1).sum())
@@ -84,7 +85,7 @@ def main() -> None:
             part = out.slice(start, 4096)
             texts = (part["prompt"] + " " + part["response_prefix"] + part["target"]).to_list()
             tokens += sum(len(ids) for ids in tok(texts, add_special_tokens=False)["input_ids"])
-        print(f"| {fmt} | {visit} | {out.height:,} | {targets:,} | {tokens:,} | {tokens / targets:.0f} |", flush=True)
+        print(f"| {fmt} | {visit} | {hints} | {out.height:,} | {targets:,} | {tokens:,} | {tokens / targets:.0f} |", flush=True)
 
 
 if __name__ == "__main__":
