@@ -1,7 +1,7 @@
 """Test-time decoding with and without ``eval.share_prefix``, side by side on one aligned model.
 
-``share_prefix=true`` batches a user's test prompts together and prefills the tokens a batch shares
-(system text, user memory or profile) once, and the tokens every prompt shares once per run;
+``share_prefix=true`` prefills the tokens every prompt shares (chat header, system text) once per run,
+and batches prompts that share a longer prefix (a user's memory or profile) together, prefilling it once;
 ``false`` is the previous path: length-sorted batches, every prompt prefilled whole. The two are
 timed in alternation (A B A B ...) on the same cases, and the rankings compared.
 

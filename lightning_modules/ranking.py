@@ -23,18 +23,18 @@ DECODINGS = ("beam", "sampled_beams")
 
 def rank_prompts(model: torch.nn.Module, encoder: Any, trie: Any, prompts: list[str], num_beams: int,
                  batch_size: int, precision: str = "32-true", decoding: str = "beam", seed: int = 0,
-                 progress: Any = None, share_prefix: bool = True) -> tuple[np.ndarray, np.ndarray]:
+                 progress: Any = None, share_prefix: bool = True, min_shared: int = 32) -> tuple[np.ndarray, np.ndarray]:
     """Constrained beam search over ``prompts`` in batches; rows in input order.
 
     ``precision`` is the run's resolved Lightning precision: ``bf16-mixed`` decodes under bf16
     autocast, as the model was trained (the scores that rank the beams are accumulated in float32).
     ``decoding``: ``beam`` (deterministic) or ``sampled_beams`` (the official protocol, seeded per batch).
     ``progress``: a :class:`lightning_modules.progress.ProgressStyle` to report cases/s and the ETA (None: silent).
-    ``share_prefix`` (``eval.share_prefix``, ``beam`` only): the prompts are batched in token order, so that a
-    user's prompts sit together, and the tokens a batch's prompts start with (the system text, the user's
-    memory or profile) are prefilled once instead of once per prompt; the tokens every prompt starts with
-    once per run. Off: batches of similar length, each prompt prefilled whole. The rankings agree
-    (``tests/test_constrained_decoding.py``); the scores differ by float rounding.
+    ``share_prefix`` (``eval.share_prefix``, ``beam`` only): the tokens every prompt starts with (chat header,
+    system text) are prefilled once per run, and prompts that share at least ``min_shared`` more tokens (a
+    user's memory or profile) are batched together with what they share prefilled once per batch; the other
+    prompts are batched by length, as without it. Off: batches of similar length, each prompt prefilled whole.
+    The rankings agree (``tests/test_evaluation.py``); the scores differ by float rounding.
     """
     from contextlib import nullcontext
     from functools import partial
@@ -44,25 +44,25 @@ def rank_prompts(model: torch.nn.Module, encoder: Any, trie: Any, prompts: list[
 
     ids = encoder.prompt_ids(prompts)
     shared = share_prefix and decoding == "beam" and len(ids) > 0
-    if shared:
-        order = np.array(sorted(range(len(ids)), key=ids.__getitem__), dtype=np.int64)
-    else:
-        order = np.argsort([-len(r) for r in ids], kind="stable")
     locs = np.full((len(prompts), num_beams), -1, dtype=np.int64)
     scores = np.full((len(prompts), num_beams), -np.inf)
     device = next(model.parameters()).device
     trunk, trunk_len = None, 0
     if shared:  # the tokens every prompt starts with, prefilled once
-        trunk_len = _common_prefix([ids[order[0]], ids[order[-1]]])
+        lex = sorted(range(len(ids)), key=ids.__getitem__)
+        trunk_len = _common_prefix([ids[lex[0]], ids[lex[-1]]])  # sorted: the ends share what all share
         with autocast(precision, device.type):
-            trunk = prefill(model, torch.tensor([ids[order[0]][:trunk_len]], device=device))
+            trunk = prefill(model, torch.tensor([ids[lex[0]][:trunk_len]], device=device))
+        batches = _shared_batches(ids, lex, batch_size, trunk_len + min_shared)
+    else:
+        order = np.argsort([-len(r) for r in ids], kind="stable")
+        batches = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
     with progress.loop("test", len(prompts), "cases") if progress is not None else nullcontext() as bar:
-        for start in range(0, len(prompts), batch_size):
-            rows = order[start : start + batch_size]
+        for start, rows in enumerate(batches):
+            start *= batch_size  # the sampled beams' seed, as before
             with autocast(precision, device.type):
                 if shared:
-                    # Sorted rows: the first and the last share what all of them share.
-                    cut = max(_common_prefix([ids[rows[0]], ids[rows[-1]]]), trunk_len)
+                    cut = max(_common_prefix([ids[i] for i in rows]), trunk_len)
                     first = ids[rows[0]]
                     prefix = prefill(model, torch.tensor([first[trunk_len:cut]], device=device), trunk) if cut > trunk_len else trunk
                     batch = encoder.pad_left([ids[i][cut:] for i in rows], device=device)
@@ -78,6 +78,31 @@ def rank_prompts(model: torch.nn.Module, encoder: Any, trie: Any, prompts: list[
             if bar is not None:
                 bar.update(len(rows))
     return locs, scores
+
+
+def _shared_batches(ids: list[list[int]], lex: list[int], batch_size: int, together: int) -> list[np.ndarray]:
+    """Batches for :func:`rank_prompts` with ``share_prefix``: runs of prompts (``lex``: indices in token
+    order) that share at least ``together`` tokens are batched among themselves, longest first; the
+    rest are batched by length (less padding than token order would give them)."""
+    runs, current = [], [lex[0]]
+    for prev, cur in zip(lex, lex[1:]):
+        if _common_prefix([ids[prev], ids[cur]]) >= together:
+            current.append(cur)
+        else:
+            runs.append(current)
+            current = [cur]
+    runs.append(current)
+    longest_first = lambda rows: sorted(rows, key=lambda i: -len(ids[i]))  # noqa: E731
+    batches, alone = [], []
+    for run in runs:
+        if len(run) == 1:
+            alone.extend(run)
+            continue
+        run = longest_first(run)
+        batches.extend(np.array(run[i : i + batch_size], dtype=np.int64) for i in range(0, len(run), batch_size))
+    alone = longest_first(alone)
+    batches.extend(np.array(alone[i : i + batch_size], dtype=np.int64) for i in range(0, len(alone), batch_size))
+    return batches
 
 
 def _common_prefix(rows: list[list[int]]) -> int:

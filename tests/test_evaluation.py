@@ -172,7 +172,8 @@ class _IdEncoder:
 
 
 @pytest.mark.parametrize("batch_size", [1, 3, 4, 16])
-def test_shared_prefix_ranks_as_whole_prompts(batch_size: int) -> None:
+@pytest.mark.parametrize("min_shared", [1, 32])
+def test_shared_prefix_ranks_as_whole_prompts(batch_size: int, min_shared: int) -> None:
     """eval.share_prefix: prefilling the tokens a batch shares once gives the rankings (and, up to rounding,
     the scores) of each prompt decoded alone, unpadded: users with several prompts, a prompt that is a
     prefix of another, twin prompts, and a user with a single prompt."""
@@ -198,13 +199,25 @@ def test_shared_prefix_ranks_as_whole_prompts(batch_size: int) -> None:
     read = {}
     for share in (True, False):
         fed.clear()
-        locs, scores = rank_prompts(model, _IdEncoder(), trie, texts, 5, batch_size, share_prefix=share)
+        locs, scores = rank_prompts(model, _IdEncoder(), trie, texts, 5, batch_size, share_prefix=share, min_shared=min_shared)
         assert np.array_equal(locs, np.concatenate([a.loc_ids.numpy() for a in alone])), share
         np.testing.assert_allclose(scores, np.concatenate([a.scores.numpy() for a in alone]), rtol=1e-4, atol=1e-4)
         read[share] = sum(n for n in fed if n > 5 * min(batch_size, len(texts)))  # prefills, not beam steps
     assert read[True] < read[False], read
     if batch_size == 1:  # no padding: fewer tokens than the prompts hold
         assert read[True] < sum(len(t.split()) for t in texts), read
+
+
+def test_shared_batches_keep_a_users_prompts_together_and_the_rest_by_length() -> None:
+    from lightning_modules.ranking import _shared_batches
+
+    system, memory_a, memory_b = [1] * 5, [7] * 40, [8] * 40
+    ids = [system + memory_a + [2], system + [3] * 9, system + memory_b + [4, 4], system + memory_a + [5, 5, 5],
+           system + [6] * 30, system + memory_b + [9]]
+    lex = sorted(range(len(ids)), key=ids.__getitem__)
+    batches = [b.tolist() for b in _shared_batches(ids, lex, batch_size=4, together=5 + 32)]
+    # users a and b: batches of their own (longest first); the two prompts alone: one batch, longest first
+    assert sorted(batches) == sorted([[3, 0], [2, 5], [4, 1]])
 
 
 @pytest.mark.slow
