@@ -26,9 +26,8 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from datamodules.config import SampleConfig
 from datamodules.errors import DataError
 from datamodules.fitting import fit_history
-from datamodules.rendering import render_samples
+from datamodules.rendering import sample_renderer
 from datamodules.samples import TASKS
-from datamodules.user_memory import user_memory
 
 log = logging.getLogger(__name__)
 
@@ -272,9 +271,7 @@ class MobilityDataModule(L.LightningDataModule):
                 raise DataError("samples need location codes: pass codes= (run the tokenizer stage first)")
             self.setup()
             index = self.index.filter((pl.col("split") == split) & pl.col("task").is_in(list(self.tasks)))
-            memory = user_memory(self.checkins, self.codes, self.sample_cfg.user_places)
-            render = lambda ix: render_samples(ix, self.checkins, self.codes, self.locations, self.profiles,  # noqa: E731
-                                               self.sample_cfg, memory)
+            render = sample_renderer(self.checkins, self.codes, self.locations, self.profiles, self.sample_cfg)
             samples = render(index)
             if split != "train" and self.eval_per_task is not None:
                 samples = (

@@ -14,6 +14,7 @@ import polars as pl
 from datamodules.config import SampleConfig
 from datamodules.prompts import CONTINUATION_PROMPT, MASK, RESPONSE_PREFIX, TEMPLATES, UNKNOWN, VISIT_TEXT
 from datamodules.samples import TASKS, add_positions
+from datamodules.user_memory import user_memory
 from datamodules.visit_hints import visit_hints
 
 
@@ -156,8 +157,9 @@ def render_samples(
     n = v.height
     time_format, visit_sentence = VISIT_TEXT[cfg.visit_text]
     v = v.with_columns(time_s=pl.col("local_time").dt.strftime(time_format))
-    v = v.with_columns(time_plain=pl.col("time_s"))  # translation blocks keep the bare time
+    plain = "time_s"  # the bare time, which translation blocks keep
     if cfg.visit_hints:  # the hint follows the time wherever a visit or a target is written
+        v, plain = v.with_columns(time_plain=pl.col("time_s")), "time_plain"
         if hints is None:
             hints = visit_hints(visits, codes, cfg.visit_hints, cfg.visit_hint_hours)
         v = v.join(hints, on=["traj_id", "utc_time"], how="left", maintain_order="left").with_columns(
@@ -255,9 +257,9 @@ def render_samples(
     if sub.height:
         vd = v.join(descriptions.select("loc_id", "short_description"), on="loc_id", how="left", maintain_order="left")
         k = (pl.col("pos") + 1).cast(pl.String)
-        numbered = vd.select(s=pl.format("[ {} ] {}", k, sentence(pl.col("code"), "time_plain")))["s"]
+        numbered = vd.select(s=pl.format("[ {} ] {}", k, sentence(pl.col("code"), plain)))["s"]
         blocks = vd.select(
-            s=pl.format("[ {} ]\nTime: {}\nLocation Description: {}", k, "time_plain", pl.col("short_description").fill_null(""))
+            s=pl.format("[ {} ]\nTime: {}\nLocation Description: {}", k, plain, pl.col("short_description").fill_null(""))
         )["s"]
         sub = sub.with_columns(blocks=_visit_joiner(v, blocks, "\n")(sub), numbered=_visit_joiner(v, numbered, " ")(sub))
         finish(sub, "translation", {"user": pl.col("user_id"), "blocks": pl.col("blocks")}, pl.col("numbered"), pl.lit(None))
@@ -284,3 +286,27 @@ def render_samples(
     if not parts:
         return pl.DataFrame(schema={c: (pl.UInt32 if c == "sample_id" else pl.String) for c in keep})
     return pl.concat([parts[t] for t in TASKS if t in parts], rechunk=False)
+
+
+def sample_renderer(
+    history: pl.DataFrame,
+    codes: pl.DataFrame,
+    descriptions: pl.DataFrame | None,
+    profiles: pl.DataFrame | None,
+    cfg: SampleConfig,
+    visits: pl.DataFrame | None = None,
+) -> Callable[[pl.DataFrame], pl.DataFrame]:
+    """How a run writes its samples: :func:`render_samples` bound to the user memory and visit hints,
+    which are computed once here from ``history``'s train visits (and reused by every re-rendering of
+    :func:`datamodules.fitting.fit_history`).
+
+    Args:
+        history: The data stage's check-ins (``split`` set): the train visits that memory and hints count.
+        codes, descriptions, profiles, cfg: As for :func:`render_samples`.
+        visits: The visits the sample index points into, when they are not ``history``'s (``stage=predict``'s
+            check-ins); their hints still count ``history``'s train visits only.
+    """
+    memory = user_memory(history, codes, cfg.user_places)
+    hints = visit_hints(history, codes, cfg.visit_hints, cfg.visit_hint_hours, visits=visits) if cfg.visit_hints else None
+    written = history if visits is None else visits
+    return lambda index: render_samples(index, written, codes, descriptions, profiles, cfg, memory, hints)

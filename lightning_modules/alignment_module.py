@@ -75,6 +75,7 @@ class AlignmentModule(L.LightningModule):
         model: A peft model (see :func:`lightning_modules.llm.build_peft_model`).
         tasks: The tasks being trained (their objectives get loss metrics).
         lr: Peak learning rate (AdamW).
+        lora_plus_ratio: The LoRA B matrices' learning rate as a multiple of ``lr`` (LoRA+; 1: plain LoRA).
         loss_reduction: ``sample`` (mean per sample, then over samples) or ``token`` (mean over all
             answer tokens of the batch).
         batch_size: Nominal samples per batch (the ``sample`` divisor).
@@ -95,6 +96,7 @@ class AlignmentModule(L.LightningModule):
         model: torch.nn.Module,
         tasks: Sequence[str],
         lr: float = 2e-4,
+        lora_plus_ratio: float = 1.0,
         weight_decay: float = 0.0,
         warmup_ratio: float = 0.03,
         min_lr_ratio: float = 0.0,
@@ -254,9 +256,8 @@ class AlignmentModule(L.LightningModule):
 
     # -- optimisation -------------------------------------------------------------------------
     def configure_optimizers(self) -> dict[str, Any]:
-        params = [p for p in self.model.parameters() if p.requires_grad]
         hp = self.hparams
-        optimizer = torch.optim.AdamW(params, lr=hp.lr, weight_decay=hp.weight_decay)
+        optimizer = torch.optim.AdamW(self.param_groups(), lr=hp.lr, weight_decay=hp.weight_decay)
         total = max(int(self.trainer.estimated_stepping_batches), 1)
         warmup = int(total * hp.warmup_ratio)
 
@@ -268,6 +269,19 @@ class AlignmentModule(L.LightningModule):
 
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    def param_groups(self) -> list[dict[str, Any]]:
+        """The trainable parameters as optimizer groups: the LoRA B matrices at ``lr x lora_plus_ratio``
+        (LoRA+), everything else (A matrices, new token rows) at ``lr``; one group when the ratio is 1."""
+        hp = self.hparams
+        ratio = float(hp.get("lora_plus_ratio", 1.0))
+        named = [(n, p) for n, p in self.model.named_parameters() if p.requires_grad]
+        b = [p for n, p in named if ".lora_B." in n]
+        if ratio == 1.0 or not b:
+            return [{"params": [p for _, p in named]}]
+        rest = [p for n, p in named if ".lora_B." not in n]
+        # LambdaLR scales each group's own initial_lr, so the ratio holds through warm-up and decay.
+        return [{"params": rest}, {"params": b, "lr": float(hp.lr) * ratio}]
 
     # -- checkpoints --------------------------------------------------------------------------
     def trainable_keys(self) -> set[str]:

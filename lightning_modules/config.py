@@ -84,6 +84,9 @@ class AlignConfig:
     lora: LoraConfig = field(default_factory=LoraConfig)
     gradient_checkpointing: bool = True
     lr: float = 2.0e-4
+    # LoRA+ (Hayou et al., 2024): the B matrices learn at lr x this ratio (1 = plain LoRA, the paper's);
+    # a departure that aims at more learning per step when steps are few.
+    lora_plus_ratio: float = 1.0
     weight_decay: float = 0.0
     warmup_ratio: float = 0.03
     min_lr_ratio: float = 0.0
@@ -110,7 +113,7 @@ class AlignConfig:
         one_of("align.new_token_init", self.new_token_init, ("mean", "vocab"))
         one_of("align.prompt_format", self.prompt_format, ("chat", "inst"))
         one_of("align.loss_reduction", self.loss_reduction, ("sample", "token"))
-        for key in ("lr", "batch_size", "max_length", "group_batches"):
+        for key in ("lr", "lora_plus_ratio", "batch_size", "max_length", "group_batches"):
             at_least(f"align.{key}", getattr(self, key), 0, strict=True)
         for key in ("weight_decay", "warmup_ratio", "min_lr_ratio", "checkpoint_every_n_steps", "num_generations", "num_workers"):
             at_least(f"align.{key}", getattr(self, key), 0)

@@ -69,7 +69,7 @@ def prefill(model: torch.nn.Module, input_ids: Tensor, cache: Any = None) -> Any
 
 @torch.no_grad()
 def beam_search(model: torch.nn.Module, input_ids: Tensor, attention_mask: Tensor, trie: CodeTrie, num_beams: int = 15,
-                prefix: Any = None) -> Ranked:
+                prefix: Any = None, consume_prefix: bool = False) -> Ranked:
     """Constrained beam search over the code trie for a batch of left-padded prompts.
 
     Args:
@@ -81,6 +81,8 @@ def beam_search(model: torch.nn.Module, input_ids: Tensor, attention_mask: Tenso
         prefix: The KV cache (batch 1, from :func:`prefill`) of tokens that every prompt of the batch starts
             with; ``input_ids`` then holds only what follows it (the pads sit between the two, masked). The
             scores are those of the whole prompts, up to float rounding; the prefix is computed once.
+        consume_prefix: ``prefix`` is not used again by the caller, so it is extended in place instead of
+            copied (a fresh :func:`prefill` per batch); False keeps it intact for the next batch.
 
     Returns:
         The ``num_beams`` best complete codes per prompt as location ids with their scores.
@@ -90,7 +92,7 @@ def beam_search(model: torch.nn.Module, input_ids: Tensor, attention_mask: Tenso
     cache = None
     if prefix is not None:
         done = prefix.get_seq_length()
-        cache = copy.deepcopy(prefix)
+        cache = prefix if consume_prefix else copy.deepcopy(prefix)
         cache.batch_repeat_interleave(b)
         pos = _positions(attention_mask) + done
         attention_mask = torch.cat([torch.ones(b, done, dtype=attention_mask.dtype, device=device), attention_mask], dim=1)

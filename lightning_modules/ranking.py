@@ -64,10 +64,11 @@ def rank_prompts(model: torch.nn.Module, encoder: Any, trie: Any, prompts: list[
                 if shared:
                     cut = max(_common_prefix([ids[i] for i in rows]), trunk_len)
                     first = ids[rows[0]]
-                    prefix = prefill(model, torch.tensor([first[trunk_len:cut]], device=device), trunk) if cut > trunk_len else trunk
+                    own = cut > trunk_len  # a fresh copy of the trunk, extended: beam_search may consume it
+                    prefix = prefill(model, torch.tensor([first[trunk_len:cut]], device=device), trunk) if own else trunk
                     batch = encoder.pad_left([ids[i][cut:] for i in rows], device=device)
                     ranked = beam_search(model, batch["input_ids"], batch["attention_mask"], trie, num_beams=num_beams,
-                                         prefix=prefix)
+                                         prefix=prefix, consume_prefix=own)
                 else:
                     batch = encoder.pad_left([ids[i] for i in rows], device=device)
                     search = beam_search if decoding == "beam" else partial(sampled_beam_search, seed=seed + start,

@@ -142,7 +142,8 @@ def build_alignment(cfg: RunConfig | Any, table: CodeTable | None = None) -> dic
         picked = valid.filter(pl.col("task") == "next").head(n_gen) if "next" in valid["task"] else valid.head(n_gen)
         prompts = list(zip(encoder.prompt_texts(picked), picked["target"].to_list()))
     module = AlignmentModule(
-        model, tasks=list(cfg.objectives.tasks), lr=float(a.lr), weight_decay=float(a.weight_decay),
+        model, tasks=list(cfg.objectives.tasks), lr=float(a.lr), lora_plus_ratio=float(a.lora_plus_ratio),
+        weight_decay=float(a.weight_decay),
         warmup_ratio=float(a.warmup_ratio), min_lr_ratio=a.min_lr_ratio,
         generation_prompts=prompts, generation_fn=lambda m, p: greedy_generate(m, encoder, p),
         evaluator=next_location_evaluator(cfg, dm, encoder, tokenizer, model, table),

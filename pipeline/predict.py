@@ -9,11 +9,9 @@ import polars as pl
 
 from datamodules.errors import DataError
 from datamodules.fitting import fit_history
-from datamodules.rendering import render_samples
+from datamodules.rendering import sample_renderer
 from datamodules.samples import INDEX_SCHEMA
 from datamodules.user_checkins import parse_time, read_user_checkins
-from datamodules.user_memory import user_memory
-from datamodules.visit_hints import visit_hints
 from lightning_modules.constrained_decoding import beam_search
 from lightning_modules.hardware import autocast
 from location_tokenizers.codes import CodeTable
@@ -63,9 +61,7 @@ def run_predict_stage(cfg: RunConfig) -> dict[str, Any]:
                            "template": 0, "is_last": True}], schema=INDEX_SCHEMA)
     locations = read_data(cfg, "locations.parquet")
     profiles, sample_cfg = read_data(cfg, "profiles.parquet"), cfg.data.samples
-    memory = user_memory(checkins, table.strings(), sample_cfg.user_places)
-    hints = visit_hints(checkins, table.strings(), sample_cfg.visit_hints, sample_cfg.visit_hint_hours, visits=traj)
-    render = lambda ix: render_samples(ix, traj, table.strings(), locations, profiles, sample_cfg, memory, hints)  # noqa: E731
+    render = sample_renderer(checkins, table.strings(), locations, profiles, sample_cfg, visits=traj)
     model, _, encoder, trie = load_for_eval(cfg, folder, table)
     samples, _ = fit_history(index, render(index), render, encoder.lengths, encoder.max_length)
     batch = encoder.prompt_batch(encoder.prompt_texts(samples), device=next(model.parameters()).device)

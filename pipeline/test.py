@@ -32,8 +32,7 @@ from datamodules.artifacts import (
 )
 from datamodules.errors import DataError
 from datamodules.fitting import fit_history
-from datamodules.rendering import render_samples
-from datamodules.user_memory import user_memory
+from datamodules.rendering import sample_renderer
 from lightning_modules.aligned_model import load_aligned
 from lightning_modules.baselines import CountBaselines, eval_cases, fit_gru
 from lightning_modules.chat_encoding import ChatEncoder
@@ -212,8 +211,7 @@ def test_prompts(cfg: RunConfig, table: CodeTable, encoder: ChatEncoder,
     their oldest visits to ``align.max_length`` (the training length rule), per task."""
     index = test_index(cfg)
     locations, profiles, sample_cfg = read_data(cfg, "locations.parquet"), read_data(cfg, "profiles.parquet"), cfg.data.samples
-    memory = user_memory(checkins, table.strings(), sample_cfg.user_places)
-    render = lambda ix: render_samples(ix, checkins, table.strings(), locations, profiles, sample_cfg, memory)  # noqa: E731
+    render = sample_renderer(checkins, table.strings(), locations, profiles, sample_cfg)
     samples, cut = fit_history(index, render(index), render, encoder.lengths, encoder.max_length)
     cases = eval_cases(index, checkins).join(samples.select("sample_id", "prompt", "response_prefix"), on="sample_id", how="left")
     if cases.is_empty():

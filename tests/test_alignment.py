@@ -530,3 +530,26 @@ def test_encoding_in_slices_gives_the_same_arrays(parts, monkeypatch) -> None:
     assert sorted(sliced.label_masks) == sorted(whole.label_masks) and len(whole.label_masks) > 7
     assert all((sliced.label_masks[i] == whole.label_masks[i]).all() for i in whole.label_masks)
     assert (enc.lengths(samples) == whole.lengths).all()
+
+
+def test_lora_plus_gives_the_b_matrices_their_own_rate(smoke_art, model_cache, parts) -> None:
+    """align.lora_plus_ratio: the B matrices at lr x ratio through warm-up and decay, the rest at lr; at 1 one
+    group, and the fingerprint of plain LoRA is that of a config without the switch."""
+    from pipeline.align import build_alignment
+    from pipeline.paths import align_fingerprint
+
+    assert len(parts["module"].param_groups()) == 1
+    cfg = smoke_cfg(smoke_art, model_cache, "align.lora_plus_ratio=16", "align.lr=1e-3")
+    module = build_alignment(cfg)["module"]
+    rest, b = module.param_groups()
+    names = {id(p): n for n, p in module.model.named_parameters()}
+    assert b["lr"] == pytest.approx(0.016) and all(".lora_B." in names[id(p)] for p in b["params"])
+    assert not any(".lora_B." in names[id(p)] for p in rest["params"]) and any(".lora_A." in names[id(p)] for p in rest["params"])
+    assert len(b["params"]) + len(rest["params"]) == sum(p.requires_grad for p in module.model.parameters())
+    opt = torch.optim.AdamW(module.param_groups(), lr=1e-3)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: 0.5)
+    sched.step()
+    assert [g["lr"] for g in opt.param_groups] == pytest.approx([5e-4, 8e-3])
+    plain = smoke_cfg(smoke_art, model_cache)
+    assert align_fingerprint(cfg) != align_fingerprint(plain)
+    assert align_fingerprint(smoke_cfg(smoke_art, model_cache, "align.lora_plus_ratio=1")) == align_fingerprint(plain)

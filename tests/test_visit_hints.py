@@ -87,3 +87,30 @@ def test_hints_for_visits_outside_the_history() -> None:
     recent = _visits([("predict", "u", 5, "7 08:40", "train"), ("predict", "u", 5, "7 17:30", "train")]).drop("split")
     hints = visit_hints(history, CODES, k=2, hours=1, visits=recent)
     assert hints.sort("utc_time")["hint"].to_list() == ["(usually <A>)", "(usually <B>)"]
+
+
+def test_the_sample_renderer_counts_hints_once_for_every_rerendering(monkeypatch) -> None:
+    """fit_history re-renders over-long samples round after round; the hints (and user memory) are counted
+    once per renderer, and the text is that of render_samples computing them itself."""
+    import datamodules.rendering as rendering
+    from datamodules.config import SampleConfig
+
+    v = _visits([
+        ("t1", "u", 1, "2 09:00", "train"), ("t1", "u", 2, "2 12:00", "train"), ("t1", "u", 1, "2 18:00", "train"),
+        ("x1", "u", 2, "5 09:05", "test"), ("x1", "u", 3, "5 12:10", "test"), ("x1", "u", 1, "5 18:20", "test"),
+    ])
+    index = pl.DataFrame({"task": ["next"] * 2, "split": ["test"] * 2, "traj_id": ["x1"] * 2, "user_id": ["u"] * 2, "loc_id": [3, 1],
+                          "is_last": [False, True], "template": [0, 0], "start": [0, 0], "end": [1, 2], "target_pos": [1, 2],
+                          "masked": [None, None]},
+                         schema_overrides={"start": pl.Int32, "end": pl.Int32, "target_pos": pl.Int32, "template": pl.Int32,
+                                           "masked": pl.List(pl.Int32), "loc_id": pl.Int64})
+    cfg = SampleConfig(visit_text="compact", next_format="continuation", visit_hints=2, user_places=2)
+    expected = rendering.render_samples(index, v, CODES, cfg=cfg, memory=rendering.user_memory(v, CODES, 2))
+    calls = []
+    counted = rendering.visit_hints
+    monkeypatch.setattr(rendering, "visit_hints", lambda *a, **k: calls.append(1) or counted(*a, **k))
+    render = rendering.sample_renderer(v, CODES, None, None, cfg)
+    for _ in range(3):  # three rounds of fitting
+        assert render(index).equals(expected)
+    assert len(calls) == 1
+    assert "usually" in expected["response_prefix"][1] and "often visits" in expected["prompt"][1]
