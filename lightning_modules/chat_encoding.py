@@ -128,10 +128,15 @@ class ChatEncoder:
         keep_head: Tokens kept from the start of an over-long prompt (the chat header and system turn).
         prompt_format: ``chat`` or ``inst`` (see :func:`chat_parts`).
         code_token_ids: Ids of the location-code tokens (needed for whole-trajectory samples).
+        next_end: Whether a per-prefix next-location answer ends with the end-of-turn token. False where the
+            training samples are whole trajectories (``next_format=trajectory``), in which a code is never followed
+            by that token: the validation samples are then labelled on the code alone, so that their loss
+            measures what training trains (with it, such runs logged a validation loss of 9-10 against
+            a training loss of ~4).
     """
 
     def __init__(self, tokenizer: Any, system_prompt: str, max_length: int = 1024, keep_head: int = 64,
-                 prompt_format: str = "chat", code_token_ids: Sequence[int] | None = None) -> None:
+                 prompt_format: str = "chat", code_token_ids: Sequence[int] | None = None, next_end: bool = True) -> None:
         self.tokenizer = tokenizer
         self.system_prompt = system_prompt
         self.max_length = int(max_length)
@@ -142,6 +147,12 @@ class ChatEncoder:
             raise ValueError("the tokenizer has no pad token; set tokenizer.pad_token first")
         self.pad_id = int(tokenizer.pad_token_id)
         self.code_token_ids = np.array(sorted(code_token_ids or []), dtype=np.int64)
+        self.next_end = bool(next_end)
+
+    def _answer(self) -> pl.Expr:
+        """Each sample's answer text: its target and the end-of-turn token (see ``next_end``)."""
+        answer = pl.concat_str([pl.col("target"), pl.lit(self.end)])
+        return answer if self.next_end else pl.when(pl.col("task") == "next").then(pl.col("target")).otherwise(answer)
 
     def prompt_texts(self, samples: pl.DataFrame) -> list[str]:
         """The text the model is given before it answers (chat header, user turn, response prefix)."""
@@ -160,7 +171,7 @@ class ChatEncoder:
         for start in range(0, samples.height, ENCODE_ROWS):
             part = samples.slice(start, ENCODE_ROWS)
             prompts = self._ids(self.prompt_texts(part))
-            answers = self._ids(part.select(pl.concat_str([pl.col("target"), pl.lit(self.end)])).to_series().to_list())
+            answers = self._ids(part.select(self._answer()).to_series().to_list())
             out.append(np.array([len(p) + len(a) for p, a in zip(prompts, answers)], dtype=np.int64))
         return np.concatenate(out) if out else np.zeros(0, dtype=np.int64)
 
@@ -213,7 +224,7 @@ class ChatEncoder:
         prompts = self._ids(self.prompt_texts(samples))
         whole = self._whole(samples, prompts)
         # A whole-trajectory sample is tokenised as one string by _whole: its answer alone is not needed.
-        answer = pl.concat_str([pl.col("target"), pl.lit(self.end)])
+        answer = self._answer()
         if whole:
             answer = pl.when(pl.col("labelled_visits").is_null()).then(answer).otherwise(pl.lit(""))
         answers = self._ids(samples.select(answer).to_series().to_list())

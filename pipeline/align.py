@@ -127,7 +127,8 @@ def build_alignment(cfg: RunConfig | Any, table: CodeTable | None = None) -> dic
     tokens = all_code_tokens(table.num_levels, table.codebook_size)
     model, tokenizer, info = build_peft_model(cfg.llm, a, cfg.paths.cache, tokens, seed=int(cfg.seed))
     encoder = ChatEncoder(tokenizer, SYSTEM_PROMPT, max_length=int(a.max_length), prompt_format=a.prompt_format,
-                          code_token_ids=tokenizer.convert_tokens_to_ids(tokens))
+                          code_token_ids=tokenizer.convert_tokens_to_ids(tokens),
+                          next_end=cfg.data.samples.next_format != "trajectory")
     weights = cfg.objectives.weights
     dm = MobilityDataModule(
         data_dir(cfg), codes=table.strings(), tasks=list(cfg.objectives.tasks),

@@ -433,6 +433,7 @@ def test_a_whole_trajectory_sample_has_the_mean_loss_of_its_prefixes(parts, visi
     from datamodules.config import SampleConfig
     from datamodules.rendering import render_samples
     from datamodules.samples import build_sample_index
+    from lightning_modules.chat_encoding import ChatEncoder
 
     dm, enc, module, model = parts["datamodule"], parts["encoder"], parts["module"], parts["model"]
     dm.setup()
@@ -471,11 +472,20 @@ def test_a_whole_trajectory_sample_has_the_mean_loss_of_its_prefixes(parts, visi
             one_pass = module.model_step(enc.collate([(ids, 0, 0, "next", mask)]))
             # the prefixes one by one, averaged
             singles = [float(module.model_step(enc.collate([item]))["loss"]) for item in items]
+            # A trajectory run's validation samples are these per-prefix ones, encoded with next_end=False:
+            # labelled on the code alone, so their loss is the training loss, not that plus an untrained end token.
+            code_enc = ChatEncoder(enc.tokenizer, enc.system_prompt, max_length=enc.max_length, next_end=False)
+            valid = code_enc.encode(prefixes)
+            assert all(len(valid.sample(i)[0]) - valid.sample(i)[1] == levels for i in range(len(valid)))
+            as_valid = module.model_step(code_enc.collate([(*valid.sample(i), i, "next") for i in range(len(valid))]))
+            with_end = module.model_step(enc.collate([(*enc_prefix.sample(i), i, "next") for i in range(len(enc_prefix))]))
     finally:
         module.hparams.batch_size = nominal
         model.train(was_training)
     torch.testing.assert_close(one_pass["loss"], per_prefix["loss"], rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(float(one_pass["loss"]), sum(singles) / len(singles), rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(as_valid["loss"], one_pass["loss"], rtol=1e-4, atol=1e-5)
+    assert not torch.isclose(with_end["loss"], one_pass["loss"], rtol=1e-3)
     assert float(one_pass["mean_loss"]) == pytest.approx(float(one_pass["loss"]), rel=1e-5)
 
 
