@@ -274,7 +274,7 @@ class AlignmentModule(L.LightningModule):
         """The trainable parameters as optimizer groups: the LoRA B matrices at ``lr x lora_plus_ratio``
         (LoRA+), everything else (A matrices, new token rows) at ``lr``; one group when the ratio is 1."""
         hp = self.hparams
-        ratio = float(hp.get("lora_plus_ratio", 1.0))
+        ratio = float(hp.lora_plus_ratio)
         named = [(n, p) for n, p in self.model.named_parameters() if p.requires_grad]
         b = [p for n, p in named if ".lora_B." in n]
         if ratio == 1.0 or not b:

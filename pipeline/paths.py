@@ -173,14 +173,18 @@ def tb_dir(cfg: RunConfig) -> Path:
     return Path(cfg.logger.save_dir) if cfg.logger.save_dir else run_dir(cfg) / "tb"
 
 
+# align.* switches added after models were trained, with the value that leaves training as it was: at that
+# value a switch stays out of the fingerprint, so the models trained before it keep theirs (and their tests).
+NEUTRAL_ALIGN_SWITCHES: dict[str, Any] = {"lora_plus_ratio": 1.0}
+
+
 def align_fingerprint(cfg: RunConfig) -> str:
     """Everything that determines the aligned model."""
     cfg = load_config(cfg)
     trainer = {k: cfg.trainer[k] for k in SCHEDULE_KEYS if k in cfg.trainer and k not in ("val_check_interval", "log_every_n_steps")}
     trainer["precision"] = run_precision(cfg)  # resolved: `auto` means another thing on another machine
     align = {k: v for k, v in as_dict(cfg.align).items() if k not in ("num_workers", "num_generations")}
-    if align.get("lora_plus_ratio") == 1.0:  # plain LoRA: the fingerprints of models trained before the switch
-        del align["lora_plus_ratio"]
+    align = {k: v for k, v in align.items() if NEUTRAL_ALIGN_SWITCHES.get(k, object()) != v}
     return fingerprint({
         "data": data_fingerprint(cfg), "render": render_settings(cfg), "tokenizer": tokenizer_fingerprint(cfg), "llm": as_dict(cfg.llm),
         "align": {**align, "compute_dtype": align_compute_dtype(cfg.align), "quantization": align_quantization(cfg.align)},

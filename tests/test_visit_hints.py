@@ -29,6 +29,18 @@ def _hint(hints: pl.DataFrame, traj: str, visits: pl.DataFrame, pos: int = 0) ->
     return hints.filter((pl.col("traj_id") == traj) & (pl.col("utc_time") == t))["hint"].item()
 
 
+def _next_index(targets: list[tuple[int, int]]) -> pl.DataFrame:
+    """Next-location index rows of the test trajectory "x1" of user "u": (target loc_id, target position),
+    each predicted from the visits before it; the last row is the trajectory's last visit."""
+    n = len(targets)
+    return pl.DataFrame({"task": ["next"] * n, "split": ["test"] * n, "traj_id": ["x1"] * n, "user_id": ["u"] * n,
+                         "loc_id": [loc for loc, _ in targets], "is_last": [i == n - 1 for i in range(n)], "template": [0] * n,
+                         "start": [0] * n, "end": [pos for _, pos in targets], "target_pos": [pos for _, pos in targets],
+                         "masked": [None] * n},
+                        schema_overrides={"start": pl.Int32, "end": pl.Int32, "target_pos": pl.Int32, "template": pl.Int32,
+                                          "masked": pl.List(pl.Int32), "loc_id": pl.Int64})
+
+
 def test_hints_count_train_visits_of_other_trajectories_only() -> None:
     v = _visits([
         ("t1", "u", 1, "2 09:00", "train"), ("t1", "u", 1, "2 09:30", "train"),
@@ -68,10 +80,7 @@ def test_rendered_visits_carry_their_hint_and_the_target_prefix_ends_with_it() -
         ("t1", "u", 1, "2 09:00", "train"), ("t1", "u", 2, "2 12:00", "train"), ("t1", "u", 1, "2 18:00", "train"),
         ("x1", "u", 2, "5 09:05", "test"), ("x1", "u", 3, "5 12:10", "test"), ("x1", "u", 1, "5 18:20", "test"),
     ])
-    index = pl.DataFrame({"task": ["next"], "split": ["test"], "traj_id": ["x1"], "user_id": ["u"], "loc_id": [1], "is_last": [True],
-                          "template": [0], "start": [0], "end": [2], "target_pos": [2], "masked": [None]},
-                         schema_overrides={"start": pl.Int32, "end": pl.Int32, "target_pos": pl.Int32, "template": pl.Int32,
-                                           "masked": pl.List(pl.Int32), "loc_id": pl.Int64})
+    index = _next_index([(1, 2)])
     cfg = SampleConfig(visit_text="compact", next_format="continuation", visit_hints=2)
     row = render_samples(index, v, CODES, cfg=cfg).row(0, named=True)
     assert row["response_prefix"].startswith("Thu 09:05 (usually <A>) <B>. Thu 12:10 (usually <B>) <C>.")
@@ -99,11 +108,7 @@ def test_the_sample_renderer_counts_hints_once_for_every_rerendering(monkeypatch
         ("t1", "u", 1, "2 09:00", "train"), ("t1", "u", 2, "2 12:00", "train"), ("t1", "u", 1, "2 18:00", "train"),
         ("x1", "u", 2, "5 09:05", "test"), ("x1", "u", 3, "5 12:10", "test"), ("x1", "u", 1, "5 18:20", "test"),
     ])
-    index = pl.DataFrame({"task": ["next"] * 2, "split": ["test"] * 2, "traj_id": ["x1"] * 2, "user_id": ["u"] * 2, "loc_id": [3, 1],
-                          "is_last": [False, True], "template": [0, 0], "start": [0, 0], "end": [1, 2], "target_pos": [1, 2],
-                          "masked": [None, None]},
-                         schema_overrides={"start": pl.Int32, "end": pl.Int32, "target_pos": pl.Int32, "template": pl.Int32,
-                                           "masked": pl.List(pl.Int32), "loc_id": pl.Int64})
+    index = _next_index([(3, 1), (1, 2)])
     cfg = SampleConfig(visit_text="compact", next_format="continuation", visit_hints=2, user_places=2)
     expected = rendering.render_samples(index, v, CODES, cfg=cfg, memory=rendering.user_memory(v, CODES, 2))
     calls = []
