@@ -342,9 +342,8 @@ def test_ten_smollm2_steps_on_nyc_samples(nyc_release, tmp_path, model_cache) ->
     assert res["steps"] == 10 and res["llm"] == "smollm2_135m" and res["quantization"] == "nf4"
     m = res["metrics"]
     assert np.isfinite(m["align/train/loss"]) and np.isfinite(m["align/val/loss"]) and "align/val/acc@1" in m
-    # nyc_qlora_cpu trains next-location alone, one sample per trajectory chunk (next_format=trajectory;
-    # 32,845 with one per prefix): every one of them is encoded
-    assert res["train_samples"] == 8_852, "every NYC next-location training sample is encoded"
+    # next-location: one sample per trajectory chunk (nyc_qlora_cpu's next_format=trajectory), 32,845 per prefix
+    assert res["train_samples"] == 8_852 + 14_509 + 7_599 + 2 * 5_765 + 7_599, "every NYC training sample is encoded"
     assert (tmp_path / "nyc" / "nyc_qlora_cpu" / "model" / "adapter_model.safetensors").is_file()
 
 
