@@ -32,10 +32,10 @@ def _hint(hints: pl.DataFrame, traj: str, visits: pl.DataFrame, pos: int = 0) ->
 def _next_index(targets: list[tuple[int, int]]) -> pl.DataFrame:
     """Next-location index rows of the test trajectory "x1" of user "u": (target loc_id, target position),
     each predicted from the visits before it; the last row is the trajectory's last visit."""
-    n = len(targets)
+    n, positions = len(targets), [pos for _, pos in targets]
     return pl.DataFrame({"task": ["next"] * n, "split": ["test"] * n, "traj_id": ["x1"] * n, "user_id": ["u"] * n,
                          "loc_id": [loc for loc, _ in targets], "is_last": [i == n - 1 for i in range(n)], "template": [0] * n,
-                         "start": [0] * n, "end": [pos for _, pos in targets], "target_pos": [pos for _, pos in targets],
+                         "start": [0] * n, "end": positions, "target_pos": positions,
                          "masked": [None] * n},
                         schema_overrides={"start": pl.Int32, "end": pl.Int32, "target_pos": pl.Int32, "template": pl.Int32,
                                           "masked": pl.List(pl.Int32), "loc_id": pl.Int64})
