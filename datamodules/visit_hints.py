@@ -10,6 +10,13 @@ time of day:
 The hint of a visit to predict sits in its response prefix (it is part of the time), so the model
 reads it before it writes the code, at training and at test alike.
 
+With ``data.samples.visit_hint_counts=true`` each place carries how many of those train visits it has,
+so that the model can tell a habit (×12) from a one-off (×1), as the counts of ``user_time`` do:
+
+    Tue 18:00 (usually <a_1><b_2><c_3><d_4> ×12 <a_5><b_0><c_7><d_1> ×1) <a_1><b_2><c_3><d_4>.
+
+(SmolLM2 reads " ×" as one token: a count costs 1 + its digits.)
+
 Only ``split == "train"`` visits count, and a train visit's hint leaves out its own trajectory
 (leave-one-trajectory-out): a hint never counts the visit it stands beside, so it is no more
 accurate at training than at test, where the visits are never train visits. The rule is that of
@@ -23,7 +30,7 @@ import polars as pl
 
 
 def visit_hints(history: pl.DataFrame, codes: pl.DataFrame, k: int, hours: int = 1,
-                visits: pl.DataFrame | None = None) -> pl.DataFrame:
+                visits: pl.DataFrame | None = None, counts: bool = False) -> pl.DataFrame:
     """``traj_id, utc_time, hint``: the hint text of every visit (``""`` where the user has no train
     visit at that time of day; an empty frame for ``k <= 0``).
 
@@ -33,6 +40,7 @@ def visit_hints(history: pl.DataFrame, codes: pl.DataFrame, k: int, hours: int =
         k: Places per hint, most visited first (ties: the smaller ``loc_id``).
         hours: Half-width of the time-of-day window, in hours (circular: 23:00 is next to 00:00).
         visits: The visits to hint (``traj_id, user_id, utc_time, local_time``); default: ``history``'s.
+        counts: Follow each place with `` ×n``, its train visits in the window (its own trajectory's left out).
     """
     if k <= 0:
         return pl.DataFrame(schema={"traj_id": pl.String, "utc_time": pl.Datetime("us", "UTC"), "hint": pl.String})
@@ -57,8 +65,9 @@ def visit_hints(history: pl.DataFrame, codes: pl.DataFrame, k: int, hours: int =
         .group_by("traj_id", "utc_time", maintain_order=True)
         .head(k)
         .join(codes.select("loc_id", "code"), on="loc_id", how="inner", maintain_order="left")
+        .with_columns(item=pl.format("{} ×{}", "code", "n") if counts else pl.col("code"))
         .group_by("traj_id", "utc_time", maintain_order=True)
-        .agg(hint=pl.format("(usually {})", pl.col("code").str.join(" ")))
+        .agg(hint=pl.format("(usually {})", pl.col("item").str.join(" ")))
     )
     return query.select("traj_id", "utc_time").join(ranked, on=["traj_id", "utc_time"], how="left", maintain_order="left").with_columns(
         pl.col("hint").fill_null("")

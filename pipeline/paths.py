@@ -32,7 +32,8 @@ VALIDATION_KEYS = ("limit_val_batches", "num_sanity_val_steps", "check_val_every
 
 # data.samples settings that only change how a sample is written, not which samples exist: they leave
 # the data and tokenizer stages alone (a grid over them trains one RQ-VAE) and are in the alignment's.
-RENDER_KEYS = ("add_profile", "drop_description_lines", "user_places", "visit_hints", "visit_hint_hours", "visit_text")
+RENDER_KEYS = ("add_profile", "drop_description_lines", "user_places", "visit_hints", "visit_hint_hours",
+               "visit_hint_counts", "visit_text")
 
 
 def extra_trainer_args(cfg: RunConfig) -> dict[str, Any]:
@@ -89,11 +90,22 @@ def data_fingerprint(cfg: RunConfig) -> str:
     return fingerprint({**data, "inputs": inputs})
 
 
+# align.* and data.samples switches added after models were trained, with the value that leaves training as
+# it was: at that value a switch stays out of the fingerprint, so the models trained before it keep theirs
+# (and their tests).
+NEUTRAL_SWITCHES: dict[str, Any] = {"lora_plus_ratio": 1.0, "visit_hint_counts": False}
+
+
+def without_neutral(settings: dict[str, Any]) -> dict[str, Any]:
+    """``settings`` less the switches at their neutral value (:data:`NEUTRAL_SWITCHES`)."""
+    return {k: v for k, v in settings.items() if not (k in NEUTRAL_SWITCHES and NEUTRAL_SWITCHES[k] == v)}
+
+
 def render_settings(cfg: RunConfig) -> dict[str, Any]:
     """The ``data.samples`` settings that only change how samples are written (:data:`RENDER_KEYS`): part
     of the alignment's fingerprint, not of the data or tokenizer stages', whose tables they do not touch."""
     cfg = load_config(cfg)
-    return {k: v for k, v in as_dict(cfg.data.samples).items() if k in RENDER_KEYS}
+    return without_neutral({k: v for k, v in as_dict(cfg.data.samples).items() if k in RENDER_KEYS})
 
 
 def read_data(cfg: RunConfig, name: str):
@@ -173,9 +185,6 @@ def tb_dir(cfg: RunConfig) -> Path:
     return Path(cfg.logger.save_dir) if cfg.logger.save_dir else run_dir(cfg) / "tb"
 
 
-# align.* switches added after models were trained, with the value that leaves training as it was: at that
-# value a switch stays out of the fingerprint, so the models trained before it keep theirs (and their tests).
-NEUTRAL_ALIGN_SWITCHES: dict[str, Any] = {"lora_plus_ratio": 1.0}
 
 
 def align_fingerprint(cfg: RunConfig) -> str:
@@ -183,8 +192,7 @@ def align_fingerprint(cfg: RunConfig) -> str:
     cfg = load_config(cfg)
     trainer = {k: cfg.trainer[k] for k in SCHEDULE_KEYS if k in cfg.trainer and k not in ("val_check_interval", "log_every_n_steps")}
     trainer["precision"] = run_precision(cfg)  # resolved: `auto` means another thing on another machine
-    align = {k: v for k, v in as_dict(cfg.align).items()
-             if k not in ("num_workers", "num_generations") and not (k in NEUTRAL_ALIGN_SWITCHES and NEUTRAL_ALIGN_SWITCHES[k] == v)}
+    align = without_neutral({k: v for k, v in as_dict(cfg.align).items() if k not in ("num_workers", "num_generations")})
     return fingerprint({
         "data": data_fingerprint(cfg), "render": render_settings(cfg), "tokenizer": tokenizer_fingerprint(cfg), "llm": as_dict(cfg.llm),
         "align": {**align, "compute_dtype": align_compute_dtype(cfg.align), "quantization": align_quantization(cfg.align)},

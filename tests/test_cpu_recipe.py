@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-POINTS = ["none", "float32", "bf16", "compact", "trajectory", "user_places", "visit_hints", "nf4", "lora", "all"]
+POINTS = ["none", "float32", "bf16", "compact", "trajectory", "user_places", "visit_hints", "visit_hint_counts", "nf4", "lora", "all"]
 
 
 @pytest.mark.slow
@@ -38,3 +38,7 @@ def test_the_cpu_recipe_grid_runs_on_the_smoke_experiment(tmp_path) -> None:
     # the same samples, each visit with its hint: more tokens
     assert runs["visit_hints"]["train_samples"] == runs["none"]["train_samples"]
     assert runs["visit_hints"]["train_tokens"] > runs["none"]["train_tokens"] and meta["visit_hints"]["visit_hints"] == 3
+    # and each hinted place with its count: more tokens still
+    assert runs["visit_hint_counts"]["train_samples"] == runs["visit_hints"]["train_samples"]
+    assert runs["visit_hint_counts"]["train_tokens"] > runs["visit_hints"]["train_tokens"]
+    assert meta["visit_hint_counts"]["visit_hint_counts"] is True and meta["visit_hints"]["visit_hint_counts"] is False

@@ -119,3 +119,38 @@ def test_the_sample_renderer_counts_hints_once_for_every_rerendering(monkeypatch
         assert render(index).equals(expected)
     assert len(calls) == 1
     assert "usually" in expected["response_prefix"][1] and "often visits" in expected["prompt"][1]
+
+
+def test_hint_counts_are_the_train_visits_of_other_trajectories_in_the_window() -> None:
+    """data.samples.visit_hint_counts: each place with its count, counted as the hint ranks it (train only,
+    the visit's own trajectory left out), so a count is no larger at training than at test."""
+    v = _visits([
+        ("t1", "u", 1, "2 09:00", "train"), ("t1", "u", 1, "2 09:30", "train"), ("t1", "u", 2, "2 10:05", "train"),
+        ("t2", "u", 2, "3 09:10", "train"), ("t2", "u", 1, "3 08:20", "train"),
+        ("v1", "u", 3, "4 09:00", "valid"), ("v1", "u", 3, "4 09:20", "valid"),  # valid visits never count
+        ("x1", "u", 5, "5 09:15", "test"),
+    ])
+    hints = visit_hints(v, CODES, k=3, hours=1, counts=True)
+    assert _hint(hints, "x1", v) == "(usually <A> ×3 <B> ×2)"
+    assert _hint(hints, "t1", v) == "(usually <A> ×1 <B> ×1)"     # t1's own three visits left out
+    assert _hint(hints, "t2", v, pos=0) == "(usually <A> ×2)"  # 08:20: t1's two visits to <A>; its 10:05 is outside
+    # Without counts the hint lists the same places in the same order.
+    plain = visit_hints(v, CODES, k=3, hours=1)
+    assert _hint(plain, "x1", v) == "(usually <A> <B>)"
+
+
+def test_rendered_hint_counts_and_the_switch_off_leaves_fingerprints_alone() -> None:
+    from datamodules.config import SampleConfig
+    from datamodules.rendering import render_samples
+    from pipeline.paths import align_fingerprint
+    from tests.conftest import compose_run
+
+    v = _visits([("t1", "u", 1, "2 09:00", "train"), ("t2", "u", 1, "3 09:30", "train"),
+                 ("x1", "u", 2, "5 07:50", "test"), ("x1", "u", 1, "5 09:20", "test")])
+    cfg = SampleConfig(visit_text="compact", next_format="continuation", visit_hints=1, visit_hint_counts=True)
+    row = render_samples(_next_index([(1, 1)]), v, CODES, cfg=cfg).row(0, named=True)
+    assert row["response_prefix"].endswith("Thu 09:20 (usually <A> ×2) ") and row["target"] == "<A>"
+    # The switch off is the rendering of the models trained before it: their fingerprints stay; on, it is new.
+    base = ["experiment=smoke", "data.samples.visit_hints=1"]
+    assert align_fingerprint(compose_run(base)) == align_fingerprint(compose_run(base + ["data.samples.visit_hint_counts=false"]))
+    assert align_fingerprint(compose_run(base)) != align_fingerprint(compose_run(base + ["data.samples.visit_hint_counts=true"]))
