@@ -60,6 +60,44 @@ def beaten(intervals: dict[str, dict]) -> dict[str, list[str]]:
     }
 
 
+GUESS_SOURCES = ("last visit", "earlier visit", "elsewhere")
+
+
+def first_guesses(rankings: dict[str, np.ndarray], cases: pl.DataFrame) -> dict[str, dict[str, Any]]:
+    """Where the first guesses of next-location cases come from: the prompt's last visit, an earlier visit of
+    the prompt, or elsewhere; beside the targets' own shares. A row that names the last visit far more often
+    than targets are the last visit copies its prompt rather than predicting from it.
+
+    Returns ``{"next": {"targets": {source: share}, row: {source: [share, acc@1 among them or None]}}}``
+    (empty without next-location cases).
+    """
+    rows = np.flatnonzero(cases["task"].to_numpy() == "next")
+    if not rows.size:
+        return {}
+    context = cases["context"].to_list()
+    target = cases["target_loc"].to_numpy()[rows]
+
+    def sources(guess: np.ndarray) -> np.ndarray:
+        ctx = [context[i] or [] for i in rows]
+        last = np.array([bool(c) and g == c[-1] for g, c in zip(guess, ctx)])
+        earlier = np.array([g in c[:-1] for g, c in zip(guess, ctx)]) & ~last
+        return np.where(last, 0, np.where(earlier, 1, 2))
+
+    def shares(src: np.ndarray, right: np.ndarray | None = None) -> dict[str, Any]:
+        out = {}
+        for k, name in enumerate(GUESS_SOURCES):
+            hit = src == k
+            share = round(float(hit.mean()), 4)
+            out[name] = share if right is None else [share, round(float(right[hit].mean()), 4) if hit.any() else None]
+        return out
+
+    table: dict[str, Any] = {"targets": shares(sources(target))}
+    for name, ranked in rankings.items():
+        top1 = np.asarray(ranked)[rows, 0]
+        table[name] = shares(sources(top1), top1 == target)
+    return {"next": table}
+
+
 def _cell(value: float, ci: list[float] | None) -> str:
     return f"{value:.4f}" if ci is None else f"{value:.4f} ({ci[0]:.3f}–{ci[1]:.3f})"
 
@@ -102,6 +140,15 @@ def results_markdown(results: dict[str, Any]) -> str:
             lines.append("")
             lines.append(f"{TASK_LABEL.get(task, task)}: {reference} beats " + (", ".join(rows) if rows else "none of the rows")
                          + " (Acc@1 and NDCG@5, whole 95 % interval of the difference above 0).")
+    guesses = (results.get("first_guesses") or {}).get("next")
+    if guesses:
+        lines += ["", "Where next-location first guesses come from (share of cases; in brackets, Acc@1 among them). "
+                  "A row far above the targets' share of the last visit copies it more often than people return to it:",
+                  "", "| row | " + " | ".join(GUESS_SOURCES) + " |", "|---|" + "---|" * len(GUESS_SOURCES)]
+        for name, per in guesses.items():
+            cells = [f"{per[k]:.3f}" if name == "targets" else
+                     f"{per[k][0]:.3f}" + ("" if per[k][1] is None else f" ({per[k][1]:.3f})") for k in GUESS_SOURCES]
+            lines.append(f"| {name} | " + " | ".join(cells) + " |")
     if results.get("tuned"):
         lines += ["", "Picked on the valid split only (never on test cases):"]
         for name, per_task in results["tuned"].items():
@@ -117,4 +164,5 @@ def results_markdown(results: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-__all__ = ["DIFF_METRICS", "METRIC_ORDER", "TASK_LABEL", "beaten", "bootstrap_by_task", "results_markdown", "score", "score_by_task"]
+__all__ = ["DIFF_METRICS", "GUESS_SOURCES", "METRIC_ORDER", "TASK_LABEL", "beaten", "bootstrap_by_task", "first_guesses",
+           "results_markdown", "score", "score_by_task"]

@@ -51,6 +51,7 @@ from lightning_modules.ranking import exact_agreement, rank_prompts
 from lightning_modules.results import (
     TASK_LABEL,
     bootstrap_by_task,
+    first_guesses,
     results_markdown,
     score_by_task,
 )
@@ -171,6 +172,7 @@ def run_baselines_stage(cfg: RunConfig) -> dict[str, Any]:
         "metrics": {name: score_by_task(r, cases, int(cfg.eval.top_k)) for name, r in rankings.items()},
         # Without a model, the strongest rule is the reference the others are compared with.
         "reference": "user_time", "intervals": intervals(cfg, rankings, cases, "user_time"), "tuned": tuned,
+        "first_guesses": first_guesses(rankings, cases),
         "seconds": {**seconds, "total": round(time.perf_counter() - t0, 3)},
     }
     out = Path(cfg.paths.artifacts) / str(cfg.data.name) / "baselines"
@@ -268,6 +270,7 @@ def run_test_stage(cfg: RunConfig, force: bool | None = None) -> dict[str, Any]:
         "tokenizer": str(cfg.tokenizer.name), "num_beams": int(e.num_beams), "precision": precision,
         "cases": {t: int(n) for t, n in cases.group_by("task", maintain_order=True).len().iter_rows()}, "cut_history": cut,
         "metrics": metrics, "reference": model_name, "intervals": bounds, "tuned": tuned, "exact": exact,
+        "first_guesses": first_guesses({model_name: locs, **rankings}, cases),
         "seconds": {"llm_ranking": round(llm_seconds, 2), "llm_per_case": round(llm_seconds / cases.height, 4), **seconds,
                     "total": round(time.perf_counter() - t0, 2)},
     }

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from lightning_modules.metrics import RankingMetrics, paired_bootstrap, per_case
-from lightning_modules.results import beaten, bootstrap_by_task, results_markdown, score_by_task
+from lightning_modules.results import beaten, bootstrap_by_task, first_guesses, results_markdown, score_by_task
 
 
 def test_per_case_figures_average_to_the_metric() -> None:
@@ -71,3 +71,24 @@ def test_results_table_carries_intervals_and_beats_marks() -> None:
     assert "| next-location | weak | +0.4000" in md and "| yes |" in md
     assert "| next-location | twin | +0.0000 (+0.000 to +0.000) |" in md
     assert "QT-Mob (x) beats weak (" in md
+
+
+def test_first_guesses_say_whether_a_row_copies_the_last_visit() -> None:
+    """Four next-location cases (one recovery case left out): a row that always names the prompt's last
+    visit, against the targets' own sources."""
+    cases = pl.DataFrame({
+        "task": ["next", "next", "next", "next", "recovery_single"],
+        "target_loc": [3, 1, 9, 2, 5],
+        "context": [[1, 2, 3], [1, 2], [4], [], [5]],
+    })
+    copy_last = np.array([[3, 0], [2, 0], [4, 0], [7, 0], [5, 0]])   # the last visit (none in case 4)
+    guesses = first_guesses({"copy_last": copy_last, "oracle": cases["target_loc"].to_numpy()[:, None]}, cases)["next"]
+    # targets: case 1 returns to the last visit, case 2 to an earlier one, cases 3-4 go elsewhere
+    assert guesses["targets"] == {"last visit": 0.25, "earlier visit": 0.25, "elsewhere": 0.5}
+    # the copier names the last visit in 3 of 4 cases and is right in 1 of them; its 4th guess is elsewhere and wrong
+    assert guesses["copy_last"] == {"last visit": [0.75, 0.3333], "earlier visit": [0.0, None], "elsewhere": [0.25, 0.0]}
+    assert guesses["oracle"]["last visit"] == [0.25, 1.0] and guesses["oracle"]["elsewhere"] == [0.5, 1.0]
+    md = results_markdown({"dataset": "toy", "run": "r", "cases": {"next": 4}, "metrics": {},
+                           "first_guesses": {"next": guesses}})
+    assert "| targets | 0.250 | 0.250 | 0.500 |" in md and "| copy_last | 0.750 (0.333) | 0.000 | 0.250 (0.000) |" in md
+    assert first_guesses({"x": copy_last[4:]}, cases[4:]) == {}
