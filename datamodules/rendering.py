@@ -104,6 +104,11 @@ def _without_lines(text: pl.Expr, drop: tuple[int, ...]) -> pl.Expr:
     return text.str.split("\n").list.eval(keep).list.join("\n")
 
 
+def _hints(history: pl.DataFrame, codes: pl.DataFrame, cfg: SampleConfig, visits: pl.DataFrame | None = None) -> pl.DataFrame:
+    """The visit hints ``cfg`` asks for (:func:`datamodules.visit_hints.visit_hints`)."""
+    return visit_hints(history, codes, cfg.visit_hints, cfg.visit_hint_hours, visits=visits, counts=cfg.visit_hint_counts)
+
+
 def render_samples(
     index: pl.DataFrame,
     visits: pl.DataFrame,
@@ -161,7 +166,7 @@ def render_samples(
     if cfg.visit_hints:  # the hint follows the time wherever a visit or a target is written
         v, plain = v.with_columns(time_plain=pl.col("time_s")), "time_plain"
         if hints is None:
-            hints = visit_hints(visits, codes, cfg.visit_hints, cfg.visit_hint_hours, counts=cfg.visit_hint_counts)
+            hints = _hints(visits, codes, cfg)
         v = v.join(hints, on=["traj_id", "utc_time"], how="left", maintain_order="left").with_columns(
             time_s=pl.when(pl.col("hint").fill_null("") != "").then(pl.format("{} {}", "time_s", "hint")).otherwise("time_s")
         )
@@ -307,7 +312,6 @@ def sample_renderer(
             check-ins); their hints still count ``history``'s train visits only.
     """
     memory = user_memory(history, codes, cfg.user_places)
-    hints = (visit_hints(history, codes, cfg.visit_hints, cfg.visit_hint_hours, visits=visits, counts=cfg.visit_hint_counts)
-             if cfg.visit_hints else None)
+    hints = _hints(history, codes, cfg, visits) if cfg.visit_hints else None
     written = history if visits is None else visits
     return lambda index: render_samples(index, written, codes, descriptions, profiles, cfg, memory, hints)

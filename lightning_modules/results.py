@@ -75,10 +75,10 @@ def first_guesses(rankings: dict[str, np.ndarray], cases: pl.DataFrame) -> dict[
     if not rows.size:
         return {}
     context = cases["context"].to_list()
+    ctx = [context[i] or [] for i in rows]
     target = cases["target_loc"].to_numpy()[rows]
 
     def sources(guess: np.ndarray) -> np.ndarray:
-        ctx = [context[i] or [] for i in rows]
         last = np.array([bool(c) and g == c[-1] for g, c in zip(guess, ctx)])
         earlier = np.array([g in c[:-1] for g, c in zip(guess, ctx)]) & ~last
         return np.where(last, 0, np.where(earlier, 1, 2))

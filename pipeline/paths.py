@@ -185,8 +185,6 @@ def tb_dir(cfg: RunConfig) -> Path:
     return Path(cfg.logger.save_dir) if cfg.logger.save_dir else run_dir(cfg) / "tb"
 
 
-
-
 def align_fingerprint(cfg: RunConfig) -> str:
     """Everything that determines the aligned model."""
     cfg = load_config(cfg)
