@@ -60,6 +60,29 @@ def beaten(intervals: dict[str, dict]) -> dict[str, list[str]]:
     }
 
 
+def hit_split(rankings: dict[str, np.ndarray], cases: pl.DataFrame, reference: str | None) -> dict[str, dict[str, Any]]:
+    """Per task and row, the cases whose first guess only the reference gets right, and those only the row gets
+    right (shares of the cases). Their difference is the Acc@1 difference; their sizes say whether two rows
+    know different things (both large: a choice between them per case could gain) or the same (both small).
+
+    Returns ``{task: {row: {"reference_only": share, "row_only": share, "both": share}}}`` (empty without a reference).
+    """
+    if reference is None or reference not in rankings:
+        return {}
+    target = cases["target_loc"].to_numpy()
+    out: dict[str, dict[str, Any]] = {}
+    for task, rows in _task_rows(cases).items():
+        ref = np.asarray(rankings[reference])[rows, 0] == target[rows]
+        out[task] = {}
+        for name, ranked in rankings.items():
+            if name == reference:
+                continue
+            row = np.asarray(ranked)[rows, 0] == target[rows]
+            out[task][name] = {"reference_only": round(float((ref & ~row).mean()), 4),
+                               "row_only": round(float((row & ~ref).mean()), 4), "both": round(float((ref & row).mean()), 4)}
+    return out
+
+
 GUESS_SOURCES = ("last visit", "earlier visit", "elsewhere")
 
 
@@ -129,13 +152,17 @@ def results_markdown(results: dict[str, Any]) -> str:
             lines.append(f"| {model} | {TASK_LABEL.get(task, task)} | " + " | ".join(_cell(m[k], ci.get(k)) for k in METRIC_ORDER) + " |")
     reference = results.get("reference")
     if reference and any(b["differences"] for b in intervals.values()):
-        lines += ["", f"Paired differences {reference} − row (✓: the whole interval is above 0):", "",
-                  "| task | row | Δ acc@1 | Δ ndcg@5 | beaten |", "|---|---|---|---|---|"]
+        split = results.get("hit_split") or {}
+        lines += ["", f"Paired differences {reference} − row (✓: the whole interval is above 0). First guess right "
+                  f"only for {reference} / only for the row: shares of the cases (their difference is Δ acc@1):", "",
+                  "| task | row | Δ acc@1 | Δ ndcg@5 | beaten | right only: reference / row |", "|---|---|---|---|---|---|"]
         wins = beaten(intervals)
         for task, b in intervals.items():
             for other, d in b["differences"].items():
+                sp = split.get(task, {}).get(other)
+                only = "" if sp is None else f"{sp['reference_only']:.3f} / {sp['row_only']:.3f}"
                 lines.append(f"| {TASK_LABEL.get(task, task)} | {other} | {_signed(d['acc@1'])} | {_signed(d['ndcg@5'])} | "
-                             f"{'yes' if other in wins[task] else 'no'} |")
+                             f"{'yes' if other in wins[task] else 'no'} | {only} |")
         for task, rows in wins.items():
             lines.append("")
             lines.append(f"{TASK_LABEL.get(task, task)}: {reference} beats " + (", ".join(rows) if rows else "none of the rows")
@@ -165,4 +192,4 @@ def results_markdown(results: dict[str, Any]) -> str:
 
 
 __all__ = ["DIFF_METRICS", "GUESS_SOURCES", "METRIC_ORDER", "TASK_LABEL", "beaten", "bootstrap_by_task", "first_guesses",
-           "results_markdown", "score", "score_by_task"]
+           "hit_split", "results_markdown", "score", "score_by_task"]

@@ -52,6 +52,7 @@ from lightning_modules.results import (
     TASK_LABEL,
     bootstrap_by_task,
     first_guesses,
+    hit_split,
     results_markdown,
     score_by_task,
 )
@@ -85,14 +86,18 @@ def test_index(cfg: RunConfig) -> pl.DataFrame:
     return index
 
 
-def valid_cases(cfg: RunConfig, checkins: pl.DataFrame) -> pl.DataFrame:
-    """The valid-split cases that tune the baselines, built as the test cases are: next-location = the
-    last visit of each valid trajectory, recovery = the single-mask valid samples. Never test cases."""
-    index = read_data(cfg, "sample_index.parquet").filter(
+def valid_index(cfg: RunConfig) -> pl.DataFrame:
+    """The valid-split samples built as the test cases are: next-location = the last visit of each valid
+    trajectory, recovery = the single-mask valid samples."""
+    return read_data(cfg, "sample_index.parquet").filter(
         (pl.col("split") == "valid") & pl.col("task").is_in(list(cfg.eval.tasks))
         & ((pl.col("task") != "next") | pl.col("is_last"))
     )
-    return eval_cases(index, checkins)
+
+
+def valid_cases(cfg: RunConfig, checkins: pl.DataFrame) -> pl.DataFrame:
+    """The valid-split cases (:func:`valid_index`) that tune the baselines. Never test cases."""
+    return eval_cases(valid_index(cfg), checkins)
 
 
 def baseline_rankings(cfg: RunConfig, cases: pl.DataFrame, checkins: pl.DataFrame, loc_ids: np.ndarray,
@@ -171,7 +176,8 @@ def run_baselines_stage(cfg: RunConfig) -> dict[str, Any]:
         "cases": {t: int(n) for t, n in cases.group_by("task", maintain_order=True).len().iter_rows()},
         "metrics": {name: score_by_task(r, cases, int(cfg.eval.top_k)) for name, r in rankings.items()},
         # Without a model, the strongest rule is the reference the others are compared with.
-        "reference": "user_time", "intervals": intervals(cfg, rankings, cases, "user_time"), "tuned": tuned,
+        "reference": "user_time", "intervals": intervals(cfg, rankings, cases, "user_time"),
+        "hit_split": hit_split(rankings, cases, "user_time"), "tuned": tuned,
         "first_guesses": first_guesses(rankings, cases),
         "seconds": {**seconds, "total": round(time.perf_counter() - t0, 3)},
     }
@@ -207,11 +213,11 @@ def load_for_eval(cfg: RunConfig, folder: Path, table: Any = None) -> tuple[Any,
     return model, tokenizer, encoder, trie
 
 
-def test_prompts(cfg: RunConfig, table: CodeTable, encoder: ChatEncoder,
-                 checkins: pl.DataFrame) -> tuple[pl.DataFrame, list[str], dict[str, int]]:
-    """The test cases (:func:`test_index`), their prompts as the model reads them, and how many lost
-    their oldest visits to ``align.max_length`` (the training length rule), per task."""
-    index = test_index(cfg)
+def test_prompts(cfg: RunConfig, table: CodeTable, encoder: ChatEncoder, checkins: pl.DataFrame,
+                 index: pl.DataFrame | None = None) -> tuple[pl.DataFrame, list[str], dict[str, int]]:
+    """The test cases (:func:`test_index`, or the samples of ``index``), their prompts as the model reads
+    them, and how many lost their oldest visits to ``align.max_length`` (the training length rule), per task."""
+    index = test_index(cfg) if index is None else index
     locations, profiles, sample_cfg = read_data(cfg, "locations.parquet"), read_data(cfg, "profiles.parquet"), cfg.data.samples
     render = sample_renderer(checkins, table.strings(), locations, profiles, sample_cfg)
     samples, cut = fit_history(index, render(index), render, encoder.lengths, encoder.max_length)
@@ -269,7 +275,8 @@ def run_test_stage(cfg: RunConfig, force: bool | None = None) -> dict[str, Any]:
         "fingerprint": fp, "dataset": str(cfg.data.name), "run": str(cfg.run_name), "llm": str(cfg.llm.name),
         "tokenizer": str(cfg.tokenizer.name), "num_beams": int(e.num_beams), "precision": precision,
         "cases": {t: int(n) for t, n in cases.group_by("task", maintain_order=True).len().iter_rows()}, "cut_history": cut,
-        "metrics": metrics, "reference": model_name, "intervals": bounds, "tuned": tuned, "exact": exact,
+        "metrics": metrics, "reference": model_name, "intervals": bounds,
+        "hit_split": hit_split({model_name: locs, **rankings}, cases, model_name), "tuned": tuned, "exact": exact,
         "first_guesses": first_guesses({model_name: locs, **rankings}, cases),
         "seconds": {"llm_ranking": round(llm_seconds, 2), "llm_per_case": round(llm_seconds / cases.height, 4), **seconds,
                     "total": round(time.perf_counter() - t0, 2)},
@@ -291,4 +298,5 @@ def run_test_stage(cfg: RunConfig, force: bool | None = None) -> dict[str, Any]:
     return results
 
 
-__all__ = ["load_for_eval", "run_baselines_stage", "run_test_stage", "test_index", "test_prompts"]
+__all__ = ["load_for_eval", "run_baselines_stage", "run_test_stage", "test_index", "test_prompts", "valid_cases",
+           "valid_index"]

@@ -310,6 +310,13 @@ def test_stage_test_writes_model_and_baselines_on_the_same_cases(tested) -> None
         for d in b["differences"].values():
             assert d["acc@1"]["ci"][0] <= d["acc@1"]["diff"] <= d["acc@1"]["ci"][1]
     assert "Paired differences QT-Mob (tiny_random) − row" in md and " beats " in md
+    # Each Acc@1 difference split into the cases only the model / only the row gets right.
+    for task, rows in saved["hit_split"].items():
+        assert set(rows) == models - {model}
+        for other, sp in rows.items():
+            d = saved["intervals"][task]["differences"][other]["acc@1"]["diff"]
+            assert sp["reference_only"] - sp["row_only"] == pytest.approx(d, abs=2e-4), (task, other)
+    assert "right only: reference / row" in md
     assert set(saved["cut_history"]) == {"next", "recovery_single"}
     assert saved["tuned"]["gru"]["all"]["dim"] in (64, 128) and "user_time" in saved["tuned"]
     assert list((art / "synthetic" / "smoke" / "tb" / "test").rglob("events.out.tfevents*"))

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from lightning_modules.metrics import RankingMetrics, paired_bootstrap, per_case
-from lightning_modules.results import beaten, bootstrap_by_task, first_guesses, results_markdown, score_by_task
+from lightning_modules.results import beaten, bootstrap_by_task, first_guesses, hit_split, results_markdown, score_by_task
 
 
 def test_per_case_figures_average_to_the_metric() -> None:
@@ -65,8 +65,11 @@ def test_results_table_carries_intervals_and_beats_marks() -> None:
     bounds = bootstrap_by_task(rankings, cases, 10, "QT-Mob (x)", resamples=300, seed=3)
     assert beaten(bounds) == {"next": ["weak"]}
     results = {"dataset": "toy", "run": "r", "cases": {"next": 400}, "reference": "QT-Mob (x)", "intervals": bounds,
-               "metrics": {name: score_by_task(r, cases, 10) for name, r in rankings.items()}}
+               "metrics": {name: score_by_task(r, cases, 10) for name, r in rankings.items()},
+               "hit_split": hit_split(rankings, cases, "QT-Mob (x)")}
     md = results_markdown(results)
+    # The model is right on the first 60 %, the weak row on the first 20 %: only the model on 40 %, never the row alone.
+    assert "| yes | 0.400 / 0.000 |" in md and "| no | 0.000 / 0.000 |" in md
     assert "0.6000 (" in md and "95 % paired bootstrap interval, 300 resamples, seed 3" in md
     assert "| next-location | weak | +0.4000" in md and "| yes |" in md
     assert "| next-location | twin | +0.0000 (+0.000 to +0.000) |" in md
@@ -92,3 +95,19 @@ def test_first_guesses_say_whether_a_row_copies_the_last_visit() -> None:
                            "first_guesses": {"next": guesses}})
     assert "| targets | 0.250 | 0.250 | 0.500 |" in md and "| copy_last | 0.750 (0.333) | 0.000 | 0.250 (0.000) |" in md
     assert first_guesses({"x": copy_last[4:]}, cases[4:]) == {}
+
+
+def test_hit_split_parts_add_up_to_the_acc1_difference() -> None:
+    """Two rows that know different cases: each right on its own 30 %, both on 10 %."""
+    n = 200
+    target = np.arange(n)
+    a = np.full((n, 10), -1)
+    b = a.copy()
+    a[:80, 0] = target[:80]                                   # cases 0-79
+    b[60:140, 0] = target[60:140]                             # cases 60-139 (20 shared)
+    cases = pl.DataFrame({"task": ["next"] * n, "target_loc": target})
+    split = hit_split({"a": a, "b": b}, cases, "a")["next"]["b"]
+    assert split == {"reference_only": 0.3, "row_only": 0.3, "both": 0.1}
+    assert split["reference_only"] - split["row_only"] == pytest.approx(
+        score_by_task(a, cases, 10)["next"]["acc@1"] - score_by_task(b, cases, 10)["next"]["acc@1"])
+    assert hit_split({"a": a}, cases, None) == {}
