@@ -116,10 +116,15 @@ class UserTimeBaseline:
             traj[i, :k, : p.shape[1]] = p
         return _Features(cand, window, user, traj, pop)
 
-    def _rank_features(self, f: _Features, p: UserTimeParams) -> np.ndarray:
+    @staticmethod
+    def _score(f: _Features, p: UserTimeParams) -> np.ndarray:
+        """``(n, C)`` scores of the candidates; -inf for padding and for places none of the terms supports."""
         t = f.traj_pos @ (p.decay ** np.arange(f.traj_pos.shape[2])).astype(np.float32)
         score = f.hour_window[:, :, p.hours] + p.w_user * f.user + p.w_traj * t + 1e-6 * f.pop
-        score = np.where((f.cand >= 0) & (score > 1e-5), score, -np.inf)
+        return np.where((f.cand >= 0) & (score > 1e-5), score, -np.inf)
+
+    def _rank_features(self, f: _Features, p: UserTimeParams) -> np.ndarray:
+        score = self._score(f, p)
         k = min(self.size, score.shape[1])
         # The k best per row (argpartition), then sorted by score; popularity breaks most ties.
         part = np.argpartition(-score, k - 1, axis=1)[:, :k] if k < score.shape[1] else np.tile(np.arange(k), (len(score), 1))
@@ -144,6 +149,12 @@ class UserTimeBaseline:
     def rank(self, cases: pl.DataFrame, params: UserTimeParams) -> np.ndarray:
         """``(n_cases, size)`` ranked location ids (cases need ``user_id, target_hour, context``)."""
         return self._rank_features(self._features(cases, params.hours), params)
+
+    def scores(self, cases: pl.DataFrame, params: UserTimeParams) -> tuple[np.ndarray, np.ndarray]:
+        """Every candidate of each case with its score: ``(cand, score)``, both ``(n_cases, C)``; ``cand`` is -1
+        and ``score`` -inf where a row has fewer candidates (the popularity fill of :meth:`rank` is not here)."""
+        f = self._features(cases, params.hours)
+        return f.cand, self._score(f, params)
 
 
 def tune_user_time(model: UserTimeBaseline, valid_cases: pl.DataFrame) -> tuple[UserTimeParams, dict[str, float]]:

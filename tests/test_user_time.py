@@ -7,6 +7,7 @@ from datetime import datetime, timedelta
 
 import numpy as np
 import polars as pl
+import pytest
 
 from lightning_modules.baselines import CountBaselines
 from lightning_modules.user_time import GRID, UserTimeBaseline, UserTimeParams, tune_user_time
@@ -47,6 +48,16 @@ def test_the_current_trajectory_counts_recent_visits_more() -> None:
     assert model.rank(cases, UserTimeParams(hours=1, w_user=0.1, w_traj=10.0, decay=0.5))[0, :2].tolist() == [8, 7]
 
 
+def test_scores_are_what_the_ranking_sorts() -> None:
+    """9:00 at ±1 h: the office has 10 visits in the window plus 0.1 x 10 overall; home 0 plus 0.1 x 14."""
+    model = UserTimeBaseline(_train(), size=3)
+    cases = _cases([9], [[]], [1])
+    cand, score = model.scores(cases, UserTimeParams(hours=1, w_user=0.1, w_traj=0.0))
+    got = {int(c): float(s) for c, s in zip(cand[0], score[0]) if c >= 0}
+    assert got == {1: pytest.approx(11.0, abs=1e-5), 2: pytest.approx(1.4, abs=1e-5)}
+    assert model.rank(cases, UserTimeParams(hours=1, w_user=0.1, w_traj=0.0))[0, :2].tolist() == [1, 2]
+
+
 def test_tuning_uses_the_cases_it_is_given_and_picks_the_hour_window() -> None:
     model = UserTimeBaseline(_train(), size=3)
     # Valid cases where only the hour term finds the target (the user's overall favourite is home).
@@ -69,3 +80,19 @@ def test_markov_recovery_uses_both_neighbours() -> None:
     ranked = base.rank("markov", cases)
     assert ranked[0, 0] == 12, "two-sided: P(c | 10) * P(20 | c)"
     assert ranked[1, 0] == 11, "one-sided when nothing is visible after the mask"
+
+
+def test_the_fusion_benchmark_keeps_either_list_at_its_extreme_weight() -> None:
+    """benchmarks/llm_vs_user_time.py: all the weight on one list gives that list's order; with equal weights a
+    place second in both lists beats places first in only one."""
+    from benchmarks.llm_vs_user_time import fuse, hint_places
+
+    llm_locs, llm_scores = np.array([[5, 6, 7, -1]]), np.array([[-1.0, -2.0, -3.0, -np.inf]])
+    cand, score = np.array([[7, 6, 9, -1]]), np.array([[3.0, 2.0, 1.0, -np.inf]])
+    assert fuse(llm_locs, llm_scores, cand, score, ("rrf", 1.0, 0), size=3)[0].tolist() == [5, 6, 7]
+    assert fuse(llm_locs, llm_scores, cand, score, ("rrf", 0.0, 0), size=3)[0].tolist() == [7, 6, 9]
+    # second in both lists beats first in only one (at k = 60, the usual reciprocal-rank constant)
+    assert fuse(llm_locs, llm_scores, np.array([[9, 6, 8]]), np.array([[3.0, 2.0, 1.0]]), ("rrf", 0.5, 60), size=4)[0, 0] == 6
+    # log-linear: outside the beam a place scores below the beam's last; λ = 0 is the LLM's order
+    assert fuse(llm_locs, llm_scores, cand, score, ("loglin", 0.0, 1.0), size=4)[0].tolist() == [5, 6, 7, 9]
+    assert hint_places(["Mon 9:00 (usually <a_1> ×3 <a_2> ×1) ", "no hint "], {"<a_1>": 11, "<a_2>": 12}) == [[11, 12], []]
