@@ -8,7 +8,8 @@ does: the same prompts, beam search and precision), then on the same cases:
    the two can gain.
 2. **Where the LLM's first guess comes from**: the visit hint's first/second/third place or none of them,
    with Acc@1 among each (needs ``data.samples.visit_hints``).
-3. **Fusion picked on the valid split**: the two top-lists merged by weighted reciprocal rank
+3. **The LLM as a reranker** of ``user_time``'s top k: its first beam entry among them.
+4. **Fusion picked on the valid split**: the two top-lists merged by weighted reciprocal rank
    (``w / (k + rank_llm) + (1 - w) / (k + rank_user_time)``) and by a log-linear score
    (beam log-probability + ``λ · log(ε + user_time score)``) over a small grid; the best point on the
    valid cases ranks the test cases, compared with ``user_time`` and the LLM alone with paired intervals.
@@ -154,6 +155,12 @@ def main() -> None:
              "disagree_user_time_acc@1": float(ut_right[differ].mean()) if differ.any() else None,
              "first_guess": {("hint " + str(k + 1) if k >= 0 else "no hint"): [float((pick == k).mean()),
                              float(llm_right[pick == k].mean()) if (pick == k).any() else None] for k in (0, 1, 2, -1)}}
+        deep = UserTimeBaseline(train, size=30).rank(cases, params)
+        rerank = {}
+        for k in (2, 3, 5, 10, 30):  # the LLM's first beam entry among user_time's top k (none there: user_time's first)
+            first = [next((x for x in beam if x in set(top[:k].tolist())), top[0]) for beam, top in zip(locs, deep)]
+            rerank[k] = float((np.asarray(first) == target).mean())
+        r["llm_reranks_user_time_top_k"] = rerank
         report[name] = r
         lines += [f"## {name}: {r['cases']} next-location cases", "",
                   f"Acc@1: LLM {r['llm_acc@1']:.3f}, user_time {r['user_time_acc@1']:.3f}, the hint's first place alone "
@@ -162,6 +169,8 @@ def main() -> None:
                   f"there the LLM is right {r['disagree_llm_acc@1'] or 0:.3f}, user_time {r['disagree_user_time_acc@1'] or 0:.3f}.", "",
                   "| LLM's first guess | share | Acc@1 among them |", "|---|---|---|"]
         lines += [f"| {k} | {v[0]:.3f} | {'' if v[1] is None else f'{v[1]:.3f}'} |" for k, v in r["first_guess"].items()]
+        lines += ["", "The LLM choosing among user_time's top k (its first beam entry there), Acc@1: " + ", ".join(
+            f"k={k} {v:.3f}" for k, v in rerank.items()) + f" (user_time's own order: {r['user_time_acc@1']:.3f})."]
         lines.append("")
 
     cases, locs, scores = split["valid"]
