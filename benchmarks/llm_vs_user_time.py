@@ -8,8 +8,10 @@ does: the same prompts, beam search and precision), then on the same cases:
    the two can gain.
 2. **Where the LLM's first guess comes from**: the visit hint's first/second/third place or none of them,
    with Acc@1 among each (needs ``data.samples.visit_hints``).
-3. **The LLM as a reranker** of ``user_time``'s top k: its first beam entry among them.
-4. **Fusion picked on the valid split**: the two top-lists merged by weighted reciprocal rank
+3. **Calibration**: for the hinted places and the last visit, how often each is the target against the
+   model's mean probability of it (by the hint's count too).
+4. **The LLM as a reranker** of ``user_time``'s top k: its first beam entry among them.
+5. **Fusion picked on the valid split**: the two top-lists merged by weighted reciprocal rank
    (``w / (k + rank_llm) + (1 - w) / (k + rank_user_time)``) and by a log-linear score
    (beam log-probability + ``λ · log(ε + user_time score)``) over a small grid; the best point on the
    valid cases ranks the test cases, compared with ``user_time`` and the LLM alone with paired intervals.
@@ -86,6 +88,25 @@ def hint_places(prefixes: list[str], code_to_loc: dict[str, int]) -> list[list[i
     return out
 
 
+def hint_counts(prefixes: list[str]) -> list[list[int]]:
+    """The train-visit counts of those hinted places ("<code> ×12"); empty without ``visit_hint_counts``."""
+    out = []
+    for text in prefixes:
+        m = re.search(r"\(usually ([^)]*)\)\s*$", text or "")
+        out.append([int(t[1:]) for t in (m.group(1).split() if m else []) if t.startswith("×") and t[1:].isdigit()])
+    return out
+
+
+def calibration(locs: np.ndarray, scores: np.ndarray, target: np.ndarray, place: np.ndarray) -> list[float]:
+    """For one candidate place per case (-1: none): how often it is the target, the model's mean probability of
+    it (0 where it is outside the beam, so a lower bound) and how often it is the model's first guess."""
+    ok = place >= 0
+    in_beam = locs == place[:, None]
+    prob = np.where(in_beam, np.exp(scores), 0.0).sum(1)
+    return [float((place[ok] == target[ok]).mean()), float(prob[ok].mean()), float((locs[ok, 0] == place[ok]).mean())] \
+        if ok.any() else [0.0, 0.0, 0.0]
+
+
 def main() -> None:
     import polars as pl
     import torch
@@ -155,6 +176,15 @@ def main() -> None:
              "disagree_user_time_acc@1": float(ut_right[differ].mean()) if differ.any() else None,
              "first_guess": {("hint " + str(k + 1) if k >= 0 else "no hint"): [float((pick == k).mean()),
                              float(llm_right[pick == k].mean()) if (pick == k).any() else None] for k in (0, 1, 2, -1)}}
+        last = np.array([c[-1] if c is not None and len(c) else -1 for c in cases["context"].to_list()])
+        sources = {f"hint {k + 1}": np.array([h[k] if len(h) > k else -1 for h in hints]) for k in range(3)}
+        r["calibration"] = {label: calibration(locs, scores, target, place) for label, place in {**sources, "last visit": last}.items()}
+        counts = np.array([c[0] if c else -1 for c in hint_counts(cases["response_prefix"].to_list())])
+        if (counts >= 0).any():
+            r["calibration_by_hint1_count"] = {
+                f"{lo}-{hi}": [int(((counts >= lo) & (counts <= hi)).sum()),
+                               *calibration(locs, scores, target, np.where((counts >= lo) & (counts <= hi), hint1, -1))]
+                for lo, hi in ((1, 1), (2, 3), (4, 9), (10, 10**6))}
         deep = UserTimeBaseline(train, size=30).rank(cases, params)
         rerank = {}
         for k in (2, 3, 5, 10, 30):  # the LLM's first beam entry among user_time's top k (none there: user_time's first)
@@ -169,6 +199,12 @@ def main() -> None:
                   f"there the LLM is right {r['disagree_llm_acc@1'] or 0:.3f}, user_time {r['disagree_user_time_acc@1'] or 0:.3f}.", "",
                   "| LLM's first guess | share | Acc@1 among them |", "|---|---|---|"]
         lines += [f"| {k} | {v[0]:.3f} | {'' if v[1] is None else f'{v[1]:.3f}'} |" for k, v in r["first_guess"].items()]
+        lines += ["", "Calibration: how often a place is the target, the model's mean probability of it (0 outside the beam) "
+                  "and how often the model names it first:", "", "| place | is the target | model's P | first guess |",
+                  "|---|---|---|---|"]
+        lines += [f"| {k} | {v[0]:.3f} | {v[1]:.3f} | {v[2]:.3f} |" for k, v in r["calibration"].items()]
+        for k, v in r.get("calibration_by_hint1_count", {}).items():
+            lines.append(f"| hint 1 with {k.replace('-1000000', '+')} visits ({v[0]} cases) | {v[1]:.3f} | {v[2]:.3f} | {v[3]:.3f} |")
         lines += ["", "The LLM choosing among user_time's top k (its first beam entry there), Acc@1: " + ", ".join(
             f"k={k} {v:.3f}" for k, v in rerank.items()) + f" (user_time's own order: {r['user_time_acc@1']:.3f})."]
         lines.append("")
