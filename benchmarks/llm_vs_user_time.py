@@ -148,7 +148,9 @@ def main() -> None:
             locs, scores = rank_prompts(model, encoder, trie, prompts, int(cfg.eval.num_beams), int(cfg.eval.batch_size),
                                         precision=run_precision(cfg), share_prefix=bool(cfg.eval.share_prefix))
             cases.drop("prompt").write_parquet(out / f"{name}_cases.parquet")
-            np.savez(cache, fingerprint=key, locs=locs, scores=scores, target=cases["target_loc"].to_numpy())
+            part = out / f"{name}.part.npz"  # renamed when whole: a killed call leaves nothing a later one reuses
+            np.savez(part, fingerprint=key, locs=locs, scores=scores, target=cases["target_loc"].to_numpy())
+            part.replace(cache)
         cases, kept = pl.read_parquet(out / f"{name}_cases.parquet"), np.load(cache)
         if not np.array_equal(kept["target"], cases["target_loc"].to_numpy()):
             sys.exit(f"error: {cache} does not match {name}_cases.parquet beside it: delete both and rerun")
