@@ -6,7 +6,10 @@ writes, in the sweep folder:
 
 * ``report.md`` / ``report.csv``: one row per grid point and evaluated task (the LLM), then the
   in-run baselines of those points (once each when the points share their test cases);
-* ``report.png``: Acc@1 and NDCG@5 per grid point beside the baselines.
+* ``report.png``: Acc@1 and NDCG@5 per grid point beside the baselines;
+* in ``report.md``/``report.json`` (``paired``), each point's LLM against the first point's on the same test
+  cases, with paired bootstrap intervals of the Acc@1 and NDCG@5 differences (``eval.bootstrap``), from the
+  points' ``rankings.parquet``.
 
 A point without a record died before ``run.py`` could write one (killed, out of memory, SLURM
 time limit): it is listed as ``died`` with the last line of its SLURM/submitit log when there is one.
@@ -94,6 +97,7 @@ def gather(sweep: str | Path) -> list[dict[str, Any]]:
             if record["status"] == "ok":
                 if results.is_file():
                     entry["results"] = json.loads(results.read_text())
+                    entry["run_dir"] = str(results.parent)
                 else:
                     entry.update(status="no results", error=f"{results} is missing (was stage=test run?)")
         else:
@@ -133,14 +137,69 @@ def table_rows(points: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return rows
 
 
+CASE_KEY = ("task", "traj_id", "target_pos", "target_loc")
+
+
+def paired_rows(points: list[dict[str, Any]], resamples: int = 1000, seed: int = 0, level: float = 0.95,
+                top_k: int = 10) -> list[dict[str, Any]]:
+    """Each grid point's LLM against the first point's, per task, on the cases both ranked (paired bootstrap of
+    Acc@1 and NDCG@5 from their ``rankings.parquet``). Points without rankings, or whose cases differ from the
+    reference's, are left out with the reason."""
+    import numpy as np
+    import polars as pl
+
+    from lightning_modules.metrics import paired_bootstrap, per_case
+
+    def llm(p: dict[str, Any]) -> tuple[str, pl.DataFrame] | None:
+        path = Path(p.get("run_dir") or "") / "rankings.parquet"
+        name = (p["results"] or {}).get("reference")
+        if not path.is_file() or not name or not str(name).startswith("QT-Mob"):
+            return None
+        return name, pl.read_parquet(path, columns=[*CASE_KEY, name]).rename({name: "ranked"})
+
+    found = [(p, llm(p)) for p in points if p["results"] is not None]
+    found = [(p, r) for p, r in found if r is not None]
+    if len(found) < 2:
+        return []
+    (ref_point, (_, ref)), rows = found[0], []
+    for point, (_, other) in found[1:]:
+        both = ref.join(other, on=list(CASE_KEY), suffix="_row")
+        if both.height != ref.height or both.height != other.height:
+            rows.append({"point": point["point"], "reference": ref_point["point"], "task": "", "cases": both.height,
+                         "error": f"other test cases ({other.height}) than the reference's ({ref.height}): not paired"})
+            continue
+        for task in both["task"].unique(maintain_order=True).to_list():
+            part = both.filter(pl.col("task") == task)
+            target = part["target_loc"].to_numpy()
+            values = {name: per_case(np.array(part[col].to_list())[:, :top_k], target)
+                      for name, col in (("point", "ranked_row"), ("reference", "ranked"))}
+            d = paired_bootstrap(values, "point", ("acc@1", "ndcg@5"), resamples=resamples, seed=seed, level=level)["differences"]["reference"]
+            rows.append({"point": point["point"], "reference": ref_point["point"], "task": task, "cases": part.height, "error": "",
+                         **{f"delta {m}": d[m]["diff"] for m in ("acc@1", "ndcg@5")},
+                         **{f"ci {m}": d[m]["ci"] for m in ("acc@1", "ndcg@5")}})
+    return rows
+
+
 def _fmt(v: Any) -> str:
     return "" if v is None else f"{v:.4f}" if isinstance(v, float) else str(v)
 
 
-def markdown(rows: list[dict[str, Any]], sweep: Path) -> str:
+def markdown(rows: list[dict[str, Any]], sweep: Path, paired: list[dict[str, Any]] | None = None) -> str:
     cols = ["point", "model", "task", *METRICS, "status"]
     lines = [f"# Sweep report: {sweep}", "", "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     lines += ["| " + " | ".join(_fmt(r[c]) for c in cols) + " |" for r in rows]
+    if paired:
+        lines += ["", f"Each point's LLM − the first point's ({paired[0]['reference']}) on the same test cases, paired 95 % "
+                  "bootstrap interval (✓: above 0; ✗: below 0):", "", "| point | task | cases | Δ acc@1 | Δ ndcg@5 |", "|---|---|---|---|---|"]
+        for r in paired:
+            if r["error"]:
+                lines.append(f"| {r['point']} | | {r['cases']} | {r['error']} | |")
+                continue
+            cells = []
+            for m in ("acc@1", "ndcg@5"):
+                lo, hi = r[f"ci {m}"]
+                cells.append(f"{r[f'delta {m}']:+.4f} ({lo:+.3f} to {hi:+.3f})" + (" ✓" if lo > 0 else " ✗" if hi < 0 else ""))
+            lines.append(f"| {r['point']} | {r['task']} | {r['cases']} | {cells[0]} | {cells[1]} |")
     failed = [r for r in rows if r["status"] != "ok"]
     if failed:
         lines += ["", "Grid points without results:", ""] + [f"- {r['point']}: {r['status']} ({r['error']})" for r in failed]
@@ -181,7 +240,9 @@ def run_report_stage(cfg: Any) -> dict[str, Any]:
     sweep = Path(str(sweep_arg))
     points = gather(sweep)
     rows = table_rows(points)
-    text = markdown(rows, sweep)
+    b = cfg.eval.bootstrap
+    paired = paired_rows(points, resamples=int(b.resamples), seed=int(b.seed), level=float(b.level), top_k=int(cfg.eval.top_k))
+    text = markdown(rows, sweep, paired)
     write_text_atomic(sweep / "report.md", text)
     with atomic_file(sweep / "report.csv") as tmp, tmp.open("w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=["point", "model", "task", *METRICS, "status", "overrides", "error"])
@@ -189,10 +250,10 @@ def run_report_stage(cfg: Any) -> dict[str, Any]:
         writer.writerows(rows)
     bar_chart(rows, cfg.report.task, sweep / "report.png")
     summary = {"sweep": str(sweep), "points": len(points), "ok": sum(p["status"] == "ok" for p in points),
-               "failed": [p["point"] for p in points if p["status"] != "ok"], "markdown": text, "rows": rows}
+               "failed": [p["point"] for p in points if p["status"] != "ok"], "markdown": text, "rows": rows, "paired": paired}
     write_json_atomic(sweep / "report.json", {k: v for k, v in summary.items() if k != "markdown"})
     log.info("report: %d grid points (%d ok) -> %s", summary["points"], summary["ok"], sweep / "report.md")
     return summary
 
 
-__all__ = ["gather", "point_name", "run_report_stage", "table_rows"]
+__all__ = ["gather", "paired_rows", "point_name", "run_report_stage", "table_rows"]

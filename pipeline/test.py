@@ -6,7 +6,9 @@ constrained beam search over the code trie; every baseline ranks the *same* case
 :class:`~lightning_modules.metrics.RankingMetrics` scores them all.
 
 Files (``<paths.artifacts>/<data.name>/<run_name>/``): ``results.json`` (metrics per model and task,
-case counts, seconds, beam-vs-exact agreement) and ``results.md`` (the same as a table).
+case counts, seconds, beam-vs-exact agreement), ``results.md`` (the same as a table) and
+``rankings.parquet`` (every row's ranked list per case, the LLM's beam scores: for paired comparisons
+between runs).
 ``stage=baselines`` writes the count baselines alone to ``<paths.artifacts>/<data.name>/baselines/``
 in the same format, without any LLM.
 """
@@ -24,6 +26,7 @@ import polars as pl
 import torch
 
 from datamodules.artifacts import (
+    atomic_file,
     file_manifest,
     fingerprint,
     reusable,
@@ -145,11 +148,29 @@ def intervals(cfg: RunConfig, rankings: dict[str, np.ndarray], cases: pl.DataFra
                              seed=int(b.seed), level=float(b.level))
 
 
-def _write(out: Path, results: dict[str, Any]) -> None:
-    """``results.md``, then ``results.json`` (each via a rename); the JSON carries the fingerprint and
-    comes last, so a run killed in between is never taken as finished."""
+RANKINGS = "rankings.parquet"
+RESULT_FILES = ("results.json", "results.md", RANKINGS)
+
+
+def rankings_frame(cases: pl.DataFrame, rankings: dict[str, np.ndarray], scores: dict[str, np.ndarray] | None = None) -> pl.DataFrame:
+    """Every row's ranked list per case: ``sample_id, task, traj_id, target_pos, target_loc`` (the last four say
+    which case it is, whatever the sampling) and one list column per row (its
+    name), plus ``<name> scores`` for the rows that have them (the LLM's beam log-probabilities). What a
+    paired comparison of two runs on the same cases needs (``stage=report``)."""
+    frame = cases.select("sample_id", "task", "traj_id", "target_pos", "target_loc")
+    columns = [pl.Series(name, np.asarray(r, dtype=np.int64).tolist(), dtype=pl.List(pl.Int64)) for name, r in rankings.items()]
+    columns += [pl.Series(f"{name} scores", np.asarray(v, dtype=np.float64).tolist(), dtype=pl.List(pl.Float64))
+                for name, v in (scores or {}).items()]
+    return frame.with_columns(columns)
+
+
+def _write(out: Path, results: dict[str, Any], rankings: pl.DataFrame) -> None:
+    """``rankings.parquet`` and ``results.md``, then ``results.json`` (each via a rename); the JSON carries
+    the fingerprint and the others' manifest and comes last, so a run killed in between is never taken as finished."""
+    with atomic_file(out / RANKINGS) as tmp:
+        rankings.write_parquet(tmp)
     write_text_atomic(out / "results.md", results_markdown(results))
-    results["manifest"] = file_manifest(out, ["results.md"])
+    results["manifest"] = file_manifest(out, ["results.md", RANKINGS])
     write_json_atomic(out / "results.json", results)
 
 
@@ -183,7 +204,7 @@ def run_baselines_stage(cfg: RunConfig) -> dict[str, Any]:
     }
     out = Path(cfg.paths.artifacts) / str(cfg.data.name) / "baselines"
     out.mkdir(parents=True, exist_ok=True)
-    _write(out, results)
+    _write(out, results, rankings_frame(cases, rankings))
     return results
 
 
@@ -240,7 +261,7 @@ def run_test_stage(cfg: RunConfig, force: bool | None = None) -> dict[str, Any]:
     force = cfg.force if force is None else force
     out = run_dir(cfg)
     fp = test_fingerprint(cfg)
-    if (old := reusable(out, "results.json", ("results.json", "results.md"), fp, force, "test")) is not None:
+    if (old := reusable(out, "results.json", RESULT_FILES, fp, force, "test")) is not None:
         return old
     t0 = time.perf_counter()
     if not (out / "align.json").is_file():
@@ -254,7 +275,7 @@ def run_test_stage(cfg: RunConfig, force: bool | None = None) -> dict[str, Any]:
     t_llm = time.perf_counter()
     precision = run_precision(cfg)
     progress = ProgressStyle.from_mapping(vars(cfg.progress))
-    locs, _ = rank_prompts(model, encoder, trie, prompts, int(e.num_beams), int(e.batch_size), precision=precision,
+    locs, beam_scores = rank_prompts(model, encoder, trie, prompts, int(e.num_beams), int(e.batch_size), precision=precision,
                            decoding=e.decoding, seed=int(cfg.seed), progress=progress, share_prefix=bool(e.share_prefix))
     llm_seconds = time.perf_counter() - t_llm
     logger = make_logger(cfg, "test")
@@ -281,7 +302,7 @@ def run_test_stage(cfg: RunConfig, force: bool | None = None) -> dict[str, Any]:
         "seconds": {"llm_ranking": round(llm_seconds, 2), "llm_per_case": round(llm_seconds / cases.height, 4), **seconds,
                     "total": round(time.perf_counter() - t0, 2)},
     }
-    _write(out, results)
+    _write(out, results, rankings_frame(cases, {model_name: locs, **rankings}, {model_name: beam_scores}))
     _complete_model_card(out / "model", results)
     flat = {f"test/{task}/{k}": v for task, m in metrics[model_name].items() for k, v in m.items()}
     for name, per_task in metrics.items():
@@ -298,5 +319,5 @@ def run_test_stage(cfg: RunConfig, force: bool | None = None) -> dict[str, Any]:
     return results
 
 
-__all__ = ["load_for_eval", "run_baselines_stage", "run_test_stage", "test_index", "test_prompts", "valid_cases",
-           "valid_index"]
+__all__ = ["RANKINGS", "load_for_eval", "rankings_frame", "run_baselines_stage", "run_test_stage", "test_index",
+           "test_prompts", "valid_cases", "valid_index"]

@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from lightning_modules.metrics import RankingMetrics
+from lightning_modules.results import score_by_task
 from pipeline.paths import tokenizer_dir
 from location_tokenizers.codes import CodeTable, all_code_tokens
 from location_tokenizers.trie import CodeTrie
@@ -277,6 +278,9 @@ def test_stage_baselines_on_the_nyc_release(nyc_release, tmp_path) -> None:
     assert "user_most_frequent" in res["intervals"]["next"]["differences"]
     md = (tmp_path / "nyc" / "baselines" / "results.md").read_text()
     assert "| user_time | next-location | 0.2" in md and "paired bootstrap interval" in md
+    assert set(res["hit_split"]["next"]) == set(m) - {"user_time"}
+    ranked = pl.read_parquet(tmp_path / "nyc" / "baselines" / "rankings.parquet")
+    assert ranked.height == 2698 + 4238 and set(m) <= set(ranked.columns)
 
 
 # ----------------------------------------------------------------------------- stage=test
@@ -317,6 +321,13 @@ def test_stage_test_writes_model_and_baselines_on_the_same_cases(tested) -> None
             d = saved["intervals"][task]["differences"][other]["acc@1"]["diff"]
             assert sp["reference_only"] - sp["row_only"] == pytest.approx(d, abs=2e-4), (task, other)
     assert "right only: reference / row" in md
+    # Per-case rankings of every row (and the LLM's beam scores), from which the metrics follow.
+    ranked = pl.read_parquet(folder / "rankings.parquet")
+    assert ranked.height == sum(res["cases"].values()) and set(models) | {f"{model} scores"} <= set(ranked.columns)
+    for name in models:
+        assert score_by_task(np.array(ranked[name].to_list()), ranked, 10) == saved["metrics"][name], name
+    beams = np.array(ranked[f"{model} scores"].to_list())
+    assert np.all(beams[:, :-1] >= beams[:, 1:] - 1e-6), "beams best first"
     assert set(saved["cut_history"]) == {"next", "recovery_single"}
     assert saved["tuned"]["gru"]["all"]["dim"] in (64, 128) and "user_time" in saved["tuned"]
     assert list((art / "synthetic" / "smoke" / "tb" / "test").rglob("events.out.tfevents*"))

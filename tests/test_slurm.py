@@ -77,6 +77,10 @@ def test_a_two_point_grid_runs_as_a_job_array_and_reports(slurm, tmp_path) -> No
     assert summary["points"] == 2 and summary["ok"] == 2
     points = {r["point"] for r in summary["rows"]}
     assert {"objectives=all", "objectives=next_only", "baseline"} <= points
+    # The second point's LLM against the first's on the same test cases, with paired intervals.
+    paired = summary["paired"]
+    assert paired and {r["point"] for r in paired} == {"objectives=next_only"} and not any(r["error"] for r in paired)
+    assert all(r["reference"] == "objectives=all" and r["ci acc@1"][0] <= r["delta acc@1"] <= r["ci acc@1"][1] for r in paired)
     for name in ("report.md", "report.csv", "report.png"):
         assert (folder / name).is_file()
     assert (folder / "report.png").read_bytes()[:4] == b"\x89PNG"
