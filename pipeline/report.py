@@ -143,8 +143,8 @@ CASE_KEY = ("task", "traj_id", "target_pos", "target_loc")
 def paired_rows(points: list[dict[str, Any]], resamples: int = 1000, seed: int = 0, level: float = 0.95,
                 top_k: int = 10) -> list[dict[str, Any]]:
     """Each grid point's LLM against the first point's, per task, on the cases both ranked (paired bootstrap of
-    Acc@1 and NDCG@5 from their ``rankings.parquet``). Points without rankings, or whose cases differ from the
-    reference's, are left out with the reason."""
+    Acc@1 and NDCG@5 from their ``rankings.parquet``). Points without rankings (runs from before it was written)
+    are left out; a point whose cases differ from the reference's gets a row saying so instead of intervals."""
     import numpy as np
     import polars as pl
 
