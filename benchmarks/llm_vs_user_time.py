@@ -72,29 +72,26 @@ def fuse(llm_locs: np.ndarray, llm_scores: np.ndarray, ut_cand: np.ndarray, ut_s
 
 
 def hits(ranked: np.ndarray, target: np.ndarray) -> dict[str, np.ndarray]:
-    """Per-case Acc@1 and NDCG@5."""
-    hit = ranked[:, :10] == target[:, None]
-    rank = np.where(hit.any(1), hit.argmax(1), 99)
-    return {"acc@1": (rank == 0).astype(float), "ndcg@5": np.where(rank < 5, 1 / np.log2(rank + 2.0), 0.0)}
+    """Per-case Acc@1 and NDCG@5 (of the top 10, as the results tables)."""
+    from lightning_modules.metrics import per_case
+
+    return {m: v for m, v in per_case(np.asarray(ranked)[:, :10], target).items() if m in ("acc@1", "ndcg@5")}
+
+
+def _hint_tokens(text: str | None) -> list[str]:
+    """The tokens of the target visit's hint: the last "(usually <code> [×n] ...)" of a response prefix."""
+    m = re.search(r"\(usually ([^)]*)\)\s*$", text or "")
+    return m.group(1).split() if m else []
 
 
 def hint_places(prefixes: list[str], code_to_loc: dict[str, int]) -> list[list[int]]:
-    """The hinted places of the target visit: the last "(usually <code> [×n] ...)" of each response prefix."""
-    out = []
-    for text in prefixes:
-        m = re.search(r"\(usually ([^)]*)\)\s*$", text or "")
-        codes = [t for t in (m.group(1).split() if m else []) if not t.startswith("×")]
-        out.append([code_to_loc.get(c, -2) for c in codes])
-    return out
+    """The hinted places of each target visit (location ids; -2 for a code not in the table)."""
+    return [[code_to_loc.get(t, -2) for t in _hint_tokens(text) if not t.startswith("×")] for text in prefixes]
 
 
 def hint_counts(prefixes: list[str]) -> list[list[int]]:
     """The train-visit counts of those hinted places ("<code> ×12"); empty without ``visit_hint_counts``."""
-    out = []
-    for text in prefixes:
-        m = re.search(r"\(usually ([^)]*)\)\s*$", text or "")
-        out.append([int(t[1:]) for t in (m.group(1).split() if m else []) if t.startswith("×") and t[1:].isdigit()])
-    return out
+    return [[int(t[1:]) for t in _hint_tokens(text) if t.startswith("×") and t[1:].isdigit()] for text in prefixes]
 
 
 def calibration(locs: np.ndarray, scores: np.ndarray, target: np.ndarray, place: np.ndarray) -> list[float]:
@@ -162,10 +159,12 @@ def main() -> None:
     strings = table.strings()
     code_to_loc = dict(zip(strings["code"].to_list(), strings["loc_id"].to_list()))
     report: dict[str, Any] = {"fingerprint": fp, "user_time": params_dict(params)}
+    deep_ut = UserTimeBaseline(train, size=30)  # user_time's top 30, for the reranking figures
     lines = [f"# The LLM against user_time: {cfg.data.name} / {cfg.run_name}", ""]
+    ut_ranks: dict[str, np.ndarray] = {}
     for name, (cases, locs, scores) in split.items():
         target = cases["target_loc"].to_numpy()
-        ut_ranked = ut.rank(cases, params)
+        ut_ranked = ut_ranks[name] = ut.rank(cases, params)
         llm_right, ut_right = locs[:, 0] == target, ut_ranked[:, 0] == target
         differ = locs[:, 0] != ut_ranked[:, 0]
         hints = hint_places(cases["response_prefix"].to_list(), code_to_loc)
@@ -187,7 +186,7 @@ def main() -> None:
                 f"{lo}-{hi}": [int(((counts >= lo) & (counts <= hi)).sum()),
                                *calibration(locs, scores, target, np.where((counts >= lo) & (counts <= hi), hint1, -1))]
                 for lo, hi in ((1, 1), (2, 3), (4, 9), (10, 10**6))}
-        deep = UserTimeBaseline(train, size=30).rank(cases, params)
+        deep = deep_ut.rank(cases, params)
         rerank = {}
         for k in (2, 3, 5, 10, 30):  # the LLM's first beam entry among user_time's top k (none there: user_time's first)
             first = [next((x for x in beam if x in set(top[:k].tolist())), top[0]) for beam, top in zip(locs, deep)]
@@ -218,7 +217,7 @@ def main() -> None:
     for point in RRF_GRID + LOGLIN_GRID:
         h = hits(fuse(locs, scores, cand, ut_score, point), target)
         grid[point] = (float(h["acc@1"].mean()), float(h["ndcg@5"].mean()))
-    base = hits(ut.rank(cases, params), target)
+    base = hits(ut_ranks["valid"], target)
     best = max(grid, key=lambda p: sum(grid[p]))
     report["valid_fusion"] = {"user_time": [float(base["acc@1"].mean()), float(base["ndcg@5"].mean())],
                               "best": list(best), "best_figures": list(grid[best]),
@@ -230,7 +229,7 @@ def main() -> None:
     cand, ut_score = ut.scores(cases, params)
     target = cases["target_loc"].to_numpy()
     values = {"fused": hits(fuse(locs, scores, cand, ut_score, best), target),
-              "user_time": hits(ut.rank(cases, params), target), "LLM": hits(locs, target)}
+              "user_time": hits(ut_ranks["test"], target), "LLM": hits(locs, target)}
     b = paired_bootstrap(values, "fused", ("acc@1", "ndcg@5"), resamples=int(cfg.eval.bootstrap.resamples),
                          seed=int(cfg.eval.bootstrap.seed), level=float(cfg.eval.bootstrap.level))
     report["test_fusion"] = {"figures": {k: {m: float(v.mean()) for m, v in h.items()} for k, h in values.items()},

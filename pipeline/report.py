@@ -150,19 +150,19 @@ def paired_rows(points: list[dict[str, Any]], resamples: int = 1000, seed: int =
 
     from lightning_modules.metrics import paired_bootstrap, per_case
 
-    def llm(p: dict[str, Any]) -> tuple[str, pl.DataFrame] | None:
+    def llm(p: dict[str, Any]) -> pl.DataFrame | None:
         path = Path(p.get("run_dir") or "") / "rankings.parquet"
         name = (p["results"] or {}).get("reference")
         if not path.is_file() or not name or not str(name).startswith("QT-Mob"):
             return None
-        return name, pl.read_parquet(path, columns=[*CASE_KEY, name]).rename({name: "ranked"})
+        return pl.read_parquet(path, columns=[*CASE_KEY, name]).rename({name: "ranked"})
 
     found = [(p, llm(p)) for p in points if p["results"] is not None]
     found = [(p, r) for p, r in found if r is not None]
     if len(found) < 2:
         return []
-    (ref_point, (_, ref)), rows = found[0], []
-    for point, (_, other) in found[1:]:
+    (ref_point, ref), rows = found[0], []
+    for point, other in found[1:]:
         both = ref.join(other, on=list(CASE_KEY), suffix="_row")
         if both.height != ref.height or both.height != other.height:
             rows.append({"point": point["point"], "reference": ref_point["point"], "task": "", "cases": both.height,

@@ -285,7 +285,8 @@ def run_test_stage(cfg: RunConfig, force: bool | None = None) -> dict[str, Any]:
     model_name = f"QT-Mob ({cfg.llm.name})"
     metrics = {model_name: score_by_task(locs, cases, top)}
     metrics.update({name: score_by_task(r, cases, top) for name, r in rankings.items()})
-    bounds = intervals(cfg, {model_name: locs, **rankings}, cases, model_name)
+    every = {model_name: locs, **rankings}  # the model first, then each baseline: the rows of every table
+    bounds = intervals(cfg, every, cases, model_name)
     exact = {}
     if len(table) <= int(e.exact_max_locations) and int(e.exact_cases) > 0:
         for task in cases["task"].unique(maintain_order=True).to_list():
@@ -297,12 +298,12 @@ def run_test_stage(cfg: RunConfig, force: bool | None = None) -> dict[str, Any]:
         "tokenizer": str(cfg.tokenizer.name), "num_beams": int(e.num_beams), "precision": precision,
         "cases": {t: int(n) for t, n in cases.group_by("task", maintain_order=True).len().iter_rows()}, "cut_history": cut,
         "metrics": metrics, "reference": model_name, "intervals": bounds,
-        "hit_split": hit_split({model_name: locs, **rankings}, cases, model_name), "tuned": tuned, "exact": exact,
-        "first_guesses": first_guesses({model_name: locs, **rankings}, cases),
+        "hit_split": hit_split(every, cases, model_name), "tuned": tuned, "exact": exact,
+        "first_guesses": first_guesses(every, cases),
         "seconds": {"llm_ranking": round(llm_seconds, 2), "llm_per_case": round(llm_seconds / cases.height, 4), **seconds,
                     "total": round(time.perf_counter() - t0, 2)},
     }
-    _write(out, results, rankings_frame(cases, {model_name: locs, **rankings}, {model_name: beam_scores}))
+    _write(out, results, rankings_frame(cases, every, {model_name: beam_scores}))
     _complete_model_card(out / "model", results)
     flat = {f"test/{task}/{k}": v for task, m in metrics[model_name].items() for k, v in m.items()}
     for name, per_task in metrics.items():
