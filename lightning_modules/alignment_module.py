@@ -89,6 +89,10 @@ class AlignmentModule(L.LightningModule):
             next-location Acc@1 with constrained decoding on a fixed subset); logged under ``align/val/``.
         evaluate_every: Run the evaluator and the generations at every this many validations (and
             at the last): decoding costs far more than the validation losses.
+        first_code_weight: The training loss's weight on each labelled token in ``first_code_ids`` against 1
+            for the other labelled tokens, rescaled so that the batch's total weight stays the same
+            (validation losses are never weighted). 1: the plain per-answer mean.
+        first_code_ids: Token ids of the first level of the location codes.
     """
 
     def __init__(
@@ -106,12 +110,17 @@ class AlignmentModule(L.LightningModule):
         loss_reduction: str = "sample",
         batch_size: int = 8,
         evaluate_every: int = 1,
+        first_code_weight: float = 1.0,
+        first_code_ids: Sequence[int] = (),
     ) -> None:
         super().__init__()
         if loss_reduction not in LOSS_REDUCTIONS:
             raise ValueError(f"align.loss_reduction={loss_reduction!r}; choose from {list(LOSS_REDUCTIONS)}")
+        if first_code_weight != 1.0 and not len(first_code_ids):
+            raise ValueError("align.first_code_weight needs the ids of the codes' first tokens (first_code_ids)")
         # logger=False: the stage logs the run's whole configuration as the HPARAMS of its dashboard.
-        self.save_hyperparameters(ignore=["model", "generation_prompts", "generation_fn", "evaluator"], logger=False)
+        self.save_hyperparameters(ignore=["model", "generation_prompts", "generation_fn", "evaluator", "first_code_ids"], logger=False)
+        self.first_code_ids = torch.tensor(sorted(first_code_ids), dtype=torch.long)
         self.model = model
         self.objectives = sorted({OBJECTIVE[t] for t in tasks})
         self.train_losses = torch.nn.ModuleDict({o: MeanMetric() for o in self.objectives})
@@ -131,9 +140,10 @@ class AlignmentModule(L.LightningModule):
         base = self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
         return base.model, base.get_output_embeddings()
 
-    def model_step(self, batch: dict[str, Any]) -> dict[str, Tensor]:
+    def model_step(self, batch: dict[str, Any], train: bool = False) -> dict[str, Tensor]:
         """Loss of a batch (``loss``: what is differentiated; ``mean_loss``: its per-batch mean for logging),
-        plus per-sample sums and counts."""
+        plus per-sample sums and counts. ``train``: weigh the codes' first tokens by ``first_code_weight``
+        in ``loss`` (``mean_loss`` and the per-sample sums stay unweighted)."""
         decoder, head = self._decoder_and_head()
         hidden = decoder(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
         labels = batch["labels"][:, 1:]
@@ -157,9 +167,18 @@ class AlignmentModule(L.LightningModule):
             else:
                 weight = 1.0 / counts.clamp(min=1)[rows]
                 answers = int((counts > 0).sum())
-            loss = (token_loss * weight).sum() / max(int(self.hparams.batch_size), answers, 1)
-            mean = (token_loss.detach() * weight).sum() / answers if answers else loss.detach()
+            divisor = max(int(self.hparams.batch_size), answers, 1)
+            mean = (token_loss.detach() * weight).sum() / (answers or divisor)
+            if train and self.hparams.first_code_weight != 1.0:
+                weight = self._first_code_weighted(weight, labels[where])
+            loss = (token_loss * weight).sum() / divisor
         return {"loss": loss, "mean_loss": mean, "sample_loss": per_sample, "sample_tokens": counts}
+
+    def _first_code_weighted(self, weight: Tensor, targets: Tensor) -> Tensor:
+        """``weight`` times ``first_code_weight`` where ``targets`` is a code's first token, rescaled to the same sum."""
+        first = torch.isin(targets, self.first_code_ids.to(targets.device))
+        scaled = weight * torch.where(first, float(self.hparams.first_code_weight), 1.0).to(weight.dtype)
+        return scaled * (weight.sum() / scaled.sum().clamp(min=1e-12))
 
     def _update(self, metrics: torch.nn.ModuleDict, batch: dict[str, Any], out: dict[str, Tensor], total: MeanMetric) -> None:
         tokens = out["sample_tokens"].sum()
@@ -181,7 +200,7 @@ class AlignmentModule(L.LightningModule):
         self._t_batch = time.perf_counter()
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
-        out = self.model_step(batch)
+        out = self.model_step(batch, train=True)
         self._update(self.train_losses, batch, out, self.train_loss)
         return out["loss"]
 

@@ -96,6 +96,11 @@ class AlignConfig:
     # sample: each sample's answer-token mean, then the mean over samples (the official code); token:
     # the mean over all answer tokens of a batch.
     loss_reduction: str = "sample"
+    # The training loss's weight on the first token of every location code it labels, against 1 for the
+    # code's other tokens (the batch's total weight stays the same; validation losses stay unweighted).
+    # The first token picks which place a code names (the later ones mostly copy it); a departure
+    # (1 = the paper's plain mean).
+    first_code_weight: float = 1.0
     # Tokens per sample (the official cutoff_len); a longer prompt loses its oldest visits first.
     max_length: int = 4096
     group_batches: int = 64
@@ -113,7 +118,7 @@ class AlignConfig:
         one_of("align.new_token_init", self.new_token_init, ("mean", "vocab"))
         one_of("align.prompt_format", self.prompt_format, ("chat", "inst"))
         one_of("align.loss_reduction", self.loss_reduction, ("sample", "token"))
-        for key in ("lr", "lora_plus_ratio", "batch_size", "max_length", "group_batches"):
+        for key in ("lr", "lora_plus_ratio", "first_code_weight", "batch_size", "max_length", "group_batches"):
             at_least(f"align.{key}", getattr(self, key), 0, strict=True)
         for key in ("weight_decay", "warmup_ratio", "min_lr_ratio", "checkpoint_every_n_steps", "num_generations", "num_workers"):
             at_least(f"align.{key}", getattr(self, key), 0)

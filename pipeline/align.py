@@ -42,7 +42,7 @@ from lightning_modules.dashboards import flat_hparams, log_run
 from lightning_modules.llm import build_peft_model
 from lightning_modules.ranking import rank_prompts
 from lightning_modules.results import score
-from location_tokenizers.codes import CodeTable, all_code_tokens
+from location_tokenizers.codes import CodeTable, all_code_tokens, level_token
 from location_tokenizers.trie import CodeTrie
 from pipeline.config import RunConfig, as_dict, load_config
 from pipeline.paths import (
@@ -149,6 +149,8 @@ def build_alignment(cfg: RunConfig | Any, table: CodeTable | None = None) -> dic
         generation_prompts=prompts, generation_fn=lambda m, p: greedy_generate(m, encoder, p),
         evaluator=next_location_evaluator(cfg, dm, encoder, tokenizer, model, table),
         loss_reduction=a.loss_reduction, batch_size=a.batch_size, evaluate_every=cfg.eval.val_every,
+        first_code_weight=float(a.first_code_weight),
+        first_code_ids=tokenizer.convert_tokens_to_ids([level_token(0, c) for c in range(table.codebook_size)]),
     )
     return {"model": model, "tokenizer": tokenizer, "info": info, "encoder": encoder, "datamodule": dm,
             "module": module, "table": table}
@@ -276,7 +278,7 @@ def run_align_stage(cfg: RunConfig, force: bool | None = None) -> dict[str, Any]
                          if cfg.objectives.weights else None, "steps": steps, "batch_size": int(a.batch_size),
                          "lr": float(a.lr), "lora_r": int(a.lora.r), "lora_alpha": int(a.lora.alpha),
                          "lora_targets": list(a.lora.target_modules), "max_length": int(a.max_length),
-                         "precision": run_precision(cfg)},
+                         "first_code_weight": float(a.first_code_weight), "precision": run_precision(cfg)},
         }
         with atomic_dir(out / "model") as tmp:
             save_aligned(tmp, parts["model"], parts["tokenizer"], parts["table"], parts["info"], parts["encoder"], extra)

@@ -93,7 +93,7 @@ def data_fingerprint(cfg: RunConfig) -> str:
 # align.* and data.samples switches added after models were trained, with the value that leaves training as
 # it was: at that value a switch stays out of the fingerprint, so the models trained before it keep theirs
 # (and their tests).
-NEUTRAL_SWITCHES: dict[str, Any] = {"lora_plus_ratio": 1.0, "visit_hint_counts": False}
+NEUTRAL_SWITCHES: dict[str, Any] = {"lora_plus_ratio": 1.0, "first_code_weight": 1.0, "visit_hint_counts": False}
 
 
 def without_neutral(settings: dict[str, Any]) -> dict[str, Any]:

@@ -489,6 +489,59 @@ def test_a_whole_trajectory_sample_has_the_mean_loss_of_its_prefixes(parts, visi
     assert float(one_pass["mean_loss"]) == pytest.approx(float(one_pass["loss"]), rel=1e-5)
 
 
+def test_first_code_weight_weighs_the_codes_first_tokens_in_training_only(smoke_art, model_cache, parts) -> None:
+    """align.first_code_weight=w: in the training loss each labelled first-level code token weighs w against 1
+    for the other labelled tokens, rescaled so that the batch's total weight is that of the plain loss; the
+    validation loss, ``mean_loss`` and the per-sample sums stay unweighted; w=1 keeps the fingerprint."""
+    import torch.nn.functional as F
+
+    from location_tokenizers.codes import level_token
+    from lightning_modules.alignment_module import AlignmentModule
+    from pipeline.paths import align_fingerprint
+
+    enc, dm, model, tok = parts["encoder"], parts["datamodule"], parts["model"], parts["tokenizer"]
+    first_ids = tok.convert_tokens_to_ids([level_token(0, c) for c in range(parts["table"].codebook_size)])
+    encoded = dm.encoded("train")
+    rows = [i for i in range(len(encoded)) if encoded.task[i] in ("next", "loc2index", "index2loc")][:3]
+    batch = enc.collate([(*encoded.sample(i), i, encoded.task[i]) for i in rows])
+    plain = AlignmentModule(model, tasks=["next", "index2loc", "loc2index"], batch_size=4)
+    weighted = AlignmentModule(model, tasks=["next", "index2loc", "loc2index"], batch_size=4,
+                               first_code_weight=4.0, first_code_ids=first_ids)
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            p_val, p_train = plain.model_step(batch), plain.model_step(batch, train=True)
+            w_val, w_train = weighted.model_step(batch), weighted.model_step(batch, train=True)
+            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1].float()
+    finally:
+        model.train(was_training)
+    labels = batch["labels"][:, 1:]
+    where = labels != -100
+    ce = F.cross_entropy(logits[where], labels[where], reduction="none")
+    weight = batch["label_weight"][:, 1:][where]
+    first = torch.isin(labels[where], torch.tensor(first_ids))
+    assert 0 < int(first.sum()) < int(where.sum()), "the batch labels first code tokens and others"
+    scaled = weight * torch.where(first, 4.0, 1.0)
+    scaled = scaled * weight.sum() / scaled.sum()
+    divisor = max(4, int(batch["units"].sum()))
+    assert float(w_train["loss"]) == pytest.approx(float((ce * scaled).sum()) / divisor, rel=1e-4)
+    assert float(p_train["loss"]) == pytest.approx(float((ce * weight).sum()) / divisor, rel=1e-4)
+    assert abs(float(w_train["loss"]) - float(p_train["loss"])) > 1e-4  # a random model: close, but not equal
+    # validation and the logged means are the plain loss
+    for out in (w_val, p_train):
+        assert float(out["loss"]) == pytest.approx(float(p_val["loss"]), rel=1e-6)
+    for key in ("mean_loss", "sample_loss"):
+        torch.testing.assert_close(w_train[key], p_val[key])
+    with pytest.raises(ValueError, match="first_code_ids"):
+        AlignmentModule(model, tasks=["next"], first_code_weight=4.0)
+    base = smoke_cfg(smoke_art, model_cache)
+    assert align_fingerprint(smoke_cfg(smoke_art, model_cache, "align.first_code_weight=1")) == align_fingerprint(base)
+    assert align_fingerprint(smoke_cfg(smoke_art, model_cache, "align.first_code_weight=4")) != align_fingerprint(base)
+    with pytest.raises(Exception, match="first_code_weight"):
+        smoke_cfg(smoke_art, model_cache, "align.first_code_weight=0")
+
+
 def test_a_whole_trajectory_cut_by_tokens_never_trains_half_a_code(parts) -> None:
     from datamodules.config import SampleConfig
     from datamodules.prompts import SYSTEM_PROMPT
