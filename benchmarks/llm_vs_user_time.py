@@ -6,8 +6,10 @@ does: the same prompts, beam search and precision), then on the same cases:
 1. **Who is right where** (Acc@1): both, only the LLM, only ``user_time``; and, where their first guesses
    differ, how often each is right. A small "only the LLM" share bounds what any per-case choice between
    the two can gain.
-2. **Where the LLM's first guess comes from**: the visit hint's first/second/third place or none of them,
-   with Acc@1 among each (needs ``data.samples.visit_hints``).
+2. **Where the LLM's first guess comes from**: the visit hint's first/second/third place, another visit
+   of the prompt, a place only another visit's hint names, or a place the prompt does not name, with Acc@1
+   among each and how often the hint's first place would have been right there (needs
+   ``data.samples.visit_hints``).
 3. **Calibration**: for the hinted places and the last visit, how often each is the target against the
    model's mean probability of it (by the hint's count too).
 4. **The LLM as a reranker** of ``user_time``'s top k: its first beam entry among them.
@@ -94,6 +96,27 @@ def hint_counts(prefixes: list[str]) -> list[list[int]]:
     return [[int(t[1:]) for t in _hint_tokens(text) if t.startswith("×") and t[1:].isdigit()] for text in prefixes]
 
 
+SOURCES = {-1: "a visit of the prompt (not hinted)", -2: "another visit's hint", -3: "not in the prompt"}
+
+
+def prompt_places(prefixes: list[str], contexts: list[Any], code_to_loc: dict[str, int]) -> list[tuple[set[int], set[int]]]:
+    """Per case, the places of its prompt's visits and every place its response prefix names (visits and hints)."""
+    out = []
+    for text, context in zip(prefixes, contexts):
+        visits = set() if context is None else {int(x) for x in context}
+        named = {code_to_loc.get(c, -2) for c in re.findall(r"(?:<[a-z]_\d+>)+", text or "")}
+        out.append((visits, named))
+    return out
+
+
+def first_guess_source(guess: int, hint: list[int], visits: set[int], named: set[int]) -> int:
+    """Where a first guess comes from: k for the target hint's (k+1)-th place, -1 a visit of the prompt, -2 a
+    place named only in another visit's hint, -3 a place the prompt does not name (keys of :data:`SOURCES`)."""
+    if guess in hint:
+        return hint.index(guess)
+    return -1 if guess in visits else -2 if guess in named else -3
+
+
 def calibration(locs: np.ndarray, scores: np.ndarray, target: np.ndarray, place: np.ndarray) -> list[float]:
     """For one candidate place per case (-1: none): how often it is the target, the model's mean probability of
     it (0 where it is outside the beam, so a lower bound) and how often it is the model's first guess."""
@@ -167,16 +190,20 @@ def main() -> None:
         ut_ranked = ut_ranks[name] = ut.rank(cases, params)
         llm_right, ut_right = locs[:, 0] == target, ut_ranked[:, 0] == target
         differ = locs[:, 0] != ut_ranked[:, 0]
-        hints = hint_places(cases["response_prefix"].to_list(), code_to_loc)
-        pick = np.array([h.index(g) if g in h else -1 for h, g in zip(hints, locs[:, 0])])
+        prefixes = cases["response_prefix"].to_list()
+        hints = hint_places(prefixes, code_to_loc)
+        seen = prompt_places(prefixes, cases["context"].to_list(), code_to_loc)
+        pick = np.array([first_guess_source(g, h, v, p) for h, (v, p), g in zip(hints, seen, locs[:, 0])])
         hint1 = np.array([h[0] if h else -1 for h in hints])
         r = {"cases": int(len(target)), "llm_acc@1": float(llm_right.mean()), "user_time_acc@1": float(ut_right.mean()),
              "hint1_acc@1": float((hint1 == target).mean()), "both": float((llm_right & ut_right).mean()),
              "llm_only": float((llm_right & ~ut_right).mean()), "user_time_only": float((ut_right & ~llm_right).mean()),
              "disagree": float(differ.mean()), "disagree_llm_acc@1": float(llm_right[differ].mean()) if differ.any() else None,
              "disagree_user_time_acc@1": float(ut_right[differ].mean()) if differ.any() else None,
-             "first_guess": {("hint " + str(k + 1) if k >= 0 else "no hint"): [float((pick == k).mean()),
-                             float(llm_right[pick == k].mean()) if (pick == k).any() else None] for k in (0, 1, 2, -1)}}
+             "first_guess": {SOURCES.get(k, f"hint {k + 1}"): [float((pick == k).mean()),
+                             float(llm_right[pick == k].mean()) if (pick == k).any() else None,
+                             float((hint1 == target)[pick == k].mean()) if (pick == k).any() else None]
+                             for k in (0, 1, 2, -1, -2, -3)}}
         last = np.array([c[-1] if c is not None and len(c) else -1 for c in cases["context"].to_list()])
         sources = {f"hint {k + 1}": np.array([h[k] if len(h) > k else -1 for h in hints]) for k in range(3)}
         r["calibration"] = {label: calibration(locs, scores, target, place) for label, place in {**sources, "last visit": last}.items()}
@@ -198,8 +225,9 @@ def main() -> None:
                   f"{r['hint1_acc@1']:.3f}. Right: both {r['both']:.3f}, only the LLM {r['llm_only']:.3f}, "
                   f"only user_time {r['user_time_only']:.3f}. Their first guesses differ in {r['disagree']:.3f} of the cases; "
                   f"there the LLM is right {r['disagree_llm_acc@1'] or 0:.3f}, user_time {r['disagree_user_time_acc@1'] or 0:.3f}.", "",
-                  "| LLM's first guess | share | Acc@1 among them |", "|---|---|---|"]
-        lines += [f"| {k} | {v[0]:.3f} | {'' if v[1] is None else f'{v[1]:.3f}'} |" for k, v in r["first_guess"].items()]
+                  "| LLM's first guess | share | Acc@1 among them | the hint's first place there |", "|---|---|---|---|"]
+        lines += [f"| {k} | {v[0]:.3f} | {'' if v[1] is None else f'{v[1]:.3f}'} | {'' if v[2] is None else f'{v[2]:.3f}'} |"
+                  for k, v in r["first_guess"].items()]
         lines += ["", "Calibration: how often a place is the target, the model's mean probability of it (0 outside the beam) "
                   "and how often the model names it first:", "", "| place | is the target | model's P | first guess |",
                   "|---|---|---|---|"]

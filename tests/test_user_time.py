@@ -85,7 +85,7 @@ def test_markov_recovery_uses_both_neighbours() -> None:
 def test_the_fusion_benchmark_keeps_either_list_at_its_extreme_weight() -> None:
     """benchmarks/llm_vs_user_time.py: all the weight on one list gives that list's order; with equal weights a
     place second in both lists beats places first in only one."""
-    from benchmarks.llm_vs_user_time import calibration, fuse, hint_counts, hint_places
+    from benchmarks.llm_vs_user_time import calibration, first_guess_source, fuse, hint_counts, hint_places, prompt_places
 
     llm_locs, llm_scores = np.array([[5, 6, 7, -1]]), np.array([[-1.0, -2.0, -3.0, -np.inf]])
     cand, score = np.array([[7, 6, 9, -1]]), np.array([[3.0, 2.0, 1.0, -np.inf]])
@@ -97,6 +97,13 @@ def test_the_fusion_benchmark_keeps_either_list_at_its_extreme_weight() -> None:
     assert fuse(llm_locs, llm_scores, cand, score, ("loglin", 0.0, 1.0), size=4)[0].tolist() == [5, 6, 7, 9]
     assert hint_places(["Mon 9:00 (usually <a_1> ×3 <a_2> ×1) ", "no hint "], {"<a_1>": 11, "<a_2>": 12}) == [[11, 12], []]
     assert hint_counts(["Mon 9:00 (usually <a_1> ×3 <a_2> ×1) ", "(usually <a_1>) "]) == [[3, 1], []]
+    # where a first guess comes from: the target's hint, a visit, another visit's hint only, or outside the prompt
+    codes = {"<a_1><b_1>": 11, "<a_2><b_1>": 12, "<a_3><b_0>": 13, "<a_4><b_4>": 14}
+    prefix = "Mon 8:00 (usually <a_3><b_0> ×2) <a_1><b_1>. Mon 9:00 (usually <a_2><b_1> ×3) "
+    [(visits, named)] = prompt_places([prefix], [[11]], codes)
+    assert visits == {11} and named == {11, 12, 13}
+    hint = hint_places([prefix], codes)[0]
+    assert [first_guess_source(g, hint, visits, named) for g in (12, 11, 13, 14)] == [0, -1, -2, -3]
     # calibration of "place 6" in two cases: the target once; probabilities 0.5 (in the beam) and 0 (outside it)
     locs, scores = np.array([[6, 5], [5, 7]]), np.log(np.array([[0.5, 0.2], [0.6, 0.1]]))
     assert calibration(locs, scores, np.array([6, 5]), np.array([6, 6])) == pytest.approx([0.5, 0.25, 0.5])
