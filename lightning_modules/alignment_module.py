@@ -155,8 +155,11 @@ class AlignmentModule(L.LightningModule):
         per_sample = torch.zeros(n, device=token_loss.device).index_add_(0, rows, token_loss.detach())
         counts = torch.zeros(n, device=token_loss.device).index_add_(0, rows, torch.ones_like(token_loss))
         if self.hparams.loss_reduction == "token":
-            loss = token_loss.mean()
-            mean = loss.detach()
+            mean = token_loss.detach().mean()
+            if train and self.hparams.first_code_weight != 1.0:
+                loss = (token_loss * self._first_code_weighted(torch.ones_like(token_loss), labels[where])).mean()
+            else:
+                loss = token_loss.mean()
         else:
             # Each answer's token mean, summed with gradients, over the nominal batch size or the answers
             # present if more. A sample is one answer; a whole-trajectory sample is one per trained visit

@@ -533,6 +533,18 @@ def test_first_code_weight_weighs_the_codes_first_tokens_in_training_only(smoke_
         assert float(out["loss"]) == pytest.approx(float(p_val["loss"]), rel=1e-6)
     for key in ("mean_loss", "sample_loss"):
         torch.testing.assert_close(w_train[key], p_val[key])
+    # the token mean is weighted alike (mean of the token losses with the same relative weights)
+    token = AlignmentModule(model, tasks=["next", "index2loc", "loc2index"], loss_reduction="token",
+                            first_code_weight=4.0, first_code_ids=first_ids)
+    with torch.no_grad():
+        model.eval()
+        try:
+            t_train, t_val = token.model_step(batch, train=True), token.model_step(batch)
+        finally:
+            model.train(was_training)
+    flat = torch.where(first, 4.0, 1.0)
+    assert float(t_train["loss"]) == pytest.approx(float((ce * flat).sum() / flat.sum()), rel=1e-4)
+    assert float(t_val["loss"]) == pytest.approx(float(ce.mean()), rel=1e-4)
     with pytest.raises(ValueError, match="first_code_ids"):
         AlignmentModule(model, tasks=["next"], first_code_weight=4.0)
     base = smoke_cfg(smoke_art, model_cache)
