@@ -93,6 +93,9 @@ class SampleConfig:
     visit_hint_hours: int = 1
     # Each hinted place followed by its train visits in that window ("<code> ×12"): how strong the habit is.
     visit_hint_counts: bool = False
+    # With counts: each count before its place ("×12 <code>") instead of after it. A causal model reads a
+    # place's tokens after its count, so the count is already in their positions when it copies one.
+    visit_hint_count_first: bool = False
     # How a visit is written. official: "At time 2012-04-03 18:00:09, user 12 visited POI index
     # <a_1><b_2><c_3><d_4>." (36 SmolLM2 tokens, 19 of them the timestamp: numbers are split into
     # digits); compact: "Tue 18:00 <a_1><b_2><c_3><d_4>." (12 tokens; weekday and minute kept, the

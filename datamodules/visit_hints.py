@@ -17,6 +17,14 @@ so that the model can tell a habit (×12) from a one-off (×1), as the counts of
 
 (SmolLM2 reads " ×" as one token: a count costs 1 + its digits.)
 
+With ``data.samples.visit_hint_count_first=true`` as well, each count comes before its place:
+
+    Tue 18:00 (usually ×12 <a_1><b_2><c_3><d_4> ×1 <a_5><b_0><c_7><d_1>) <a_1><b_2><c_3><d_4>.
+
+A causal model sees a place's tokens only with what precedes them: written after its count, a place's
+positions already hold how strong the habit is when the model attends to them to copy it, instead of
+the model having to join a later count back to the place before it.
+
 Only ``split == "train"`` visits count, and a train visit's hint leaves out its own trajectory
 (leave-one-trajectory-out): a hint never counts the visit it stands beside, so it is no more
 accurate at training than at test, where the visits are never train visits. The rule is that of
@@ -30,7 +38,7 @@ import polars as pl
 
 
 def visit_hints(history: pl.DataFrame, codes: pl.DataFrame, k: int, hours: int = 1,
-                visits: pl.DataFrame | None = None, counts: bool = False) -> pl.DataFrame:
+                visits: pl.DataFrame | None = None, counts: bool = False, count_first: bool = False) -> pl.DataFrame:
     """``traj_id, utc_time, hint``: the hint text of every visit (``""`` where the user has no train
     visit at that time of day; an empty frame for ``k <= 0``).
 
@@ -41,6 +49,7 @@ def visit_hints(history: pl.DataFrame, codes: pl.DataFrame, k: int, hours: int =
         hours: Half-width of the time-of-day window, in hours (circular: 23:00 is next to 00:00).
         visits: The visits to hint (``traj_id, user_id, utc_time, local_time``); default: ``history``'s.
         counts: Follow each place with `` ×n``, its train visits in the window (its own trajectory's left out).
+        count_first: With ``counts``, write ``×n <code>`` (the count before its place) instead.
     """
     if k <= 0:
         return pl.DataFrame(schema={"traj_id": pl.String, "utc_time": pl.Datetime("us", "UTC"), "hint": pl.String})
@@ -65,7 +74,8 @@ def visit_hints(history: pl.DataFrame, codes: pl.DataFrame, k: int, hours: int =
         .group_by("traj_id", "utc_time", maintain_order=True)
         .head(k)
         .join(codes.select("loc_id", "code"), on="loc_id", how="inner", maintain_order="left")
-        .with_columns(item=pl.format("{} ×{}", "code", "n") if counts else pl.col("code"))
+        .with_columns(item=(pl.format("×{} {}", "n", "code") if count_first else pl.format("{} ×{}", "code", "n"))
+                      if counts else pl.col("code"))
         .group_by("traj_id", "utc_time", maintain_order=True)
         .agg(hint=pl.format("(usually {})", pl.col("item").str.join(" ")))
     )

@@ -273,7 +273,7 @@ def run_align_stage(cfg: RunConfig, force: bool | None = None) -> dict[str, Any]
             "command": command_line(cfg), "example": example_prompt(dm, parts["encoder"]),
             # How visits were written (data.samples.visit_text): prompts at use must be written alike.
             **{k: getattr(cfg.data.samples, k) for k in ("visit_text", "next_format", "visit_hints", "visit_hint_hours",
-                                                          "visit_hint_counts", "user_places")},
+                                                          "visit_hint_counts", "visit_hint_count_first", "user_places")},
             "training": {"tasks": list(cfg.objectives.tasks), "weights": dict(cfg.objectives.weights)
                          if cfg.objectives.weights else None, "steps": steps, "batch_size": int(a.batch_size),
                          "lr": float(a.lr), "lora_r": int(a.lora.r), "lora_alpha": int(a.lora.alpha),

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-POINTS = ["none", "float32", "bf16", "compact", "trajectory", "user_places", "visit_hints", "visit_hint_counts", "first_code_weight", "nf4", "lora", "all"]
+POINTS = ["none", "float32", "bf16", "compact", "trajectory", "user_places", "visit_hints", "visit_hint_counts", "visit_hint_count_first", "first_code_weight", "nf4", "lora", "all"]
 
 
 @pytest.mark.slow
@@ -42,6 +42,10 @@ def test_the_cpu_recipe_grid_runs_on_the_smoke_experiment(tmp_path) -> None:
     assert runs["visit_hint_counts"]["train_samples"] == runs["visit_hints"]["train_samples"]
     assert runs["visit_hint_counts"]["train_tokens"] > runs["visit_hints"]["train_tokens"]
     assert meta["visit_hint_counts"]["visit_hint_counts"] is True and meta["visit_hints"]["visit_hint_counts"] is False
+    # the same hints and counts, each count before its place: the same samples, about the same tokens
+    assert runs["visit_hint_count_first"]["train_samples"] == runs["visit_hint_counts"]["train_samples"]
+    assert abs(runs["visit_hint_count_first"]["train_tokens"] / runs["visit_hint_counts"]["train_tokens"] - 1) < 0.05
+    assert meta["visit_hint_count_first"]["visit_hint_count_first"] is True and meta["visit_hint_counts"]["visit_hint_count_first"] is False
     # the first code tokens weigh more in training; the samples are the same
     assert meta["first_code_weight"]["training"]["first_code_weight"] == 4.0 and meta["none"]["training"]["first_code_weight"] == 1.0
     assert runs["first_code_weight"]["train_tokens"] == runs["none"]["train_tokens"]

@@ -154,3 +154,40 @@ def test_rendered_hint_counts_and_the_switch_off_leaves_fingerprints_alone() -> 
     base = ["experiment=smoke", "data.samples.visit_hints=1"]
     assert align_fingerprint(compose_run(base)) == align_fingerprint(compose_run(base + ["data.samples.visit_hint_counts=false"]))
     assert align_fingerprint(compose_run(base)) != align_fingerprint(compose_run(base + ["data.samples.visit_hint_counts=true"]))
+
+
+def test_count_first_writes_each_count_before_its_place_and_only_moves_it() -> None:
+    """data.samples.visit_hint_count_first: "(usually ×3 <A> ×2 <B>)" — the same places, order and counts as
+    "(usually <A> ×3 <B> ×2)"; rendered so up to the target, off (the default) leaves fingerprints alone, and
+    the benchmark reads the same places and counts from either form."""
+    from benchmarks.llm_vs_user_time import hint_counts, hint_places
+    from datamodules.config import SampleConfig
+    from datamodules.rendering import render_samples
+    from pipeline.paths import align_fingerprint
+    from tests.conftest import compose_run
+
+    v = _visits([
+        ("t1", "u", 1, "2 09:00", "train"), ("t1", "u", 1, "2 09:30", "train"), ("t1", "u", 2, "2 10:05", "train"),
+        ("t2", "u", 2, "3 09:10", "train"), ("t2", "u", 1, "3 08:20", "train"),
+        ("x1", "u", 5, "5 09:15", "test"),
+    ])
+    after = visit_hints(v, CODES, k=3, hours=1, counts=True)
+    first = visit_hints(v, CODES, k=3, hours=1, counts=True, count_first=True)
+    assert _hint(after, "x1", v) == "(usually <A> ×3 <B> ×2)"
+    assert _hint(first, "x1", v) == "(usually ×3 <A> ×2 <B>)"
+    # Without counts there is nothing to move.
+    assert _hint(visit_hints(v, CODES, k=3, hours=1, count_first=True), "x1", v) == "(usually <A> <B>)"
+    code_to_loc = {"<A>": 1, "<B>": 2}
+    prefixes = ["Thu 09:15 (usually <A> ×3 <B> ×2) ", "Thu 09:15 (usually ×3 <A> ×2 <B>) "]
+    assert hint_places(prefixes, code_to_loc) == [[1, 2], [1, 2]]
+    assert hint_counts(prefixes) == [[3, 2], [3, 2]]
+
+    cfg = SampleConfig(visit_text="compact", next_format="continuation", visit_hints=1, visit_hint_counts=True,
+                       visit_hint_count_first=True)
+    w = _visits([("t1", "u", 1, "2 09:00", "train"), ("t2", "u", 1, "3 09:30", "train"),
+                 ("x1", "u", 2, "5 07:50", "test"), ("x1", "u", 1, "5 09:20", "test")])
+    row = render_samples(_next_index([(1, 1)]), w, CODES, cfg=cfg).row(0, named=True)
+    assert row["response_prefix"].endswith("Thu 09:20 (usually ×2 <A>) ") and row["target"] == "<A>"
+    base = ["experiment=smoke", "data.samples.visit_hints=1", "data.samples.visit_hint_counts=true"]
+    assert align_fingerprint(compose_run(base)) == align_fingerprint(compose_run(base + ["data.samples.visit_hint_count_first=false"]))
+    assert align_fingerprint(compose_run(base)) != align_fingerprint(compose_run(base + ["data.samples.visit_hint_count_first=true"]))
