@@ -81,7 +81,8 @@ def hits(ranked: np.ndarray, target: np.ndarray) -> dict[str, np.ndarray]:
 
 
 def _hint_tokens(text: str | None) -> list[str]:
-    """The tokens of the target visit's hint: the last "(usually <code> [×n] ...)" of a response prefix."""
+    """The tokens of the target visit's hint: the last "(usually ...)" of a response prefix, whose places come
+    with or without counts, each count after its place ("<code> ×12") or before it ("×12 <code>")."""
     m = re.search(r"\(usually ([^)]*)\)\s*$", text or "")
     return m.group(1).split() if m else []
 
@@ -92,7 +93,8 @@ def hint_places(prefixes: list[str], code_to_loc: dict[str, int]) -> list[list[i
 
 
 def hint_counts(prefixes: list[str]) -> list[list[int]]:
-    """The train-visit counts of those hinted places ("<code> ×12"); empty without ``visit_hint_counts``."""
+    """The train-visit counts of those hinted places, in the places' order (either form: "<code> ×12" or
+    "×12 <code>"); empty without ``visit_hint_counts``."""
     return [[int(t[1:]) for t in _hint_tokens(text) if t.startswith("×") and t[1:].isdigit()] for text in prefixes]
 
 

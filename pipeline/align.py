@@ -46,6 +46,7 @@ from location_tokenizers.codes import CodeTable, all_code_tokens, level_token
 from location_tokenizers.trie import CodeTrie
 from pipeline.config import RunConfig, as_dict, load_config
 from pipeline.paths import (
+    RENDER_KEYS,
     align_fingerprint,
     data_dir,
     load_codes,
@@ -271,9 +272,9 @@ def run_align_stage(cfg: RunConfig, force: bool | None = None) -> dict[str, Any]
         extra = {
             "llm": str(cfg.llm.name), "dataset": str(cfg.data.name), "tokenizer": str(cfg.tokenizer.name),
             "command": command_line(cfg), "example": example_prompt(dm, parts["encoder"]),
-            # How visits were written (data.samples.visit_text): prompts at use must be written alike.
-            **{k: getattr(cfg.data.samples, k) for k in ("visit_text", "next_format", "visit_hints", "visit_hint_hours",
-                                                          "visit_hint_counts", "visit_hint_count_first", "user_places")},
+            # How samples were written (every rendering switch, pipeline.paths.RENDER_KEYS, and the next-location
+            # format): prompts at use must be written alike.
+            **{k: getattr(cfg.data.samples, k) for k in ("next_format", *RENDER_KEYS)},
             "training": {"tasks": list(cfg.objectives.tasks), "weights": dict(cfg.objectives.weights)
                          if cfg.objectives.weights else None, "steps": steps, "batch_size": int(a.batch_size),
                          "lr": float(a.lr), "lora_r": int(a.lora.r), "lora_alpha": int(a.lora.alpha),
