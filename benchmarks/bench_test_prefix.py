@@ -63,7 +63,7 @@ def main() -> None:
             fed.clear()
             t0 = time.perf_counter()
             locs, _ = rank_prompts(model, encoder, trie, prompts, int(e.num_beams), int(e.batch_size), precision=precision,
-                                   share_prefix=share)
+                                   share_prefix=share, code_softmax=cfg.align.code_softmax)
             seconds[share].append(time.perf_counter() - t0)
             ranked[share] = locs[:, : int(e.top_k)]
             tokens[share] = sum(n for n in fed if n > step_tokens)

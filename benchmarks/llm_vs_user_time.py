@@ -168,7 +168,8 @@ def main() -> None:
                 model, _, encoder, trie = load_for_eval(cfg, folder, table)
             cases, prompts, _ = test_prompts(cfg, table, encoder, checkins, idx)
             locs, scores = rank_prompts(model, encoder, trie, prompts, int(cfg.eval.num_beams), int(cfg.eval.batch_size),
-                                        precision=run_precision(cfg), share_prefix=bool(cfg.eval.share_prefix))
+                                        precision=run_precision(cfg), share_prefix=bool(cfg.eval.share_prefix),
+                                        code_softmax=cfg.align.code_softmax)
             cases.drop("prompt").write_parquet(out / f"{name}_cases.parquet")
             part = out / f"{name}.part.npz"  # renamed when whole: a killed call leaves nothing a later one reuses
             np.savez(part, fingerprint=key, locs=locs, scores=scores, target=cases["target_loc"].to_numpy())

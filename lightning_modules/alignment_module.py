@@ -48,6 +48,8 @@ import torch.nn.functional as F
 from torch import Tensor
 from torchmetrics import MeanMetric
 
+from lightning_modules.constrained_decoding import CODE_SOFTMAXES
+
 # Objective under which each task's loss is logged (the two recovery tasks form one objective).
 OBJECTIVE = {
     "next": "next",
@@ -60,6 +62,47 @@ OBJECTIVE = {
 
 
 LOSS_REDUCTIONS = ("sample", "token")
+
+
+class CodeLevels:
+    """Which level of the location codes a token id belongs to, and its place in that level's codebook.
+
+    ``code_softmax=level`` scores a labelled code token against the other tokens of its level only: the
+    decision constrained decoding makes (it never writes anything but a code token there), so that no
+    training signal is spent on pushing the ~49k ordinary tokens below the code tokens.
+    """
+
+    def __init__(self, code_token_ids: Sequence[Sequence[int]]) -> None:
+        ids = torch.as_tensor([list(row) for row in code_token_ids], dtype=torch.long)  # (L, K), -1: none
+        if ids.dim() != 2 or not bool((ids >= 0).any()):
+            raise ValueError("code_token_ids must be a (levels, codebook_size) table of token ids")
+        size = int(ids.max()) + 1
+        self.ids = ids
+        self.level = torch.full((size,), -1, dtype=torch.long)
+        self.index = torch.zeros(size, dtype=torch.long)
+        levels, codes = (ids >= 0).nonzero(as_tuple=True)
+        self.level[ids[levels, codes]] = levels
+        self.index[ids[levels, codes]] = codes
+
+    def of(self, targets: Tensor) -> tuple[Tensor, Tensor]:
+        """``(level, index)`` of each target id; level ``-1`` for a token that is not a code token."""
+        level = torch.full_like(targets, -1)
+        index = torch.zeros_like(targets)
+        inside = (targets >= 0) & (targets < self.level.numel())
+        level[inside] = self.level.to(targets.device)[targets[inside]]
+        index[inside] = self.index.to(targets.device)[targets[inside]]
+        return level, index
+
+    def cross_entropy(self, logits: Tensor, targets: Tensor) -> Tensor:
+        """Per-target cross-entropy: over the target's code level for code tokens, the vocabulary otherwise."""
+        full = F.cross_entropy(logits, targets, reduction="none")
+        level, index = self.of(targets)
+        code = level >= 0
+        if not bool(code.any()):
+            return full
+        ids = self.ids.to(logits.device)[level.clamp(min=0)]  # (N, K)
+        sub = logits.gather(1, ids.clamp(min=0)).masked_fill(ids < 0, float("-inf"))
+        return torch.where(code, F.cross_entropy(sub, index, reduction="none"), full)
 
 
 def peak_rss_mb() -> float:
@@ -93,6 +136,11 @@ class AlignmentModule(L.LightningModule):
             for the other labelled tokens, rescaled so that the batch's total weight stays the same
             (validation losses are never weighted). 1: the plain per-answer mean.
         first_code_ids: Token ids of the first level of the location codes.
+        code_softmax: ``vocab`` (the paper): every labelled token's cross-entropy over the whole vocabulary;
+            ``level``: a labelled location-code token's over its own level's code tokens only (the choice
+            that constrained decoding with ``code_softmax=level`` scores), other tokens over the vocabulary.
+        code_token_ids: ``(levels, codebook_size)`` token ids of the location codes (``-1``: none), for
+            ``code_softmax=level``.
     """
 
     def __init__(
@@ -112,15 +160,22 @@ class AlignmentModule(L.LightningModule):
         evaluate_every: int = 1,
         first_code_weight: float = 1.0,
         first_code_ids: Sequence[int] = (),
+        code_softmax: str = "vocab",
+        code_token_ids: Sequence[Sequence[int]] = (),
     ) -> None:
         super().__init__()
         if loss_reduction not in LOSS_REDUCTIONS:
             raise ValueError(f"align.loss_reduction={loss_reduction!r}; choose from {list(LOSS_REDUCTIONS)}")
         if first_code_weight != 1.0 and not len(first_code_ids):
             raise ValueError("align.first_code_weight needs the ids of the codes' first tokens (first_code_ids)")
+        if code_softmax not in CODE_SOFTMAXES:
+            raise ValueError(f"align.code_softmax={code_softmax!r}; choose from {list(CODE_SOFTMAXES)}")
+        if code_softmax == "level" and not len(code_token_ids):
+            raise ValueError("align.code_softmax=level needs the token ids of the location codes (code_token_ids)")
         # logger=False: the stage logs the run's whole configuration as the HPARAMS of its dashboard.
-        self.save_hyperparameters(ignore=["model", "generation_prompts", "generation_fn", "evaluator", "first_code_ids"], logger=False)
+        self.save_hyperparameters(ignore=["model", "generation_prompts", "generation_fn", "evaluator", "first_code_ids", "code_token_ids"], logger=False)
         self.first_code_ids = torch.tensor(sorted(first_code_ids), dtype=torch.long)
+        self.code_levels = CodeLevels(code_token_ids) if len(code_token_ids) else None
         self.model = model
         self.objectives = sorted({OBJECTIVE[t] for t in tasks})
         self.train_losses = torch.nn.ModuleDict({o: MeanMetric() for o in self.objectives})
@@ -149,7 +204,10 @@ class AlignmentModule(L.LightningModule):
         labels = batch["labels"][:, 1:]
         where = labels != -100
         logits = head(hidden[:, :-1][where]).float()
-        token_loss = F.cross_entropy(logits, labels[where], reduction="none")
+        if self.hparams.code_softmax == "level":
+            token_loss = self.code_levels.cross_entropy(logits, labels[where])
+        else:
+            token_loss = F.cross_entropy(logits, labels[where], reduction="none")
         rows = where.nonzero()[:, 0]
         n = labels.shape[0]
         per_sample = torch.zeros(n, device=token_loss.device).index_add_(0, rows, token_loss.detach())

@@ -101,6 +101,10 @@ class AlignConfig:
     # The first token picks which place a code names (the later ones mostly copy it); a departure
     # (1 = the paper's plain mean).
     first_code_weight: float = 1.0
+    # What a labelled location-code token's cross-entropy is taken over: vocab (the paper: the whole
+    # vocabulary) or level (that level's code tokens only, the choice constrained decoding makes; the test's
+    # beam scores are then normalised over each level too). A departure.
+    code_softmax: str = "vocab"
     # Tokens per sample (the official cutoff_len); a longer prompt loses its oldest visits first.
     max_length: int = 4096
     group_batches: int = 64
@@ -118,6 +122,7 @@ class AlignConfig:
         one_of("align.new_token_init", self.new_token_init, ("mean", "vocab"))
         one_of("align.prompt_format", self.prompt_format, ("chat", "inst"))
         one_of("align.loss_reduction", self.loss_reduction, ("sample", "token"))
+        one_of("align.code_softmax", self.code_softmax, ("vocab", "level"))
         for key in ("lr", "lora_plus_ratio", "first_code_weight", "batch_size", "max_length", "group_batches"):
             at_least(f"align.{key}", getattr(self, key), 0, strict=True)
         for key in ("weight_decay", "warmup_ratio", "min_lr_ratio", "checkpoint_every_n_steps", "num_generations", "num_workers"):

@@ -10,7 +10,9 @@ after each beam's prefix (a tensor lookup, no Python callback per beam), and kee
 
 Scores are exactly those of ``generate(num_beams=B, do_sample=False, prefix_allowed_tokens_fn=...)``:
 log-softmax over the full vocabulary, then masking, summed over the code's tokens. All codes
-have the same length, so length normalisation cannot change the ranking.
+have the same length, so length normalisation cannot change the ranking. With ``code_softmax="level"``
+(for a model trained with ``align.code_softmax=level``) each step's log-softmax is taken over that level's
+code tokens instead of the vocabulary: the probabilities the model was trained to give.
 
 **Sampled beams** (:func:`sampled_beam_search`, ``eval.decoding=sampled_beams``): the official
 evaluation, ``generate(do_sample=True, top_k=50, temperature=1, num_beams=B)`` with the trie as
@@ -31,6 +33,9 @@ import torch
 from torch import Tensor
 
 from location_tokenizers.trie import CodeTrie
+
+# How a code token's probability is normalised: over the vocabulary (the paper) or over its level's code tokens.
+CODE_SOFTMAXES = ("vocab", "level")
 
 
 @dataclass
@@ -67,9 +72,16 @@ def prefill(model: torch.nn.Module, input_ids: Tensor, cache: Any = None) -> Any
                  logits_to_keep=1).cache
 
 
+def level_normalised(logp: Tensor, token_ids: Tensor) -> Tensor:
+    """``logp`` (``(..., K)``: log-probabilities of one level's K code tokens, ``token_ids`` ``-1`` where a code
+    has no token) renormalised over that level's tokens: a log-softmax over the level instead of the vocabulary."""
+    valid = token_ids >= 0
+    return logp - torch.logsumexp(logp.masked_fill(~valid, float("-inf")), dim=-1, keepdim=True)
+
+
 @torch.no_grad()
 def beam_search(model: torch.nn.Module, input_ids: Tensor, attention_mask: Tensor, trie: CodeTrie, num_beams: int = 15,
-                prefix: Any = None, consume_prefix: bool = False) -> Ranked:
+                prefix: Any = None, consume_prefix: bool = False, code_softmax: str = "vocab") -> Ranked:
     """Constrained beam search over the code trie for a batch of left-padded prompts.
 
     Args:
@@ -83,10 +95,14 @@ def beam_search(model: torch.nn.Module, input_ids: Tensor, attention_mask: Tenso
             scores are those of the whole prompts, up to float rounding; the prefix is computed once.
         consume_prefix: ``prefix`` is not used again by the caller, so it is extended in place instead of
             copied (a fresh :func:`prefill` per batch); False keeps it intact for the next batch.
+        code_softmax: ``vocab`` (log-softmax over the vocabulary, as ``generate``) or ``level`` (over each
+            level's code tokens: a model trained with ``align.code_softmax=level``).
 
     Returns:
         The ``num_beams`` best complete codes per prompt as location ids with their scores.
     """
+    if code_softmax not in CODE_SOFTMAXES:
+        raise ValueError(f"code_softmax={code_softmax!r}; choose from {list(CODE_SOFTMAXES)}")
     b, nb, k = input_ids.shape[0], int(num_beams), trie.codebook_size
     device = input_ids.device
     cache = None
@@ -115,6 +131,8 @@ def beam_search(model: torch.nn.Module, input_ids: Tensor, attention_mask: Tenso
         token_ids = trie.level_token_ids[level].to(device)  # (K,) code -> token id (-1: no token)
         children = trie._children(node, level).to(device)  # (B*nb, K)
         cand = logp.gather(1, token_ids.clamp(min=0).expand(logp.shape[0], k))
+        if code_softmax == "level":
+            cand = level_normalised(cand, token_ids)
         cand = torch.where(children >= 0, cand + beam_scores.unsqueeze(1), torch.full_like(cand, float("-inf")))
         top, flat = cand.view(b, nb * k).topk(nb, dim=1)
         src = (offsets + flat // k).view(-1)  # which beam each survivor extends
@@ -176,7 +194,8 @@ def sampled_beam_search(model: torch.nn.Module, input_ids: Tensor, attention_mas
 
 @torch.no_grad()
 def exact_scores(
-    model: torch.nn.Module, input_ids: Tensor, attention_mask: Tensor, code_token_ids: Tensor, chunk: int = 64
+    model: torch.nn.Module, input_ids: Tensor, attention_mask: Tensor, code_token_ids: Tensor, chunk: int = 64,
+    level_token_ids: Tensor | None = None,
 ) -> Tensor:
     """Log-probability of every code for every prompt, by teacher forcing.
 
@@ -186,6 +205,8 @@ def exact_scores(
         attention_mask: ``(B, T)``.
         code_token_ids: ``(N, L)`` token ids of all N valid codes.
         chunk: Codes scored per forward pass.
+        level_token_ids: ``(L, K)`` every level's code tokens (``-1``: none): each token's log-probability is
+            then taken over its level's tokens (``code_softmax="level"``); None: over the vocabulary.
 
     Returns:
         ``(B, N)`` summed log-probabilities.
@@ -198,7 +219,7 @@ def exact_scores(
         keep = attention_mask[row].bool()
         ids = input_ids[row, keep].unsqueeze(0)
         out = model(input_ids=ids, use_cache=True)
-        first = out.logits[0, -1].float().log_softmax(-1)[codes[:, 0]]  # (N,)
+        first = _code_logp(out.logits[0, -1].float(), codes[:, 0], level_token_ids, 0)  # (N,)
         t = ids.shape[1]
         for start in range(0, n, chunk):
             part = codes[start : start + chunk]
@@ -210,9 +231,19 @@ def exact_scores(
                 attention_mask=torch.ones(c, t + levels - 1, dtype=torch.long, device=device),
                 position_ids=(t + torch.arange(levels - 1, device=device)).expand(c, -1),
             )
-            rest = step.logits.float().log_softmax(-1).gather(2, part[:, 1:].unsqueeze(2)).squeeze(2).sum(1)
+            rest = sum(_code_logp(step.logits[:, lv - 1].float(), part[:, lv], level_token_ids, lv) for lv in range(1, levels))
             result[row, start : start + c] = first[start : start + c] + rest
     return result
+
+
+def _code_logp(logits: Tensor, targets: Tensor, level_token_ids: Tensor | None, level: int) -> Tensor:
+    """Log-probability of ``targets`` under ``logits`` (``(V,)`` or ``(N, V)``): over the vocabulary, or over
+    ``level``'s code tokens when ``level_token_ids`` is given."""
+    logp = logits.log_softmax(-1)
+    if level_token_ids is not None:
+        ids = level_token_ids[level].to(logits.device)
+        logp = logp - torch.logsumexp(logp[..., ids[ids >= 0]], dim=-1, keepdim=True)
+    return logp[targets] if logp.dim() == 1 else logp.gather(1, targets.unsqueeze(1)).squeeze(1)
 
 
 def rank_exact(scores: Tensor, loc_ids: Tensor, top: int) -> Ranked:
@@ -221,4 +252,4 @@ def rank_exact(scores: Tensor, loc_ids: Tensor, top: int) -> Ranked:
     return Ranked(loc_ids=loc_ids.to(scores.device)[idx], scores=values)
 
 
-__all__ = ["Ranked", "beam_search", "exact_scores", "prefill", "rank_exact"]
+__all__ = ["CODE_SOFTMAXES", "Ranked", "beam_search", "exact_scores", "level_normalised", "prefill", "rank_exact"]

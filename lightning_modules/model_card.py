@@ -78,6 +78,13 @@ def model_card(meta: dict[str, Any], results: dict[str, Any] | None = None) -> s
         "(`PeftModel.from_pretrained`); decode with a prefix constraint so that every answer is a valid place "
         "(`location_tokenizers.trie.CodeTrie.prefix_allowed_tokens_fn`). `qtmob.json` holds the prompt layout and an "
         "example prompt; the suite's README has a 20-line example.",
+        *([
+            "",
+            "This model was trained with `align.code_softmax=level`: each code token's probability is normalised over "
+            "the code tokens of its level, not the vocabulary. `generate` scores beams over the vocabulary, so its "
+            "ranking can differ from the suite's; `lightning_modules.constrained_decoding.beam_search(..., "
+            "code_softmax=\"level\")` ranks as the test did.",
+        ] if train.get("code_softmax") == "level" else []),
         "",
     ]
     return "\n".join(lines)

@@ -23,7 +23,8 @@ DECODINGS = ("beam", "sampled_beams")
 
 def rank_prompts(model: torch.nn.Module, encoder: Any, trie: Any, prompts: list[str], num_beams: int,
                  batch_size: int, precision: str = "32-true", decoding: str = "beam", seed: int = 0,
-                 progress: Any = None, share_prefix: bool = True, min_shared: int = 32) -> tuple[np.ndarray, np.ndarray]:
+                 progress: Any = None, share_prefix: bool = True, min_shared: int = 32,
+                 code_softmax: str = "vocab") -> tuple[np.ndarray, np.ndarray]:
     """Constrained beam search over ``prompts`` in batches; rows in input order.
 
     ``precision`` is the run's resolved Lightning precision: ``bf16-mixed`` decodes under bf16
@@ -35,12 +36,17 @@ def rank_prompts(model: torch.nn.Module, encoder: Any, trie: Any, prompts: list[
     user's memory or profile) are batched together with what they share prefilled once per batch; the other
     prompts are batched by length, as without it. Off: batches of similar length, each prompt prefilled whole.
     The rankings agree (``tests/test_evaluation.py``); the scores differ by float rounding.
+    ``code_softmax`` (``align.code_softmax``, ``beam`` only): ``level`` normalises each step's scores over that
+    level's code tokens, as a model trained with it learned them.
     """
     from contextlib import nullcontext
     from functools import partial
 
     if decoding not in DECODINGS:
         raise ValueError(f"eval.decoding={decoding!r}; choose from {list(DECODINGS)}")
+    if code_softmax != "vocab" and decoding != "beam":
+        raise ValueError(f"eval.decoding={decoding} scores codes over the vocabulary (Hugging Face generate); "
+                         f"align.code_softmax={code_softmax} needs eval.decoding=beam")
 
     ids = encoder.prompt_ids(prompts)
     shared = share_prefix and decoding == "beam" and len(ids) > 0
@@ -68,11 +74,11 @@ def rank_prompts(model: torch.nn.Module, encoder: Any, trie: Any, prompts: list[
                     prefix = prefill(model, torch.tensor([first[trunk_len:cut]], device=device), trunk) if own else trunk
                     batch = encoder.pad_left([ids[i][cut:] for i in rows], device=device)
                     ranked = beam_search(model, batch["input_ids"], batch["attention_mask"], trie, num_beams=num_beams,
-                                         prefix=prefix, consume_prefix=own)
+                                         prefix=prefix, consume_prefix=own, code_softmax=code_softmax)
                 else:
                     batch = encoder.pad_left([ids[i] for i in rows], device=device)
-                    search = beam_search if decoding == "beam" else partial(sampled_beam_search, seed=seed + start,
-                                                                            pad_token_id=encoder.pad_id)
+                    search = partial(beam_search, code_softmax=code_softmax) if decoding == "beam" else partial(
+                        sampled_beam_search, seed=seed + start, pad_token_id=encoder.pad_id)
                     ranked = search(model, batch["input_ids"], batch["attention_mask"], trie, num_beams=num_beams)
             locs[rows] = ranked.loc_ids.cpu().numpy()
             scores[rows] = ranked.scores.cpu().numpy()
@@ -118,9 +124,9 @@ def _common_prefix(rows: list[list[int]]) -> int:
 
 
 def exact_agreement(model: torch.nn.Module, encoder: Any, trie: Any, table: Any, tokenizer: Any, prompts: list[str],
-                    beam_locs: np.ndarray, precision: str = "32-true") -> dict[str, float]:
+                    beam_locs: np.ndarray, precision: str = "32-true", code_softmax: str = "vocab") -> dict[str, float]:
     """How often beam search misses the exact ranking (teacher-forced scores of every code), both
-    computed in the run's ``precision``."""
+    computed in the run's ``precision`` and normalised alike (``code_softmax``)."""
 
     tokens = [[level_token(lv, int(c)) for lv, c in enumerate(row)] for row in table.codes.tolist()]
     code_ids = torch.tensor([tokenizer.convert_tokens_to_ids(t) for t in tokens], dtype=torch.long)
@@ -129,7 +135,8 @@ def exact_agreement(model: torch.nn.Module, encoder: Any, trie: Any, table: Any,
     for i, prompt in enumerate(prompts):
         batch = encoder.prompt_batch([prompt], device=device)
         with autocast(precision, device.type):
-            scores = exact_scores(model, batch["input_ids"], batch["attention_mask"], code_ids)
+            scores = exact_scores(model, batch["input_ids"], batch["attention_mask"], code_ids,
+                                  level_token_ids=torch.stack(trie.level_token_ids) if code_softmax == "level" else None)
         exact = rank_exact(scores, torch.as_tensor(table.loc_ids), top=10).loc_ids[0].cpu().numpy()
         miss.append(float(exact[0] != beam_locs[i, 0]))
         recall.append(len(set(exact.tolist()) & set(beam_locs[i].tolist())) / len(exact))

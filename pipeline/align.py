@@ -87,7 +87,8 @@ def next_location_evaluator(cfg: RunConfig, dm: Any, encoder: Any, tokenizer: An
         m.eval()
         try:
             locs, _ = rank_prompts(m, encoder, trie.to(next(m.parameters()).device), prompts, beams, int(cfg.eval.batch_size),
-                                   precision=run_precision(cfg), share_prefix=bool(cfg.eval.share_prefix))
+                                   precision=run_precision(cfg), share_prefix=bool(cfg.eval.share_prefix),
+                                   code_softmax=cfg.align.code_softmax)
         finally:
             m.train(was_training)
         metrics = score(locs, target, beams)
@@ -152,6 +153,9 @@ def build_alignment(cfg: RunConfig | Any, table: CodeTable | None = None) -> dic
         loss_reduction=a.loss_reduction, batch_size=a.batch_size, evaluate_every=cfg.eval.val_every,
         first_code_weight=float(a.first_code_weight),
         first_code_ids=tokenizer.convert_tokens_to_ids([level_token(0, c) for c in range(table.codebook_size)]),
+        code_softmax=a.code_softmax,
+        code_token_ids=[tokenizer.convert_tokens_to_ids([level_token(lv, c) for c in range(table.codebook_size)])
+                        for lv in range(table.num_levels)],
     )
     return {"model": model, "tokenizer": tokenizer, "info": info, "encoder": encoder, "datamodule": dm,
             "module": module, "table": table}
@@ -279,7 +283,8 @@ def run_align_stage(cfg: RunConfig, force: bool | None = None) -> dict[str, Any]
                          if cfg.objectives.weights else None, "steps": steps, "batch_size": int(a.batch_size),
                          "lr": float(a.lr), "lora_r": int(a.lora.r), "lora_alpha": int(a.lora.alpha),
                          "lora_targets": list(a.lora.target_modules), "max_length": int(a.max_length),
-                         "first_code_weight": float(a.first_code_weight), "precision": run_precision(cfg)},
+                         "first_code_weight": float(a.first_code_weight), "code_softmax": str(a.code_softmax),
+                         "precision": run_precision(cfg)},
         }
         with atomic_dir(out / "model") as tmp:
             save_aligned(tmp, parts["model"], parts["tokenizer"], parts["table"], parts["info"], parts["encoder"], extra)

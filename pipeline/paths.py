@@ -94,7 +94,7 @@ def data_fingerprint(cfg: RunConfig) -> str:
 # it was: at that value a switch stays out of the fingerprint, so the models trained before it keep theirs
 # (and their tests).
 NEUTRAL_SWITCHES: dict[str, Any] = {"lora_plus_ratio": 1.0, "first_code_weight": 1.0, "visit_hint_counts": False,
-                                     "visit_hint_count_first": False}
+                                     "visit_hint_count_first": False, "code_softmax": "vocab"}
 
 
 def without_neutral(settings: dict[str, Any]) -> dict[str, Any]:

@@ -66,7 +66,8 @@ def run_predict_stage(cfg: RunConfig) -> dict[str, Any]:
     samples, _ = fit_history(index, render(index), render, encoder.lengths, encoder.max_length)
     batch = encoder.prompt_batch(encoder.prompt_texts(samples), device=next(model.parameters()).device)
     with autocast(run_precision(cfg), batch["input_ids"].device.type):
-        ranked = beam_search(model, batch["input_ids"], batch["attention_mask"], trie, num_beams=max(top, cfg.eval.num_beams))
+        ranked = beam_search(model, batch["input_ids"], batch["attention_mask"], trie, num_beams=max(top, cfg.eval.num_beams),
+                             code_softmax=cfg.align.code_softmax)
     preds = pl.DataFrame({"rank": list(range(1, top + 1)), "loc_id": ranked.loc_ids[0, :top].tolist(),
                           "log_prob": [round(float(x), 4) for x in ranked.scores[0, :top]]})
     # Beam search returns -1 only when fewer codes exist than beams; never print those as predictions.

@@ -276,7 +276,8 @@ def run_test_stage(cfg: RunConfig, force: bool | None = None) -> dict[str, Any]:
     precision = run_precision(cfg)
     progress = ProgressStyle.from_mapping(vars(cfg.progress))
     locs, beam_scores = rank_prompts(model, encoder, trie, prompts, int(e.num_beams), int(e.batch_size), precision=precision,
-                           decoding=e.decoding, seed=int(cfg.seed), progress=progress, share_prefix=bool(e.share_prefix))
+                           decoding=e.decoding, seed=int(cfg.seed), progress=progress, share_prefix=bool(e.share_prefix),
+                           code_softmax=cfg.align.code_softmax)
     llm_seconds = time.perf_counter() - t_llm
     logger = make_logger(cfg, "test")
     rankings, seconds, tuned = baseline_rankings(cfg, cases, checkins, table.loc_ids, with_gru=True, logger=logger,
@@ -292,7 +293,7 @@ def run_test_stage(cfg: RunConfig, force: bool | None = None) -> dict[str, Any]:
         for task in cases["task"].unique(maintain_order=True).to_list():
             rows = np.flatnonzero(cases["task"].to_numpy() == task)[: int(e.exact_cases)]
             exact[task] = exact_agreement(model, encoder, trie, table, tokenizer, [prompts[i] for i in rows], locs[rows],
-                                          precision=precision)
+                                          precision=precision, code_softmax=cfg.align.code_softmax)
     results = {
         "fingerprint": fp, "dataset": str(cfg.data.name), "run": str(cfg.run_name), "llm": str(cfg.llm.name),
         "tokenizer": str(cfg.tokenizer.name), "num_beams": int(e.num_beams), "precision": precision,

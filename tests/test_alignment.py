@@ -628,3 +628,56 @@ def test_lora_plus_gives_the_b_matrices_their_own_rate(smoke_art, model_cache, p
     plain = smoke_cfg(smoke_art, model_cache)
     assert align_fingerprint(cfg) != align_fingerprint(plain)
     assert align_fingerprint(smoke_cfg(smoke_art, model_cache, "align.lora_plus_ratio=1")) == align_fingerprint(plain)
+
+
+def test_level_code_softmax_scores_each_code_token_against_its_own_level(smoke_art, model_cache, parts) -> None:
+    """align.code_softmax=level: a labelled code token's cross-entropy is taken over the code tokens of its
+    level only (what constrained decoding chooses among), every other labelled token's over the vocabulary;
+    training and validation alike. vocab keeps the fingerprint; a bad value is refused while composing."""
+    import torch.nn.functional as F
+
+    from location_tokenizers.codes import level_token
+    from lightning_modules.alignment_module import AlignmentModule, CodeLevels
+    from pipeline.paths import align_fingerprint
+
+    enc, dm, model, tok, table = parts["encoder"], parts["datamodule"], parts["model"], parts["tokenizer"], parts["table"]
+    level_ids = [tok.convert_tokens_to_ids([level_token(lv, c) for c in range(table.codebook_size)]) for lv in range(table.num_levels)]
+    encoded = dm.encoded("train")
+    rows = [i for i in range(len(encoded)) if encoded.task[i] in ("next", "index2loc")][:3]
+    batch = enc.collate([(*encoded.sample(i), i, encoded.task[i]) for i in rows])
+    module = AlignmentModule(model, tasks=["next", "index2loc"], batch_size=4, code_softmax="level", code_token_ids=level_ids)
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            train, val = module.model_step(batch, train=True), module.model_step(batch)
+            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1].float()
+    finally:
+        model.train(was_training)
+    labels = batch["labels"][:, 1:]
+    where = labels != -100
+    targets, flat = labels[where], logits[where]
+    expected = F.cross_entropy(flat, targets, reduction="none")
+    by_level = {tid: (lv, c) for lv, row in enumerate(level_ids) for c, tid in enumerate(row)}
+    n_code = 0
+    for i, t in enumerate(targets.tolist()):
+        if t in by_level:
+            lv, c = by_level[t]
+            expected[i] = F.cross_entropy(flat[i, level_ids[lv]].unsqueeze(0), torch.tensor([c]))
+            n_code += 1
+    assert 0 < n_code < len(targets), "the batch labels code tokens and ordinary tokens"
+    weight = batch["label_weight"][:, 1:][where]
+    divisor = max(4, int(batch["units"].sum()))
+    assert float(train["loss"]) == pytest.approx(float((expected * weight).sum()) / divisor, rel=1e-4)
+    assert float(val["loss"]) == pytest.approx(float(train["loss"]), rel=1e-6)
+    # over 64 tokens instead of ~49k: never above the vocabulary's cross-entropy
+    assert (expected <= F.cross_entropy(flat, targets, reduction="none") + 1e-5).all()
+    level, index = CodeLevels(level_ids).of(torch.tensor([level_ids[1][3], 5, -100, 10**7]))
+    assert level.tolist() == [1, -1, -1, -1] and int(index[0]) == 3
+    with pytest.raises(ValueError, match="code_token_ids"):
+        AlignmentModule(model, tasks=["next"], code_softmax="level")
+    base = smoke_cfg(smoke_art, model_cache)
+    assert align_fingerprint(smoke_cfg(smoke_art, model_cache, "align.code_softmax=vocab")) == align_fingerprint(base)
+    assert align_fingerprint(smoke_cfg(smoke_art, model_cache, "align.code_softmax=level")) != align_fingerprint(base)
+    with pytest.raises(Exception, match="code_softmax"):
+        smoke_cfg(smoke_art, model_cache, "align.code_softmax=codes")

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-POINTS = ["none", "float32", "bf16", "compact", "trajectory", "user_places", "visit_hints", "visit_hint_counts", "visit_hint_count_first", "first_code_weight", "nf4", "lora", "all"]
+POINTS = ["none", "float32", "bf16", "compact", "trajectory", "user_places", "visit_hints", "visit_hint_counts", "visit_hint_count_first", "first_code_weight", "level_softmax", "nf4", "lora", "all"]
 
 
 @pytest.mark.slow
@@ -49,3 +49,6 @@ def test_the_cpu_recipe_grid_runs_on_the_smoke_experiment(tmp_path) -> None:
     # the first code tokens weigh more in training; the samples are the same
     assert meta["first_code_weight"]["training"]["first_code_weight"] == 4.0 and meta["none"]["training"]["first_code_weight"] == 1.0
     assert runs["first_code_weight"]["train_tokens"] == runs["none"]["train_tokens"]
+    # code tokens scored over their level only: recorded for the test's decoding; the samples are the same
+    assert meta["level_softmax"]["training"]["code_softmax"] == "level" and meta["none"]["training"]["code_softmax"] == "vocab"
+    assert runs["level_softmax"]["train_tokens"] == runs["none"]["train_tokens"]

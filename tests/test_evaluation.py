@@ -502,3 +502,32 @@ def test_the_readme_example_prints_the_top5_of_the_suites_own_ranking(tested, tm
     meta = json.loads((folder / "qtmob.json").read_text())
     ranked, _ = rank_prompts(model, encoder, trie, [meta["example"]["prompt"]], 5, 1)
     assert shown == ranked[0].tolist()
+
+
+def test_level_softmax_beams_are_exact_and_rank_by_level_normalised_probabilities() -> None:
+    """code_softmax="level" (a model trained with align.code_softmax=level): each step's log-probabilities are
+    normalised over that level's code tokens. Exhaustive beam search then gives the exact scores computed
+    the same way, the probabilities of all codes under one prefix of levels sum to at most 1, and the
+    ranking differs from the vocabulary-normalised one where the ordinary tokens take different mass."""
+    from lightning_modules.constrained_decoding import beam_search, exact_scores, level_normalised, rank_exact
+
+    vocab, levels, k = 200, 3, 4
+    table, token_ids, trie = _tiny_trie(40, levels, k, 60, vocab)
+    model = _tiny_lm(vocab, seed=5)
+    ids = torch.randint(3, 50, (3, 9), generator=torch.Generator().manual_seed(4))
+    mask = torch.ones_like(ids)
+    code_ids = torch.tensor([[token_ids[lv][c] for lv, c in enumerate(row)] for row in table.codes.tolist()])
+    level_ids = torch.tensor(token_ids)
+    exact = exact_scores(model, ids, mask, code_ids, chunk=16, level_token_ids=level_ids)
+    full = beam_search(model, ids, mask, trie, num_beams=len(table), code_softmax="level")
+    ranked = rank_exact(exact, torch.as_tensor(table.loc_ids), top=len(table))
+    torch.testing.assert_close(full.scores, ranked.scores, rtol=1e-4, atol=1e-4)
+    assert torch.equal(full.loc_ids[:, :5], ranked.loc_ids[:, :5])
+    assert not full.scores.requires_grad and not exact.requires_grad, "decoding builds no autograd graph"
+    # the first level alone: its K tokens' probabilities sum to exactly 1
+    first = model(input_ids=ids).logits[:, -1].float().log_softmax(-1)[:, level_ids[0]]
+    torch.testing.assert_close(torch.logsumexp(level_normalised(first, level_ids[0]), -1), torch.zeros(3), atol=1e-5, rtol=0)
+    vocab_norm = exact_scores(model, ids, mask, code_ids, chunk=16)
+    assert (exact >= vocab_norm - 1e-5).all() and not torch.allclose(exact, vocab_norm)
+    with pytest.raises(ValueError, match="code_softmax"):
+        beam_search(model, ids, mask, trie, num_beams=3, code_softmax="codes")
