@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import math
+from types import SimpleNamespace
 
 import numpy as np
 import polars as pl
@@ -140,22 +141,32 @@ def test_sampled_beams_follow_the_trie_and_the_seed() -> None:
     assert (a.scores[:, :-1] >= a.scores[:, 1:]).all()
 
 
-def test_exact_scores_agree_with_beam_scores() -> None:
+def _exhaustive_beams(code_softmax: str, model_seed: int, ids_seed: int, batch: int) -> SimpleNamespace:
+    """A tiny trie and LM; exact scores of every code and a beam search with as many beams as codes,
+    both normalised per ``code_softmax``. Exhaustive beam search must give the exact scores and ranking."""
     from lightning_modules.constrained_decoding import beam_search, exact_scores, rank_exact
 
     vocab, levels, k = 200, 3, 4
     table, token_ids, trie = _tiny_trie(40, levels, k, 60, vocab)
-    model = _tiny_lm(vocab, seed=3)
-    ids = torch.randint(3, 50, (2, 9), generator=torch.Generator().manual_seed(2))
+    model = _tiny_lm(vocab, seed=model_seed)
+    ids = torch.randint(3, 50, (batch, 9), generator=torch.Generator().manual_seed(ids_seed))
     mask = torch.ones_like(ids)
     code_ids = torch.tensor([[token_ids[lv][c] for lv, c in enumerate(row)] for row in table.codes.tolist()])
-    exact = exact_scores(model, ids, mask, code_ids, chunk=16)
-    # With as many beams as codes, beam search is exhaustive: same ranking, same scores.
-    full = beam_search(model, ids, mask, trie, num_beams=len(table))
+    level_ids = torch.tensor(token_ids) if code_softmax == "level" else None
+    exact = exact_scores(model, ids, mask, code_ids, chunk=16, level_token_ids=level_ids)
+    full = beam_search(model, ids, mask, trie, num_beams=len(table), code_softmax=code_softmax)
     ranked = rank_exact(exact, torch.as_tensor(table.loc_ids), top=len(table))
     torch.testing.assert_close(full.scores, ranked.scores, rtol=1e-4, atol=1e-4)
     assert torch.equal(full.loc_ids[:, :5], ranked.loc_ids[:, :5])
-    assert (torch.logsumexp(exact, 1) <= 1e-4).all(), "probabilities of all codes sum to at most 1"
+    return SimpleNamespace(model=model, ids=ids, mask=mask, trie=trie, code_ids=code_ids, level_ids=level_ids,
+                           exact=exact, full=full)
+
+
+@pytest.mark.parametrize("code_softmax", ["vocab", "level"])
+def test_exact_scores_agree_with_beam_scores(code_softmax: str) -> None:
+    case = _exhaustive_beams(code_softmax, model_seed=3, ids_seed=2, batch=2)
+    assert (torch.logsumexp(case.exact, 1) <= 1e-4).all(), "probabilities of all codes sum to at most 1"
+    assert not case.full.scores.requires_grad and not case.exact.requires_grad, "decoding builds no autograd graph"
 
 
 class _IdEncoder:
@@ -509,25 +520,14 @@ def test_level_softmax_beams_are_exact_and_rank_by_level_normalised_probabilitie
     normalised over that level's code tokens. Exhaustive beam search then gives the exact scores computed
     the same way, the probabilities of all codes under one prefix of levels sum to at most 1, and the
     ranking differs from the vocabulary-normalised one where the ordinary tokens take different mass."""
-    from lightning_modules.constrained_decoding import beam_search, exact_scores, level_normalised, rank_exact
+    from lightning_modules.constrained_decoding import beam_search, exact_scores, level_normalised
 
-    vocab, levels, k = 200, 3, 4
-    table, token_ids, trie = _tiny_trie(40, levels, k, 60, vocab)
-    model = _tiny_lm(vocab, seed=5)
-    ids = torch.randint(3, 50, (3, 9), generator=torch.Generator().manual_seed(4))
-    mask = torch.ones_like(ids)
-    code_ids = torch.tensor([[token_ids[lv][c] for lv, c in enumerate(row)] for row in table.codes.tolist()])
-    level_ids = torch.tensor(token_ids)
-    exact = exact_scores(model, ids, mask, code_ids, chunk=16, level_token_ids=level_ids)
-    full = beam_search(model, ids, mask, trie, num_beams=len(table), code_softmax="level")
-    ranked = rank_exact(exact, torch.as_tensor(table.loc_ids), top=len(table))
-    torch.testing.assert_close(full.scores, ranked.scores, rtol=1e-4, atol=1e-4)
-    assert torch.equal(full.loc_ids[:, :5], ranked.loc_ids[:, :5])
-    assert not full.scores.requires_grad and not exact.requires_grad, "decoding builds no autograd graph"
+    case = _exhaustive_beams("level", model_seed=5, ids_seed=4, batch=3)
+    model, ids, mask, level_ids, exact = case.model, case.ids, case.mask, case.level_ids, case.exact
     # the first level alone: its K tokens' probabilities sum to exactly 1
     first = model(input_ids=ids).logits[:, -1].float().log_softmax(-1)[:, level_ids[0]]
     torch.testing.assert_close(torch.logsumexp(level_normalised(first, level_ids[0]), -1), torch.zeros(3), atol=1e-5, rtol=0)
-    vocab_norm = exact_scores(model, ids, mask, code_ids, chunk=16)
+    vocab_norm = exact_scores(model, ids, mask, case.code_ids, chunk=16)
     assert (exact >= vocab_norm - 1e-5).all() and not torch.allclose(exact, vocab_norm)
     with pytest.raises(ValueError, match="code_softmax"):
-        beam_search(model, ids, mask, trie, num_beams=3, code_softmax="codes")
+        beam_search(model, ids, mask, case.trie, num_beams=3, code_softmax="codes")
