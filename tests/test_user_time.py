@@ -107,3 +107,36 @@ def test_the_fusion_benchmark_keeps_either_list_at_its_extreme_weight() -> None:
     # calibration of "place 6" in two cases: the target once; probabilities 0.5 (in the beam) and 0 (outside it)
     locs, scores = np.array([[6, 5], [5, 7]]), np.log(np.array([[0.5, 0.2], [0.6, 0.1]]))
     assert calibration(locs, scores, np.array([6, 5]), np.array([6, 6])) == pytest.approx([0.5, 0.25, 0.5])
+
+
+def test_count_rules_analysis_scores_each_rule_on_the_run_cases(tmp_path) -> None:
+    """benchmarks/count_rules.py: the hour window picks the place of that hour, the day type splits a place
+    kept for weekends from one kept for weekdays, and the user's moves from the last visit can outvote both."""
+    from benchmarks.count_rules import acc_at_1, cases_of
+
+    monday = datetime(2024, 1, 1)  # a Monday
+    rows = []
+    for w in range(4):  # 4 weeks of train trajectories: weekdays office 1 at 9:00 then cafe 3 at 10:00,
+        for d in range(7):  # weekends park 2 at 9:00
+            day = monday + timedelta(weeks=w, days=d)
+            if d < 5:
+                rows += [(f"w{w}d{d}", day + timedelta(hours=9), 1, "train"), (f"w{w}d{d}", day + timedelta(hours=10), 3, "train")]
+            else:
+                rows.append((f"w{w}d{d}", day + timedelta(hours=9, minutes=d), 2, "train"))
+    test_day = monday + timedelta(weeks=5)
+    rows += [("tA", test_day + timedelta(days=5, hours=8), 3, "test"), ("tA", test_day + timedelta(days=5, hours=9), 2, "test"),
+             ("tB", test_day + timedelta(hours=8), 1, "test"), ("tB", test_day + timedelta(hours=9), 3, "test")]
+    visits = pl.DataFrame(rows, schema=["traj_id", "local_time", "loc_id", "split"], orient="row").with_columns(
+        user_id=pl.lit("u"), utc_time=pl.col("local_time").dt.replace_time_zone("UTC"), loc_id=pl.col("loc_id").cast(pl.Int64))
+    visits.write_parquet(tmp_path / "checkins.parquet")
+    pl.DataFrame({"traj_id": ["tA", "tB"], "target_pos": [1, 1], "target_loc": [2, 3], "user_time": [[1], [1]]}).write_parquet(
+        tmp_path / "rankings.parquet")
+    cases, train = cases_of(tmp_path, tmp_path)
+    assert cases.sort("traj_id")["last"].to_list() == [3, 1] and train.height == 48
+    # Saturday 9:00 (target: the park): at 9:00 the window counts the office 20 times, the park 8 -> wrong;
+    # with the day type 8 x 3 = 24 weekend visits outvote the 20 weekday ones -> right.
+    # Monday 9:00 after the office (target: the cafe): both say office (20, or 60); the office -> cafe move
+    # (20 times, weight 2) outvotes it -> right.
+    assert acc_at_1(cases, train, hours=0) == 0.0
+    assert acc_at_1(cases, train, hours=0, day_type=True) == 0.5
+    assert acc_at_1(cases, train, hours=0, w_trans=2.0) == 0.5
