@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import logging
 from typing import Any
 
 import polars as pl
 
+from datamodules.config import SampleConfig
 from datamodules.errors import DataError
 from datamodules.fitting import fit_history
 from datamodules.rendering import sample_renderer
@@ -16,10 +19,25 @@ from lightning_modules.constrained_decoding import beam_search
 from lightning_modules.hardware import autocast
 from location_tokenizers.codes import CodeTable
 from pipeline.config import RunConfig, load_config
-from pipeline.paths import read_data, run_dir, run_precision
+from pipeline.paths import RENDER_KEYS, read_data, run_dir, run_precision
 from pipeline.test import load_for_eval
 
 log = logging.getLogger(__name__)
+
+
+def trained_settings(meta: dict[str, Any], samples: SampleConfig, code_softmax: str) -> tuple[SampleConfig, str]:
+    """How the aligned model learnt to read prompts: the rendering switches (:data:`pipeline.paths.RENDER_KEYS`,
+    ``next_format``) and ``training.code_softmax`` its ``qtmob.json`` records, over this run's ``samples`` and
+    ``code_softmax`` (kept where an older model card lacks a key). A run setting that disagrees is logged and
+    not used: a prompt written another way, or beams normalised another way, is not what the model was trained on.
+    """
+    recorded = {k: tuple(v) if isinstance(v, list) else v for k, v in meta.items() if k in ("next_format", *RENDER_KEYS)}
+    trained = {"code_softmax": str(meta.get("training", {}).get("code_softmax", code_softmax))}
+    asked = {k: getattr(samples, k) for k in recorded} | {"code_softmax": code_softmax}
+    for key, value in (recorded | trained).items():
+        if asked[key] != value:
+            log.warning("predict: the model was aligned with %s=%r; this run's %r is not used", key, value, asked[key])
+    return dataclasses.replace(samples, **recorded), trained["code_softmax"]
 
 
 def run_predict_stage(cfg: RunConfig) -> dict[str, Any]:
@@ -60,14 +78,16 @@ def run_predict_stage(cfg: RunConfig) -> dict[str, Any]:
                            "start": max(0, n - max_history), "end": n, "target_pos": n, "masked": None, "loc_id": None,
                            "template": 0, "is_last": True}], schema=INDEX_SCHEMA)
     locations = read_data(cfg, "locations.parquet")
-    profiles, sample_cfg = read_data(cfg, "profiles.parquet"), cfg.data.samples
+    meta = json.loads((folder / "qtmob.json").read_text())
+    sample_cfg, code_softmax = trained_settings(meta, cfg.data.samples, str(cfg.align.code_softmax))
+    profiles = read_data(cfg, "profiles.parquet")
     render = sample_renderer(checkins, table.strings(), locations, profiles, sample_cfg, visits=traj)
     model, _, encoder, trie = load_for_eval(cfg, folder, table)
     samples, _ = fit_history(index, render(index), render, encoder.lengths, encoder.max_length)
     batch = encoder.prompt_batch(encoder.prompt_texts(samples), device=next(model.parameters()).device)
     with autocast(run_precision(cfg), batch["input_ids"].device.type):
         ranked = beam_search(model, batch["input_ids"], batch["attention_mask"], trie, num_beams=max(top, cfg.eval.num_beams),
-                             code_softmax=cfg.align.code_softmax)
+                             code_softmax=code_softmax)
     preds = pl.DataFrame({"rank": list(range(1, top + 1)), "loc_id": ranked.loc_ids[0, :top].tolist(),
                           "log_prob": [round(float(x), 4) for x in ranked.scores[0, :top]]})
     # Beam search returns -1 only when fewer codes exist than beams; never print those as predictions.

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import math
 from types import SimpleNamespace
@@ -350,7 +351,7 @@ def test_stage_test_is_deterministic(tested) -> None:
     assert again["metrics"] == res["metrics"]
 
 
-def test_stage_predict_ranks_next_locations_for_a_csv(tested, tmp_path, capsys) -> None:
+def test_stage_predict_ranks_next_locations_for_a_csv(tested, tmp_path, capsys, caplog) -> None:
     from datamodules.config import ConfigError
     from datamodules.errors import DataError
     from pipeline.predict import run_predict_stage
@@ -367,6 +368,17 @@ def test_stage_predict_ranks_next_locations_for_a_csv(tested, tmp_path, capsys) 
     assert out["at"] == "2024-03-01 19:05:00"
     printed = capsys.readouterr().out
     assert printed.startswith("rank,loc_id,log_prob,lat,lon,category,name")
+    # A run whose overrides disagree with how the model was aligned still writes the prompt and normalises the
+    # beams as the model's qtmob.json records (official visits, the vocabulary softmax), and says so.
+    with caplog.at_level(logging.WARNING, logger="pipeline.predict"):
+        cfg.data.samples.visit_text, cfg.align.code_softmax = "compact", "level"
+        try:
+            assert run_predict_stage(cfg)["predictions"] == preds
+        finally:
+            cfg.data.samples.visit_text, cfg.align.code_softmax = "official", "vocab"
+    warned = caplog.text
+    assert "visit_text='official'; this run's 'compact' is not used" in warned
+    assert "code_softmax='vocab'; this run's 'level' is not used" in warned
     # Extreme settings end in one line each, before any decoding.
     # Settings outside their range are config errors (pipeline/config.py); the rest need the model or the CSV.
     for key, value, error, message in [
