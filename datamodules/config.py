@@ -96,6 +96,12 @@ class SampleConfig:
     # With counts: each count before its place ("×12 <code>") instead of after it. A causal model reads a
     # place's tokens after its count, so the count is already in their positions when it copies one.
     visit_hint_count_first: bool = False
+    # How a hinted place is scored besides its window visits (datamodules/visit_hints.py): plus this weight
+    # times the user's train visits to it at any hour (0: the window only; above 0, hints are never empty
+    # for a user with train visits), and window visits on the visit's day type (weekday or weekend) counted
+    # visit_hint_day_weight times (1: day type ignored). With counts, "×n" is then the rounded score.
+    visit_hint_user_weight: float = 0.0
+    visit_hint_day_weight: float = 1.0
     # How a visit is written. official: "At time 2012-04-03 18:00:09, user 12 visited POI index
     # <a_1><b_2><c_3><d_4>." (36 SmolLM2 tokens, 19 of them the timestamp: numbers are split into
     # digits); compact: "Tue 18:00 <a_1><b_2><c_3><d_4>." (12 tokens; weekday and minute kept, the
@@ -118,6 +124,8 @@ class SampleConfig:
         at_least("data.samples.user_places", self.user_places, 0)
         at_least("data.samples.visit_hints", self.visit_hints, 0)
         at_least("data.samples.visit_hint_hours", self.visit_hint_hours, 0)
+        at_least("data.samples.visit_hint_user_weight", self.visit_hint_user_weight, 0)
+        at_least("data.samples.visit_hint_day_weight", self.visit_hint_day_weight, 0)
 
 
 @dataclass

@@ -107,7 +107,8 @@ def _without_lines(text: pl.Expr, drop: tuple[int, ...]) -> pl.Expr:
 def _hints(history: pl.DataFrame, codes: pl.DataFrame, cfg: SampleConfig, visits: pl.DataFrame | None = None) -> pl.DataFrame:
     """The visit hints ``cfg`` asks for (:func:`datamodules.visit_hints.visit_hints`)."""
     return visit_hints(history, codes, cfg.visit_hints, cfg.visit_hint_hours, visits=visits, counts=cfg.visit_hint_counts,
-                       count_first=cfg.visit_hint_count_first)
+                       count_first=cfg.visit_hint_count_first, user_weight=cfg.visit_hint_user_weight,
+                       day_weight=cfg.visit_hint_day_weight)
 
 
 def render_samples(

@@ -25,6 +25,12 @@ A causal model sees a place's tokens only with what precedes them: written after
 positions already hold how strong the habit is when the model attends to them to copy it, instead of
 the model having to join a later count back to the place before it.
 
+With ``data.samples.visit_hint_day_weight=w`` a window visit on the hinted visit's day type (weekday or
+weekend) counts ``w`` times, and with ``visit_hint_user_weight=u`` each of the user's places also scores
+``u`` times its train visits at any hour: a Saturday's hint favours Saturday habits, and a time of day
+the user has no habit at still gets their usual places, ranked after any window habit when ``u`` is small.
+With counts, ``×n`` is then the rounded score (``×0``: a place the user seldom visits near that hour).
+
 Only ``split == "train"`` visits count, and a train visit's hint leaves out its own trajectory
 (leave-one-trajectory-out): a hint never counts the visit it stands beside, so it is no more
 accurate at training than at test, where the visits are never train visits. The rule is that of
@@ -36,52 +42,87 @@ from __future__ import annotations
 
 import polars as pl
 
+KEY = ["traj_id", "utc_time"]  # a visit
+
+
+def hint_scores(history: pl.DataFrame, hours: int = 1, visits: pl.DataFrame | None = None,
+                user_weight: float = 0.0, day_weight: float = 1.0) -> pl.DataFrame:
+    """``traj_id, utc_time, loc_id, score``: every place with a positive score for every visit.
+
+    A place's score for a visit is ``window + user_weight * all``: ``window`` counts the user's train
+    visits to it within ``hours`` of the visit's time of day, those on the visit's day type (weekday or
+    weekend) ``day_weight`` times, and ``all`` counts them at any hour. The visit's own trajectory is left
+    out of both. At the defaults the score is the plain window count.
+
+    Args:
+        history: Check-ins with ``traj_id, user_id, loc_id, local_time, split`` (only ``train`` rows count).
+        hours: Half-width of the time-of-day window, in hours (circular: 23:00 is next to 00:00).
+        visits: The visits to score (``traj_id, user_id, utc_time, local_time``); default: ``history``'s.
+        user_weight: Weight of the user's visits to a place at any hour (0: the window only). Above 0,
+            every place of the user is scored.
+        day_weight: Weight of a window visit on the scored visit's day type (1: day type ignored).
+    """
+    hour = pl.col("local_time").dt.hour().cast(pl.Int16)
+    weekend = pl.col("local_time").dt.weekday() >= 6
+    train = history.filter(pl.col("split") == "train").select("user_id", "traj_id", "loc_id", hour=hour, weekend=weekend)
+
+    def around(keys: list[str]) -> pl.DataFrame:
+        """Train visits per ``keys``, day type and place, for every query hour whose window holds them."""
+        counted = train.group_by(*keys, "hour", "weekend", "loc_id").agg(n=pl.len())
+        shifted = [counted.with_columns(at=((pl.col("hour") + d) % 24).cast(pl.Int16)) for d in range(-hours, hours + 1)]
+        return pl.concat(shifted).group_by(*keys, "at", "weekend", "loc_id").agg(pl.col("n").sum())
+
+    query = (history if visits is None else visits).select(
+        "traj_id", "user_id", "utc_time", at=hour, day=weekend).unique(KEY, maintain_order=True)
+    # Window visits of the user less those of the visit's own trajectory, per day type, then weighted.
+    scores = (
+        query.join(around(["user_id"]), on=["user_id", "at"], how="inner")
+        .join(around(["traj_id"]).rename({"n": "own"}), on=["traj_id", "at", "weekend", "loc_id"], how="left")
+        .group_by(*KEY, "loc_id")
+        .agg(score=((pl.col("n") - pl.col("own").fill_null(0))
+                    * pl.when(pl.col("weekend") == pl.col("day")).then(day_weight).otherwise(1.0)).sum())
+    )
+    if user_weight:
+        overall = (
+            query.join(train.group_by("user_id", "loc_id").agg(n=pl.len()), on="user_id", how="inner")
+            .join(train.group_by("traj_id", "loc_id").agg(own=pl.len()), on=["traj_id", "loc_id"], how="left")
+            .select(*KEY, "loc_id", score=user_weight * (pl.col("n") - pl.col("own").fill_null(0)))
+        )
+        scores = pl.concat([scores, overall], how="vertical_relaxed").group_by(*KEY, "loc_id").agg(pl.col("score").sum())
+    return scores.filter(pl.col("score") > 0)
+
 
 def visit_hints(history: pl.DataFrame, codes: pl.DataFrame, k: int, hours: int = 1,
-                visits: pl.DataFrame | None = None, counts: bool = False, count_first: bool = False) -> pl.DataFrame:
-    """``traj_id, utc_time, hint``: the hint text of every visit (``""`` where the user has no train
-    visit at that time of day; an empty frame for ``k <= 0``).
+                visits: pl.DataFrame | None = None, counts: bool = False, count_first: bool = False,
+                user_weight: float = 0.0, day_weight: float = 1.0) -> pl.DataFrame:
+    """``traj_id, utc_time, hint``: the hint text of every visit (``""`` where no place scores; an empty
+    frame for ``k <= 0``).
 
     Args:
         history: Check-ins with ``traj_id, user_id, loc_id, local_time, split`` (only ``train`` rows count).
         codes: ``loc_id, code`` token strings.
-        k: Places per hint, most visited first (ties: the smaller ``loc_id``).
-        hours: Half-width of the time-of-day window, in hours (circular: 23:00 is next to 00:00).
-        visits: The visits to hint (``traj_id, user_id, utc_time, local_time``); default: ``history``'s.
-        counts: Follow each place with `` ×n``, its train visits in the window (its own trajectory's left out).
+        k: Places per hint, highest :func:`hint_scores` first (ties: the smaller ``loc_id``).
+        hours, visits, user_weight, day_weight: As in :func:`hint_scores`.
+        counts: Follow each place with `` ×n``, its score rounded (at the default weights: its train visits
+            in the window, its own trajectory's left out).
         count_first: With ``counts``, write ``×n <code>`` (the count before its place) instead.
     """
     if k <= 0:
         return pl.DataFrame(schema={"traj_id": pl.String, "utc_time": pl.Datetime("us", "UTC"), "hint": pl.String})
-    hour = pl.col("local_time").dt.hour().cast(pl.Int16)
-    train = history.filter(pl.col("split") == "train").select("user_id", "traj_id", "loc_id", hour=hour)
-
-    def around(keys: list[str]) -> pl.DataFrame:
-        """Train visits per ``keys`` and place, for every query hour whose window holds them."""
-        counted = train.group_by(*keys, "hour", "loc_id").agg(n=pl.len())
-        shifted = [counted.with_columns(at=((pl.col("hour") + d) % 24).cast(pl.Int16)) for d in range(-hours, hours + 1)]
-        return pl.concat(shifted).group_by(*keys, "at", "loc_id").agg(pl.col("n").sum())
-
-    per_user = around(["user_id"])
-    own = around(["traj_id"]).rename({"n": "own"})
-    query = (history if visits is None else visits).select("traj_id", "user_id", "utc_time", at=hour).unique(["traj_id", "utc_time"], maintain_order=True)
+    n = pl.col("score").round(0).cast(pl.Int64)
     ranked = (
-        query.join(per_user, on=["user_id", "at"], how="inner")
-        .join(own, on=["traj_id", "at", "loc_id"], how="left")
-        .with_columns(n=pl.col("n") - pl.col("own").fill_null(0))
-        .filter(pl.col("n") > 0)
-        .sort(["traj_id", "utc_time", "n", "loc_id"], descending=[False, False, True, False])
-        .group_by("traj_id", "utc_time", maintain_order=True)
+        hint_scores(history, hours, visits, user_weight, day_weight)
+        .sort([*KEY, "score", "loc_id"], descending=[False, False, True, False])
+        .group_by(*KEY, maintain_order=True)
         .head(k)
         .join(codes.select("loc_id", "code"), on="loc_id", how="inner", maintain_order="left")
-        .with_columns(item=(pl.format("×{} {}", "n", "code") if count_first else pl.format("{} ×{}", "code", "n"))
+        .with_columns(item=(pl.format("×{} {}", n, "code") if count_first else pl.format("{} ×{}", "code", n))
                       if counts else pl.col("code"))
-        .group_by("traj_id", "utc_time", maintain_order=True)
+        .group_by(*KEY, maintain_order=True)
         .agg(hint=pl.format("(usually {})", pl.col("item").str.join(" ")))
     )
-    return query.select("traj_id", "utc_time").join(ranked, on=["traj_id", "utc_time"], how="left", maintain_order="left").with_columns(
-        pl.col("hint").fill_null("")
-    )
+    query = (history if visits is None else visits).select(KEY).unique(KEY, maintain_order=True)
+    return query.join(ranked, on=KEY, how="left", maintain_order="left").with_columns(pl.col("hint").fill_null(""))
 
 
-__all__ = ["visit_hints"]
+__all__ = ["hint_scores", "visit_hints"]

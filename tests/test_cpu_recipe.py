@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-POINTS = ["none", "float32", "bf16", "compact", "trajectory", "user_places", "visit_hints", "visit_hint_counts", "visit_hint_count_first", "first_code_weight", "level_softmax", "nf4", "lora", "all"]
+POINTS = ["none", "float32", "bf16", "compact", "trajectory", "user_places", "visit_hints", "visit_hint_counts", "visit_hint_count_first", "visit_hint_weights", "first_code_weight", "level_softmax", "nf4", "lora", "all"]
 
 
 @pytest.mark.slow
@@ -46,6 +46,12 @@ def test_the_cpu_recipe_grid_runs_on_the_smoke_experiment(tmp_path) -> None:
     assert runs["visit_hint_count_first"]["train_samples"] == runs["visit_hint_counts"]["train_samples"]
     assert abs(runs["visit_hint_count_first"]["train_tokens"] / runs["visit_hint_counts"]["train_tokens"] - 1) < 0.05
     assert meta["visit_hint_count_first"]["visit_hint_count_first"] is True and meta["visit_hint_counts"]["visit_hint_count_first"] is False
+    # the same samples with every hint scored by day type and the user's overall visits as well: recorded,
+    # and never shorter (a user's other places fill hints the hour window leaves short)
+    assert runs["visit_hint_weights"]["train_samples"] == runs["visit_hint_counts"]["train_samples"]
+    assert runs["visit_hint_weights"]["train_tokens"] >= runs["visit_hint_counts"]["train_tokens"]
+    assert meta["visit_hint_weights"]["visit_hint_user_weight"] == 0.1 and meta["visit_hint_weights"]["visit_hint_day_weight"] == 3.0
+    assert meta["visit_hint_counts"]["visit_hint_user_weight"] == 0.0
     # the first code tokens weigh more in training; the samples are the same
     assert meta["first_code_weight"]["training"]["first_code_weight"] == 4.0 and meta["none"]["training"]["first_code_weight"] == 1.0
     assert runs["first_code_weight"]["train_tokens"] == runs["none"]["train_tokens"]

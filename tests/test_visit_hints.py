@@ -191,3 +191,50 @@ def test_count_first_writes_each_count_before_its_place_and_only_moves_it() -> N
     base = ["experiment=smoke", "data.samples.visit_hints=1", "data.samples.visit_hint_counts=true"]
     assert align_fingerprint(compose_run(base)) == align_fingerprint(compose_run(base + ["data.samples.visit_hint_count_first=false"]))
     assert align_fingerprint(compose_run(base)) != align_fingerprint(compose_run(base + ["data.samples.visit_hint_count_first=true"]))
+
+
+def test_hint_weights_score_day_type_and_the_users_other_hours_leaving_the_own_trajectory_out() -> None:
+    """data.samples.visit_hint_day_weight / visit_hint_user_weight: window visits on the hinted visit's day
+    type count more, the user's visits at any hour fill the rest of the list, "×n" is the rounded score, and
+    the visit's own trajectory counts in neither term. At 1 / 0 the hint is the plain window count."""
+    v = _visits([
+        ("t1", "u", 1, "2 09:00", "train"), ("t1", "u", 1, "2 09:30", "train"),   # Monday: a weekday
+        ("t2", "u", 2, "7 09:10", "train"), ("t2", "u", 2, "7 09:40", "train"), ("t2", "u", 2, "7 09:50", "train"),  # Saturday
+        ("t3", "u", 3, "9 18:00", "train"), ("t3", "u", 3, "9 19:00", "train"), ("t3", "u", 3, "9 20:00", "train"),
+        ("t3", "u", 3, "9 21:00", "train"),                                         # far from 09:00
+        ("x1", "u", 5, "5 09:15", "test"),                                          # Thursday
+        ("x2", "u", 5, "8 09:20", "test"),                                          # Sunday
+    ])
+    plain = visit_hints(v, CODES, k=3, hours=1, counts=True)
+    assert _hint(plain, "x1", v) == _hint(plain, "x2", v) == "(usually <B> ×3 <A> ×2)"
+    assert visit_hints(v, CODES, k=3, hours=1, counts=True, user_weight=0.0, day_weight=1.0).equals(plain)
+    day = visit_hints(v, CODES, k=3, hours=1, counts=True, day_weight=3.0)
+    assert _hint(day, "x1", v) == "(usually <A> ×6 <B> ×3)"   # the weekday visits to <A> count 3x on a Thursday
+    assert _hint(day, "x2", v) == "(usually <B> ×9 <A> ×2)"   # and the Saturday ones on a Sunday
+    user = visit_hints(v, CODES, k=3, hours=1, counts=True, user_weight=0.1)
+    assert _hint(user, "x1", v) == "(usually <B> ×3 <A> ×2 <C> ×0)"  # <C>: 0.4, never near 09:00
+    # A train visit of t3 at 18:00: no other trajectory's visit near it; the user term fills the hint, but
+    # t3's own four visits to <C> count in neither term.
+    assert _hint(plain, "t3", v) == ""
+    assert _hint(user, "t3", v) == "(usually <B> ×0 <A> ×0)"
+    assert _hint(visit_hints(v, CODES, k=3, hours=1, user_weight=0.1), "t3", v) == "(usually <B> <A>)"
+
+
+def test_hint_weights_are_checked_and_leave_fingerprints_alone_at_their_neutral_values() -> None:
+    import pytest
+
+    from datamodules.config import SampleConfig
+    from datamodules.config import ConfigError
+    from pipeline.paths import align_fingerprint, data_fingerprint
+    from tests.conftest import compose_run
+
+    with pytest.raises(ConfigError, match="visit_hint_user_weight"):
+        SampleConfig(visit_hint_user_weight=-0.1)
+    with pytest.raises(ConfigError, match="visit_hint_day_weight"):
+        SampleConfig(visit_hint_day_weight=-1)
+    base = ["experiment=smoke", "data.samples.visit_hints=1", "data.samples.visit_hint_counts=true"]
+    neutral = ["data.samples.visit_hint_user_weight=0", "data.samples.visit_hint_day_weight=1"]
+    assert align_fingerprint(compose_run(base)) == align_fingerprint(compose_run(base + neutral))
+    for switch in ("data.samples.visit_hint_user_weight=0.1", "data.samples.visit_hint_day_weight=3"):
+        assert align_fingerprint(compose_run(base)) != align_fingerprint(compose_run(base + [switch]))
+        assert data_fingerprint(compose_run(base)) == data_fingerprint(compose_run(base + [switch]))  # one RQ-VAE
