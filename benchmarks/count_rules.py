@@ -1,88 +1,112 @@
-"""How far simple count rules go on a run's next-location test cases: the ceiling a model of the same
-information has to clear.
+"""How far simple count rules go on next-location cases: the ceiling a model of the same information has
+to clear, and the figures the visit-hint weights were picked by.
 
-``user_time`` (lightning_modules/user_time.py) is tuned on the valid split; this script asks whether a
-nearby count rule would do clearly better on the *test* cases, i.e. whether there is information in the
-user's train visits that ``user_time`` leaves on the table for a model to find. Every rule scores a
-candidate place ``c`` for a case of user ``u`` whose target is at hour ``t`` from ``u``'s train visits only:
+Every rule scores a candidate place ``c`` for a case of user ``u`` at hour ``t`` from ``u``'s train visits
+only, with :func:`datamodules.visit_hints.hint_scores` (the scores the visit hints of
+``data.samples.visit_hints`` rank by, so a rule here is the hint a model would read):
 
 * ``hours=h``: visits to ``c`` within ±h hours of ``t`` (circular day), ties by the smaller location id;
-* ``+ user``: plus 0.1 x all of ``u``'s visits to ``c`` (ties and empty windows resolved by overall habit);
-* ``+ day type``: visits on the target's day type (weekday / weekend) count 3x;
-* ``+ transitions w``: plus ``w`` x ``u``'s train moves from the case's last visit to ``c``.
+* ``user w``: plus w x all of ``u``'s visits to ``c`` (``data.samples.visit_hint_user_weight``);
+* ``day w``: window visits on the case's day type (weekday / weekend) count w x (``visit_hint_day_weight``);
+* ``moves w``: plus w x ``u``'s train moves from the case's last visit to ``c`` (not a hint term).
 
-The first guess is compared with the target; ``user_time``'s own first guess (the run's rankings) is
-printed beside it. Reading the test cases is what makes this an *analysis*, not a model: nothing here is
-picked for a run, and the figures only bound what count information can give.
+Acc@1 and NDCG@5 of each rule's ranking. Two kinds of cases:
 
+* ``--split valid`` (no run folder): every visit of the valid split after its trajectory's first
+  ``--min-history`` visits. The hint weights of ``cpu_switch=visit_hint_weights`` were picked here.
+* a run folder: that run's own next-location *test* cases, with ``user_time``'s (tuned on valid) beside
+  them. Reading the test cases makes this an analysis that bounds what count rules can give; nothing
+  is picked from it.
+
+    .venv/bin/python benchmarks/count_rules.py artifacts/nyc/data-* --split valid
     .venv/bin/python benchmarks/count_rules.py artifacts/synthetic/data-* artifacts/synthetic/quickstart
 """
 
 from __future__ import annotations
 
 import argparse
+import math
+import sys
 from pathlib import Path
 
 import polars as pl
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from datamodules.visit_hints import hint_scores  # noqa: E402
 
-def cases_of(data: Path, run: Path) -> tuple[pl.DataFrame, pl.DataFrame]:
-    """The run's next-location test cases (user, target hour and day type, last visit) and the train visits."""
-    visits = (
+CASE = ["traj_id", "target_pos"]
+GRID = [(h, u, d) for h in (1, 2, 3) for u in (0.0, 0.1) for d in (1.0, 3.0)]
+
+
+def checkins(data: Path) -> pl.DataFrame:
+    """The data stage's check-ins with each visit's position in its trajectory and the visit before it."""
+    return (
         pl.read_parquet(data / "checkins.parquet")
         .sort(["traj_id", "utc_time"])
-        .with_columns(
-            pos=pl.int_range(pl.len()).over("traj_id"),
-            hour=pl.col("local_time").dt.hour().cast(pl.Int32),
-            weekend=pl.col("local_time").dt.weekday() >= 6,
-            last=pl.col("loc_id").shift(1).over("traj_id"),
-        )
+        .with_columns(pos=pl.int_range(pl.len()).over("traj_id"), last=pl.col("loc_id").shift(1).over("traj_id"))
     )
-    ranked = pl.read_parquet(run / "rankings.parquet")
-    cases = ranked.select("traj_id", "target_pos", "target_loc", user_time=pl.col("user_time").list.first()).join(
-        visits.select("traj_id", "user_id", "hour", "weekend", "last", target_pos="pos"), on=["traj_id", "target_pos"]
-    )
-    return cases, visits.filter(pl.col("split") == "train")
 
 
-def acc_at_1(cases: pl.DataFrame, train: pl.DataFrame, hours: int, w_user: float = 0.0, day_type: bool = False,
-             w_trans: float = 0.0) -> float:
-    """Acc@1 of one count rule (module docstring) over ``cases``."""
-    gap = (pl.col("hour") - pl.col("visit_hour")).abs()
-    gap = pl.min_horizontal(gap, 24 - gap)
-    weight = pl.when(pl.col("weekend") == pl.col("visit_weekend")).then(3.0).otherwise(1.0) if day_type else pl.lit(1.0)
-    per_place = (
-        cases.join(train.select("user_id", "loc_id", visit_hour="hour", visit_weekend="weekend"), on="user_id")
-        .group_by("traj_id", "target_pos", "loc_id")
-        .agg(window=((gap <= hours).cast(pl.Float64) * weight).sum(), user=pl.len().cast(pl.Float64))
-    )
-    moves = train.filter(pl.col("last").is_not_null()).group_by("user_id", "last", "loc_id").agg(moves=pl.len())
-    scored = (
-        per_place.join(cases.select("traj_id", "target_pos", "user_id", "last"), on=["traj_id", "target_pos"])
-        .join(moves, on=["user_id", "last", "loc_id"], how="left")
-        .with_columns(score=pl.col("window") + w_user * pl.col("user") + w_trans * pl.col("moves").fill_null(0))
-        .filter(pl.col("score") > 0)
-    )
-    first = scored.sort(["score", "loc_id"], descending=[True, False]).group_by("traj_id", "target_pos").first()
-    guessed = cases.join(first.select("traj_id", "target_pos", guess="loc_id"), on=["traj_id", "target_pos"], how="left")
-    return float((guessed["guess"] == guessed["target_loc"]).fill_null(False).mean())
+def cases_of(data: Path, run: Path | None = None, split: str = "valid", min_history: int = 1) -> tuple[pl.DataFrame, pl.DataFrame]:
+    """The cases (``traj_id, target_pos, target_loc, user_id, utc_time, local_time, last``, with ``run``
+    also its ``user_time`` first guess) and the check-ins whose train visits the rules count."""
+    visits = checkins(data)
+    at = visits.select("traj_id", "user_id", "utc_time", "local_time", "last", target_pos="pos")
+    if run is None:
+        cases = visits.filter((pl.col("split") == split) & (pl.col("pos") >= min_history)).select(
+            "traj_id", "user_id", "utc_time", "local_time", "last", target_pos="pos", target_loc="loc_id")
+    else:
+        ranked = pl.read_parquet(run / "rankings.parquet")
+        if "task" in ranked.columns:
+            ranked = ranked.filter(pl.col("task") == "next")
+        cases = ranked.select(*CASE, "target_loc", user_time=pl.col("user_time").list.first()).join(at, on=CASE)
+    return cases, visits
+
+
+def ranking(cases: pl.DataFrame, visits: pl.DataFrame, hours: int, user_weight: float = 0.0, day_weight: float = 1.0,
+            moves: float = 0.0, k: int = 10) -> pl.DataFrame:
+    """``traj_id, target_pos, target_loc, ranked``: each case's top-``k`` places under one rule."""
+    scores = hint_scores(visits, hours, cases, user_weight, day_weight)
+    if moves:
+        train = visits.filter((pl.col("split") == "train") & pl.col("last").is_not_null())
+        counted = train.group_by("user_id", "last", "loc_id").agg(moved=pl.len().cast(pl.Float64))
+        moved = cases.join(counted, on=["user_id", "last"]).select("traj_id", "utc_time", "loc_id", score=moves * pl.col("moved"))
+        scores = pl.concat([scores, moved], how="vertical_relaxed").group_by("traj_id", "utc_time", "loc_id").agg(pl.col("score").sum())
+    top = (scores.sort(["score", "loc_id"], descending=[True, False])
+           .group_by("traj_id", "utc_time", maintain_order=True).agg(ranked=pl.col("loc_id").head(k)))
+    return cases.join(top, on=["traj_id", "utc_time"], how="left").select(*CASE, "target_loc", pl.col("ranked").fill_null([]))
+
+
+def acc_ndcg(ranked: pl.DataFrame, column: str = "ranked") -> tuple[float, float]:
+    """Acc@1 and NDCG@5 of the lists in ``column`` against ``target_loc`` (a single relevant place)."""
+    acc = ndcg = 0.0
+    for places, target in zip(ranked[column].to_list(), ranked["target_loc"].to_list()):
+        top = list(places or [])[:5]
+        acc += bool(top) and top[0] == target
+        ndcg += 1 / math.log2(top.index(target) + 2) if target in top else 0.0
+    n = max(ranked.height, 1)
+    return acc / n, ndcg / n
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("data", type=Path, help="the data stage's folder (checkins.parquet)")
-    ap.add_argument("run", type=Path, help="a run folder whose rankings.parquet holds the next-location test cases")
+    ap.add_argument("run", type=Path, nargs="?", help="a run folder whose rankings.parquet holds its next-location test cases")
+    ap.add_argument("--split", default="valid", help="without a run: the split whose visits are the cases")
+    ap.add_argument("--min-history", type=int, default=1, help="without a run: visits before the first case of a trajectory")
     args = ap.parse_args()
-    cases, train = cases_of(args.data, args.run)
-    ut = float((cases["user_time"] == cases["target_loc"]).mean())
-    print(f"{args.run}: {cases.height} next-location test cases; user_time (tuned on valid) Acc@1 {ut:.3f}\n")
-    print("| rule | Acc@1 |\n|---|---|")
-    for hours in (1, 2, 3):
-        print(f"| hours={hours} | {acc_at_1(cases, train, hours):.3f} |")
-        print(f"| hours={hours} + user | {acc_at_1(cases, train, hours, w_user=0.1):.3f} |")
-        print(f"| hours={hours} + user + day type | {acc_at_1(cases, train, hours, w_user=0.1, day_type=True):.3f} |")
+    cases, visits = cases_of(args.data, args.run, args.split, args.min_history)
+    where = f"{args.run}: {cases.height} next-location test cases" if args.run else f"{args.split} split: {cases.height} cases"
+    print(where)
+    if args.run:
+        print(f"user_time (tuned on valid) Acc@1 {float((cases['user_time'] == cases['target_loc']).mean()):.3f}")
+    print("\n| rule | Acc@1 | NDCG@5 |\n|---|---|---|")
+    for hours, user, day in GRID:
+        acc, ndcg = acc_ndcg(ranking(cases, visits, hours, user, day))
+        print(f"| hours={hours} user={user:g} day={day:g} | {acc:.3f} | {ndcg:.3f} |")
     for w in (0.5, 1.0, 2.0):
-        print(f"| hours=2 + user + transitions {w:g} | {acc_at_1(cases, train, 2, w_user=0.1, w_trans=w):.3f} |")
+        acc, ndcg = acc_ndcg(ranking(cases, visits, 2, 0.1, 3.0, moves=w))
+        print(f"| hours=2 user=0.1 day=3 moves={w:g} | {acc:.3f} | {ndcg:.3f} |")
 
 
 if __name__ == "__main__":

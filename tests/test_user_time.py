@@ -3,6 +3,7 @@ valid split only, and the two-sided Markov rule for recovery."""
 
 from __future__ import annotations
 
+import math
 from datetime import datetime, timedelta
 
 import numpy as np
@@ -111,8 +112,9 @@ def test_the_fusion_benchmark_keeps_either_list_at_its_extreme_weight() -> None:
 
 def test_count_rules_analysis_scores_each_rule_on_the_run_cases(tmp_path) -> None:
     """benchmarks/count_rules.py: the hour window picks the place of that hour, the day type splits a place
-    kept for weekends from one kept for weekdays, and the user's moves from the last visit can outvote both."""
-    from benchmarks.count_rules import acc_at_1, cases_of
+    kept for weekends from one kept for weekdays, and the user's moves from the last visit can outvote both;
+    a run's test cases and a split's visits are the same cases here."""
+    from benchmarks.count_rules import acc_ndcg, cases_of, ranking
 
     monday = datetime(2024, 1, 1)  # a Monday
     rows = []
@@ -131,12 +133,18 @@ def test_count_rules_analysis_scores_each_rule_on_the_run_cases(tmp_path) -> Non
     visits.write_parquet(tmp_path / "checkins.parquet")
     pl.DataFrame({"traj_id": ["tA", "tB"], "target_pos": [1, 1], "target_loc": [2, 3], "user_time": [[1], [1]]}).write_parquet(
         tmp_path / "rankings.parquet")
-    cases, train = cases_of(tmp_path, tmp_path)
-    assert cases.sort("traj_id")["last"].to_list() == [3, 1] and train.height == 48
+    cases, visits = cases_of(tmp_path, tmp_path)
+    assert cases.sort("traj_id")["last"].to_list() == [3, 1] and visits.filter(pl.col("split") == "train").height == 48
+    split_cases, _ = cases_of(tmp_path, split="test")
+    assert split_cases.sort("traj_id").select("traj_id", "target_pos", "target_loc").equals(
+        cases.sort("traj_id").select("traj_id", "target_pos", "target_loc"))
     # Saturday 9:00 (target: the park): at 9:00 the window counts the office 20 times, the park 8 -> wrong;
     # with the day type 8 x 3 = 24 weekend visits outvote the 20 weekday ones -> right.
     # Monday 9:00 after the office (target: the cafe): both say office (20, or 60); the office -> cafe move
     # (20 times, weight 2) outvotes it -> right.
-    assert acc_at_1(cases, train, hours=0) == 0.0
-    assert acc_at_1(cases, train, hours=0, day_type=True) == 0.5
-    assert acc_at_1(cases, train, hours=0, w_trans=2.0) == 0.5
+    # NDCG@5: the park second on Saturday (1 / log2 3), the cafe (10:00) not ranked at 9:00 on Monday.
+    assert acc_ndcg(ranking(cases, visits, hours=0)) == pytest.approx((0.0, 0.5 / math.log2(3)))
+    assert acc_ndcg(ranking(cases, visits, hours=0, day_weight=3.0))[0] == 0.5
+    assert acc_ndcg(ranking(cases, visits, hours=0, moves=2.0))[0] == 0.5
+    # With the user's overall visits the cafe is ranked on Monday too (third: 0.1 x 20 after 20 and 8).
+    assert ranking(cases, visits, hours=0, user_weight=0.1).sort("traj_id")["ranked"].to_list()[1] == [1, 2, 3]
