@@ -46,7 +46,7 @@ def main() -> None:
     if not (folder / "qtmob.json").is_file():
         sys.exit(f"error: {folder} has no aligned model: run `python run.py {' '.join(args.overrides)} stage=align` first")
     table = CodeTable.read_parquet(folder / "codes.parquet")
-    model, _, encoder, trie = load_for_eval(cfg, folder, table)
+    model, _, encoder, trie, _ = load_for_eval(cfg, folder, table)
     _, prompts, _ = test_prompts(cfg, table, encoder, read_data(cfg, "checkins.parquet"))
     prompts = prompts[: args.cases]
     e, precision = cfg.eval, run_precision(cfg)

@@ -165,7 +165,7 @@ def main() -> None:
         cache, key = out / f"{name}.npz", f"{fp}/{index.height}"
         if not (cache.is_file() and str(np.load(cache)["fingerprint"]) == key):  # another run's (or none): rank
             if model is None:
-                model, _, encoder, trie = load_for_eval(cfg, folder, table)
+                model, _, encoder, trie, _ = load_for_eval(cfg, folder, table)
             cases, prompts, _ = test_prompts(cfg, table, encoder, checkins, idx)
             locs, scores = rank_prompts(model, encoder, trie, prompts, int(cfg.eval.num_beams), int(cfg.eval.batch_size),
                                         precision=run_precision(cfg), share_prefix=bool(cfg.eval.share_prefix),

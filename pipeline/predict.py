@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 from typing import Any
 
@@ -78,11 +77,10 @@ def run_predict_stage(cfg: RunConfig) -> dict[str, Any]:
                            "start": max(0, n - max_history), "end": n, "target_pos": n, "masked": None, "loc_id": None,
                            "template": 0, "is_last": True}], schema=INDEX_SCHEMA)
     locations = read_data(cfg, "locations.parquet")
-    meta = json.loads((folder / "qtmob.json").read_text())
+    model, _, encoder, trie, meta = load_for_eval(cfg, folder, table)
     sample_cfg, code_softmax = trained_settings(meta, cfg.data.samples, str(cfg.align.code_softmax))
     profiles = read_data(cfg, "profiles.parquet")
     render = sample_renderer(checkins, table.strings(), locations, profiles, sample_cfg, visits=traj)
-    model, _, encoder, trie = load_for_eval(cfg, folder, table)
     samples, _ = fit_history(index, render(index), render, encoder.lengths, encoder.max_length)
     batch = encoder.prompt_batch(encoder.prompt_texts(samples), device=next(model.parameters()).device)
     with autocast(run_precision(cfg), batch["input_ids"].device.type):

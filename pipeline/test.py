@@ -19,7 +19,7 @@ import json
 import logging
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import polars as pl
@@ -209,13 +209,19 @@ def run_baselines_stage(cfg: RunConfig) -> dict[str, Any]:
 
 
 # ------------------------------------------------------------------------------------ the LLM
-def load_for_eval(cfg: RunConfig, folder: Path, table: Any = None) -> tuple[Any, Any, Any, Any]:
-    """The aligned model from its saved folder (quantised as it was trained, in eval mode) with what
-    decoding needs.
+class LoadedModel(NamedTuple):
+    """An aligned model ready to decode (:func:`load_for_eval`)."""
 
-    Returns:
-        ``(model, tokenizer, encoder, trie)``.
-    """
+    model: Any
+    tokenizer: Any
+    encoder: ChatEncoder
+    trie: CodeTrie
+    meta: dict[str, Any]  # its qtmob.json: prompt layout and how it was trained
+
+
+def load_for_eval(cfg: RunConfig, folder: Path, table: Any = None) -> LoadedModel:
+    """The aligned model from its saved folder (quantised as it was trained, in eval mode) with what
+    decoding needs and its ``qtmob.json``."""
 
     a = cfg.align
     kwargs: dict[str, Any] = {"dtype": _DTYPES[a.dtype]}
@@ -231,7 +237,7 @@ def load_for_eval(cfg: RunConfig, folder: Path, table: Any = None) -> tuple[Any,
     encoder = ChatEncoder(tokenizer, meta["system_prompt"], max_length=int(a.max_length),
                           prompt_format=str(meta.get("prompt_format", "chat")))
     trie = CodeTrie(table, tokenizer, vocab_size=int(model.config.vocab_size)).to(next(model.parameters()).device)
-    return model, tokenizer, encoder, trie
+    return LoadedModel(model, tokenizer, encoder, trie, meta)
 
 
 def test_prompts(cfg: RunConfig, table: CodeTable, encoder: ChatEncoder, checkins: pl.DataFrame,
@@ -268,7 +274,7 @@ def run_test_stage(cfg: RunConfig, force: bool | None = None) -> dict[str, Any]:
         raise DataError(f"{out} has no aligned model: run stage=align (or the whole pipeline) with this config first")
     torch.manual_seed(int(cfg.seed))
     table = CodeTable.read_parquet(out / "model" / "codes.parquet")
-    model, tokenizer, encoder, trie = load_for_eval(cfg, out / "model", table)
+    model, tokenizer, encoder, trie, _ = load_for_eval(cfg, out / "model", table)
     checkins = read_data(cfg, "checkins.parquet")
     cases, prompts, cut = test_prompts(cfg, table, encoder, checkins)
     e = cfg.eval
@@ -321,5 +327,5 @@ def run_test_stage(cfg: RunConfig, force: bool | None = None) -> dict[str, Any]:
     return results
 
 
-__all__ = ["RANKINGS", "load_for_eval", "rankings_frame", "run_baselines_stage", "run_test_stage", "test_index",
+__all__ = ["RANKINGS", "LoadedModel", "load_for_eval", "rankings_frame", "run_baselines_stage", "run_test_stage", "test_index",
            "test_prompts", "valid_cases", "valid_index"]

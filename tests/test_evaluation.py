@@ -521,8 +521,8 @@ def test_the_readme_example_prints_the_top5_of_the_suites_own_ranking(tested, tm
     printed = re.search(r"top-5 next locations: \[(.*)\]", done.stdout)
     assert printed, done.stdout
     shown = [int(x) for x in printed.group(1).split(",")]
-    model, _, encoder, trie = load_for_eval(cfg, folder)
-    meta = json.loads((folder / "qtmob.json").read_text())
+    model, _, encoder, trie, meta = load_for_eval(cfg, folder)
+    assert meta == json.loads((folder / "qtmob.json").read_text())
     ranked, _ = rank_prompts(model, encoder, trie, [meta["example"]["prompt"]], 5, 1)
     assert shown == ranked[0].tolist()
 
