@@ -46,7 +46,7 @@ def main() -> None:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from datamodules.visit_hints import hint_scores
+    from datamodules.visit_hints import hint_scores, top_places
     from lightning_modules.llm import model_path
     from pipeline.data import run_data_stage
     from pipeline.paths import data_dir
@@ -64,8 +64,7 @@ def main() -> None:
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
 
     visits = pl.read_parquet(data_dir(cfg) / "checkins.parquet").sort(KEY)
-    top = (hint_scores(visits, 1).sort([*KEY, "score", "loc_id"], descending=[False, False, True, False])
-           .group_by(KEY, maintain_order=True).head(3).group_by(KEY, maintain_order=True).agg("loc_id", "score"))
+    top = top_places(hint_scores(visits, 1), 3).group_by(KEY, maintain_order=True).agg("loc_id", "score")
     visits = visits.join(top, on=KEY, how="left", suffix="_hint")
     # Each place as a distinct single-token lower-case word (seeded), so one logit scores it.
     words = sorted(t for t in tok.get_vocab() if re.fullmatch(r"Ġ[a-z]{5,9}", t))  # get_vocab's order varies

@@ -32,7 +32,7 @@ from pathlib import Path
 import polars as pl
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from datamodules.visit_hints import hint_scores  # noqa: E402
+from datamodules.visit_hints import hint_scores, top_places  # noqa: E402
 
 CASE = ["traj_id", "target_pos"]
 GRID = [(h, u, d) for h in (1, 2, 3) for u in (0.0, 0.1) for d in (1.0, 3.0)]
@@ -72,8 +72,7 @@ def ranking(cases: pl.DataFrame, visits: pl.DataFrame, hours: int, user_weight: 
         counted = train.group_by("user_id", "last", "loc_id").agg(moved=pl.len().cast(pl.Float64))
         moved = cases.join(counted, on=["user_id", "last"]).select("traj_id", "utc_time", "loc_id", score=moves * pl.col("moved"))
         scores = pl.concat([scores, moved], how="vertical_relaxed").group_by("traj_id", "utc_time", "loc_id").agg(pl.col("score").sum())
-    top = (scores.sort(["score", "loc_id"], descending=[True, False])
-           .group_by("traj_id", "utc_time", maintain_order=True).agg(ranked=pl.col("loc_id").head(k)))
+    top = top_places(scores, k).group_by("traj_id", "utc_time", maintain_order=True).agg(ranked="loc_id")
     return cases.join(top, on=["traj_id", "utc_time"], how="left").select(*CASE, "target_loc", pl.col("ranked").fill_null([]))
 
 

@@ -92,6 +92,20 @@ def hint_scores(history: pl.DataFrame, hours: int = 1, visits: pl.DataFrame | No
     return scores.filter(pl.col("score") > 0)
 
 
+def top_places(scores: pl.DataFrame, k: int) -> pl.DataFrame:
+    """``traj_id, utc_time, loc_id, score``: each visit's ``k`` highest-scoring places, best first.
+
+    The order of the hints, of ``benchmarks/count_rules.py``'s rules and of ``benchmarks/base_prior.py``:
+    visits in ``traj_id, utc_time`` order; within a visit, score descending, ties to the smaller ``loc_id``.
+
+    Args:
+        scores: ``traj_id, utc_time, loc_id, score`` rows, e.g. :func:`hint_scores`.
+        k: Places kept per visit.
+    """
+    return (scores.sort([*KEY, "score", "loc_id"], descending=[False, False, True, False])
+            .group_by(KEY, maintain_order=True).head(k))
+
+
 def visit_hints(history: pl.DataFrame, codes: pl.DataFrame, k: int, hours: int = 1,
                 visits: pl.DataFrame | None = None, counts: bool = False, count_first: bool = False,
                 user_weight: float = 0.0, day_weight: float = 1.0) -> pl.DataFrame:
@@ -111,10 +125,7 @@ def visit_hints(history: pl.DataFrame, codes: pl.DataFrame, k: int, hours: int =
         return pl.DataFrame(schema={"traj_id": pl.String, "utc_time": pl.Datetime("us", "UTC"), "hint": pl.String})
     n = pl.col("score").round(0).cast(pl.Int64)
     ranked = (
-        hint_scores(history, hours, visits, user_weight, day_weight)
-        .sort([*KEY, "score", "loc_id"], descending=[False, False, True, False])
-        .group_by(*KEY, maintain_order=True)
-        .head(k)
+        top_places(hint_scores(history, hours, visits, user_weight, day_weight), k)
         .join(codes.select("loc_id", "code"), on="loc_id", how="inner", maintain_order="left")
         .with_columns(item=(pl.format("×{} {}", n, "code") if count_first else pl.format("{} ×{}", "code", n))
                       if counts else pl.col("code"))
@@ -125,4 +136,4 @@ def visit_hints(history: pl.DataFrame, codes: pl.DataFrame, k: int, hours: int =
     return query.join(ranked, on=KEY, how="left", maintain_order="left").with_columns(pl.col("hint").fill_null(""))
 
 
-__all__ = ["hint_scores", "visit_hints"]
+__all__ = ["hint_scores", "top_places", "visit_hints"]

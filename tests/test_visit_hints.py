@@ -7,7 +7,7 @@ from datetime import datetime, timezone
 
 import polars as pl
 
-from datamodules.visit_hints import visit_hints
+from datamodules.visit_hints import top_places, visit_hints
 
 
 def _visits(rows: list[tuple[str, str, int, str, str]]) -> pl.DataFrame:
@@ -39,6 +39,20 @@ def _next_index(targets: list[tuple[int, int]]) -> pl.DataFrame:
                          "masked": [None] * n},
                         schema_overrides={"start": pl.Int32, "end": pl.Int32, "target_pos": pl.Int32, "template": pl.Int32,
                                           "masked": pl.List(pl.Int32), "loc_id": pl.Int64})
+
+
+def test_top_places_ranks_each_visit_by_score_then_smaller_place() -> None:
+    """The one order of the hints and of the count-rule benchmarks: per visit (in traj_id, utc_time
+    order), score descending, ties to the smaller loc_id, at most k places."""
+    t1, t2 = (datetime(2012, 4, 1, h, tzinfo=timezone.utc) for h in (8, 9))
+    scores = pl.DataFrame({"traj_id": ["b", "a", "a", "a", "a", "a"], "utc_time": [t1, t2, t1, t1, t1, t1],
+                           "loc_id": [5, 4, 3, 1, 2, 4], "score": [1.0, 2.0, 0.5, 3.0, 3.0, 7.0]})
+    top = top_places(scores, 3)
+    assert top.columns == ["traj_id", "utc_time", "loc_id", "score"]
+    assert top.select("traj_id", "utc_time", "loc_id").rows() == [
+        ("a", t1, 4), ("a", t1, 1), ("a", t1, 2),  # 7, then the 3-3 tie to the smaller place; 0.5 cut by k
+        ("a", t2, 4), ("b", t1, 5)]
+    assert top_places(scores, 1)["loc_id"].to_list() == [4, 4, 5]
 
 
 def test_hints_count_train_visits_of_other_trajectories_only() -> None:
