@@ -135,8 +135,8 @@ def render_samples(
             translation tasks).
         profiles: ``user_id, profile`` (prepended to next-location and recovery prompts).
         cfg: Sample settings (``add_profile``).
-        memory: ``user_id, memory`` (:func:`datamodules.user_memory.user_memory`), placed after the
-            profile in next-location and recovery prompts.
+        memory: ``traj_id, memory`` (:func:`datamodules.user_memory.user_memory`: per trajectory, its own
+            visits left out), placed after the profile in next-location and recovery prompts.
         hints: ``traj_id, utc_time, hint`` (:func:`datamodules.visit_hints.visit_hints`) when
             ``cfg.visit_hints`` is on; default: computed from ``visits`` (which then need ``split``).
 
@@ -188,15 +188,13 @@ def render_samples(
         values = v[col].gather(rows.fill_null(0))
         return pl.select(pl.when(rows.is_not_null()).then(values).otherwise(None)).to_series()
 
-    heads = []  # per user: the profile sentence, then the memory sentence
+    # The head of next-location and recovery prompts: the user's profile sentence, then the trajectory's memory.
     if profiles is not None and cfg.add_profile:
-        heads.append(profiles.select("user_id", text=pl.format("User {} has the following profile: {}\n", "user_id", "profile"), k=pl.lit(0)))
-    if memory is not None and memory.height:
-        heads.append(memory.select("user_id", text="memory", k=pl.lit(1)))
-    if heads:
-        prof = pl.concat(heads).sort("user_id", "k").group_by("user_id", maintain_order=True).agg(profile=pl.col("text").str.join(""))
+        prof = profiles.select("user_id", head=pl.format("User {} has the following profile: {}\n", "user_id", "profile"))
     else:
-        prof = pl.DataFrame(schema={"user_id": pl.String, "profile": pl.String})
+        prof = pl.DataFrame(schema={"user_id": pl.String, "head": pl.String})
+    if memory is None:
+        memory = pl.DataFrame(schema={"traj_id": pl.String, "memory": pl.String})
     index = index.with_columns(
         time=at_target("time_s"), tgt_code=at_target("code"), tgt_loc=at_target("loc_id"),
     )
@@ -230,7 +228,10 @@ def render_samples(
         parts[task] = pl.concat(pieces).sort("sample_id") if len(pieces) > 1 else pieces[0]
 
     def with_profile(df: pl.DataFrame) -> pl.DataFrame:
-        return df.join(prof, on="user_id", how="left", maintain_order="left").with_columns(pl.col("profile").fill_null(""))
+        return (df.join(prof, on="user_id", how="left", maintain_order="left")
+                .join(memory.select("traj_id", "memory"), on="traj_id", how="left", maintain_order="left")
+                .with_columns(profile=pl.col("head").fill_null("") + pl.col("memory").fill_null(""))
+                .drop("head", "memory"))
 
     base = {"user": pl.col("user_id"), "time": pl.col("time")}
     for task in ("next", "recovery_multi", "recovery_single"):
@@ -313,7 +314,7 @@ def sample_renderer(
         visits: The visits the sample index points into, when they are not ``history``'s (``stage=predict``'s
             check-ins); their hints still count ``history``'s train visits only.
     """
-    memory = user_memory(history, codes, cfg.user_places)
+    memory = user_memory(history, codes, cfg.user_places, visits)
     hints = _hints(history, codes, cfg, visits) if cfg.visit_hints else None
     written = history if visits is None else visits
     return lambda index: render_samples(index, written, codes, descriptions, profiles, cfg, memory, hints)

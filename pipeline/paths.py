@@ -95,7 +95,7 @@ def data_fingerprint(cfg: RunConfig) -> str:
 # (and their tests).
 NEUTRAL_SWITCHES: dict[str, Any] = {"lora_plus_ratio": 1.0, "first_code_weight": 1.0, "visit_hint_counts": False,
                                      "visit_hint_count_first": False, "visit_hint_user_weight": 0.0, "visit_hint_day_weight": 1.0,
-                                     "code_softmax": "vocab"}
+                                     "code_softmax": "vocab", "lora_layers": 0}
 
 
 def without_neutral(settings: dict[str, Any]) -> dict[str, Any]:
@@ -107,7 +107,12 @@ def render_settings(cfg: RunConfig) -> dict[str, Any]:
     """The ``data.samples`` settings that only change how samples are written (:data:`RENDER_KEYS`): part
     of the alignment's fingerprint, not of the data or tokenizer stages', whose tables they do not touch."""
     cfg = load_config(cfg)
-    return without_neutral({k: v for k, v in as_dict(cfg.data.samples).items() if k in RENDER_KEYS})
+    settings = without_neutral({k: v for k, v in as_dict(cfg.data.samples).items() if k in RENDER_KEYS})
+    if settings.get("user_places"):
+        # The memory is per trajectory and leaves the sample's own trajectory out (datamodules/user_memory.py):
+        # a model trained on the per-user memory that counted it (a train/test mismatch) is never reused.
+        settings["user_memory"] = "leave-one-trajectory-out"
+    return settings
 
 
 def read_data(cfg: RunConfig, name: str):

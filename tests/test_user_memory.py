@@ -1,5 +1,5 @@
 """User memory in the prompt (data.samples.user_places): the user's top train places as location tokens,
-and never a valid or test visit."""
+never a valid or test visit, and never a visit of the sample's own trajectory."""
 
 from __future__ import annotations
 
@@ -30,9 +30,11 @@ def _visits() -> pl.DataFrame:
 
 def test_memory_comes_from_train_visits_only() -> None:
     visits = _visits()
-    memory = user_memory(visits, CODES, k=3)["memory"].to_list()
-    assert len(memory) == 1
-    text = memory[0]
+    memory = user_memory(visits, CODES, k=3)
+    by_traj = dict(memory.iter_rows())
+    # A valid or test trajectory leaves no train visit out: its memory counts all of them.
+    text = by_traj["test_0"]
+    assert by_traj["valid_0"] == text and set(by_traj) == set(visits["traj_id"].unique())
     assert text.startswith("User u often visits POI index <a_1> (")
     assert "<a_3>" not in text and "<a_4>" not in text, "a valid or test visit leaked into the prompt"
     counts = dict(visits.filter(pl.col("split") == "train").group_by("loc_id").len().iter_rows())
@@ -43,16 +45,48 @@ def test_memory_comes_from_train_visits_only() -> None:
     assert user_memory(visits, CODES, k=0).is_empty()
 
 
+def test_memory_of_a_train_trajectory_leaves_its_own_visits_out() -> None:
+    visits = _visits()
+    by_traj = dict(user_memory(visits, CODES, k=3).iter_rows())
+    # train_5: (13:00, place 5) then (14:00, place 1). Without it, place 5 has no visit left and place 1 five.
+    assert "<a_5>" not in by_traj["train_5"]
+    assert "<a_1> (5 visits, usually around 09:00)" in by_traj["train_5"]
+    # train_0: (09:00, place 1), (10:00, place 2). Place 1 keeps 5 visits (09, 10, 14, 21, 21: usually 21:00, not
+    # the 09:00 it has with train_0), place 2 keeps 4 (10, 11, 20, 20).
+    assert "<a_1> (5 visits, usually around 21:00), POI index <a_2> (4 visits, usually around 20:00)" in by_traj["train_0"]
+    # The same visits counted directly, per trajectory: its memory never counts a visit of its own.
+    train = visits.filter(pl.col("split") == "train")
+    for traj, text in by_traj.items():
+        others = train.filter(pl.col("traj_id") != traj).group_by("loc_id").len()
+        for loc, n in others.iter_rows():
+            if f"<a_{loc}> (" in text:
+                assert f"<a_{loc}> ({n} visit" in text, (traj, loc)
+
+
+def test_memory_of_unseen_trajectories_counts_every_train_visit() -> None:
+    """stage=predict: check-ins that are not in the history get the memory of all their user's train visits."""
+    visits = _visits()
+    new = pl.DataFrame({"traj_id": ["new", "other"], "user_id": ["u", "stranger"]})
+    memory = user_memory(visits, CODES, k=3, visits=new)
+    assert memory["traj_id"].to_list() == ["new"], "a user without train visits gets no memory"
+    assert memory["memory"][0] == dict(user_memory(visits, CODES, k=3).iter_rows())["test_0"]
+
+
 def test_memory_follows_the_profile_in_next_and_recovery_prompts() -> None:
     visits = _visits()
     profiles = pl.DataFrame({"user_id": ["u"], "profile": ["likes coffee"]})
     cfg = SampleConfig(user_places=2)
     index = build_sample_index(visits, None, cfg, tasks=("next", "recovery_single"))
     memory = user_memory(visits, CODES, cfg.user_places)
+    by_traj = dict(memory.iter_rows())
     with_memory = render_samples(index, visits, CODES, None, profiles, cfg, memory)
     without = render_samples(index, visits, CODES, None, profiles, cfg)
-    for a, b in zip(with_memory["prompt"].to_list(), without["prompt"].to_list()):
-        head = "User u has the following profile: likes coffee\n"
-        assert a.startswith(head + memory["memory"][0]) and b.startswith(head)
-        assert a == b.replace(head, head + memory["memory"][0], 1)
+    assert with_memory.height == without.height > 0
+    head = "User u has the following profile: likes coffee\n"
+    for traj, a, b in zip(with_memory["traj_id"], with_memory["prompt"], without["prompt"]):
+        assert a.startswith(head + by_traj[traj]) and b.startswith(head)
+        assert a == b.replace(head, head + by_traj[traj], 1)
     assert with_memory["target"].to_list() == without["target"].to_list()
+    # Train trajectories differ in their memory: each leaves its own visits out.
+    train = with_memory.filter(pl.col("split") == "train")
+    assert train["prompt"].str.extract(r"often visits (.*)\.\n").n_unique() > 1
