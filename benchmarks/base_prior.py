@@ -31,7 +31,6 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-KEY = ["traj_id", "utc_time"]
 HEAD = "Predict the next place of this user's trajectory. Visits:\n"
 LAYOUTS = {  # name: (sentence of a visit, hint places, their order)
     "paren": ("{t} (usually {h}) {x}.", 3, 1),
@@ -46,7 +45,7 @@ def main() -> None:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from datamodules.visit_hints import hint_scores, top_places
+    from datamodules.visit_hints import KEY, hint_scores, top_places
     from lightning_modules.llm import model_path
     from pipeline.data import run_data_stage
     from pipeline.paths import data_dir

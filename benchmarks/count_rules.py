@@ -32,7 +32,7 @@ from pathlib import Path
 import polars as pl
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from datamodules.visit_hints import hint_scores, top_places  # noqa: E402
+from datamodules.visit_hints import KEY, hint_scores, top_places  # noqa: E402
 
 CASE = ["traj_id", "target_pos"]
 GRID = [(h, u, d) for h in (1, 2, 3) for u in (0.0, 0.1) for d in (1.0, 3.0)]
@@ -42,7 +42,7 @@ def checkins(data: Path) -> pl.DataFrame:
     """The data stage's check-ins with each visit's position in its trajectory and the visit before it."""
     return (
         pl.read_parquet(data / "checkins.parquet")
-        .sort(["traj_id", "utc_time"])
+        .sort(KEY)
         .with_columns(pos=pl.int_range(pl.len()).over("traj_id"), last=pl.col("loc_id").shift(1).over("traj_id"))
     )
 
@@ -70,10 +70,10 @@ def ranking(cases: pl.DataFrame, visits: pl.DataFrame, hours: int, user_weight: 
     if moves:
         train = visits.filter((pl.col("split") == "train") & pl.col("last").is_not_null())
         counted = train.group_by("user_id", "last", "loc_id").agg(moved=pl.len().cast(pl.Float64))
-        moved = cases.join(counted, on=["user_id", "last"]).select("traj_id", "utc_time", "loc_id", score=moves * pl.col("moved"))
-        scores = pl.concat([scores, moved], how="vertical_relaxed").group_by("traj_id", "utc_time", "loc_id").agg(pl.col("score").sum())
-    top = top_places(scores, k).group_by("traj_id", "utc_time", maintain_order=True).agg(ranked="loc_id")
-    return cases.join(top, on=["traj_id", "utc_time"], how="left").select(*CASE, "target_loc", pl.col("ranked").fill_null([]))
+        moved = cases.join(counted, on=["user_id", "last"]).select(*KEY, "loc_id", score=moves * pl.col("moved"))
+        scores = pl.concat([scores, moved], how="vertical_relaxed").group_by(*KEY, "loc_id").agg(pl.col("score").sum())
+    top = top_places(scores, k).group_by(KEY, maintain_order=True).agg(ranked="loc_id")
+    return cases.join(top, on=KEY, how="left").select(*CASE, "target_loc", pl.col("ranked").fill_null([]))
 
 
 def acc_ndcg(ranked: pl.DataFrame, column: str = "ranked") -> tuple[float, float]:
