@@ -8,13 +8,14 @@ their ratios are comparable even when the machine's absolute speed drifts.
 Besides s/step: tokens/s, the matmul work it stands for and that work's share of this CPU's matmul
 peak in the step's dtype, measured in the same invocation (2048² matmuls,
 ``lightning_modules/hardware.py``). The base is frozen, so a step multiplies each token through the
-decoder forward and backward for the input gradients only: 4 x decoder parameters per token, plus
+decoder forward and backward for the input gradients only: 4 x decoder parameters per token (2 x in the
+forward pass and 2 x for the layers the backward pass reaches, with ``align.lora_layers`` the top ones), plus
 4 x vocabulary x width per labelled token for the LM head (applied at labelled positions only);
 LoRA's own matmuls and attention scores are left out. (The usual 6 x parameters of full training
 would overstate it by half.) ``--seq-len`` sets the row
 length, e.g. to the mean sample length of ``data.samples.visit_text=official`` against ``compact``.
 
-    .venv/bin/python benchmarks/bench_align.py [--steps 3] [--llm smollm2_135m] [--only NAME] [--seq-len 256]
+    .venv/bin/python benchmarks/bench_align.py [--steps 3] [--llm smollm2_135m] [--only NAME,NAME] [--seq-len 256]
 """
 
 from __future__ import annotations
@@ -34,6 +35,12 @@ SETTINGS = {
     # name: (align overrides, autocast bf16)
     "fp32 LoRA": (["align.quantization=none", "align.gradient_checkpointing=false"], False),
     "bf16-autocast LoRA": (["align.quantization=none", "align.gradient_checkpointing=false"], True),
+    # The CPU recipes' setting, then LoRA on SmolLM2's top 10 of 30 layers with no backward pass below them
+    # (align.lora_layers): a forward pass plus a third of the backward.
+    "fp32 LoRA + checkpointing": (["align.quantization=none", "align.gradient_checkpointing=true"], False),
+    "fp32 LoRA top 10 layers + checkpointing": (
+        ["align.quantization=none", "align.gradient_checkpointing=true", "align.lora_layers=10"], False),
+    "fp32 LoRA top 10 layers": (["align.quantization=none", "align.gradient_checkpointing=false", "align.lora_layers=10"], False),
     "NF4 QLoRA + checkpointing": (["align.quantization=nf4", "align.gradient_checkpointing=true"], False),
     "NF4 QLoRA + checkpointing, bf16 compute": (
         ["align.quantization=nf4", "align.gradient_checkpointing=true", "align.compute_dtype=bfloat16"], True),
@@ -74,7 +81,10 @@ def one(name: str, steps: int, llm: str, new_tokens: str, seq_len: int = 256) ->
                  for n, p in model.named_parameters()
                  if not any(k in n for k in ("lora_", "modules_to_save", "trainable_tokens", "embed_tokens", "lm_head")))
     head = model.get_output_embeddings().weight.shape.numel()
-    flops = 4 * params * ids.numel() + 4 * head * int((labels != -100).sum())
+    # forward 2 x parameters per token; backward 2 x those of the layers it reaches (align.lora_layers: the top ones)
+    layers, top = model.get_base_model().config.num_hidden_layers, int(cfg.align.lora_layers)
+    back = params * top / layers if top else params
+    flops = (2 * params + 2 * back) * ids.numel() + 4 * head * int((labels != -100).sum())
     return {
         "setting": name, "new_tokens": new_tokens, "seq_len": seq_len, "s_per_step": round(s_per_step, 2),
         "tokens_per_s": round(ids.numel() / s_per_step, 1), "model_gflops": round(flops / s_per_step / 1e9, 1),
@@ -89,7 +99,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=3)
     ap.add_argument("--llm", default="smollm2_135m")
     ap.add_argument("--new-tokens", default="modules", choices=["modules", "rows"])
-    ap.add_argument("--only")
+    ap.add_argument("--only", help="settings to run, comma-separated (default: all)")
     ap.add_argument("--seq-len", type=int, default=256)
     ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -102,7 +112,7 @@ def main() -> None:
 
     peak = {False: matmul_gflops(torch.float32, n=2048, seconds=0.5), True: matmul_gflops(torch.bfloat16, n=2048, seconds=0.5)}
     rows = []
-    for name in [args.only] if args.only else SETTINGS:
+    for name in args.only.split(",") if args.only else SETTINGS:
         cmd = [sys.executable, __file__, "--child", "--only", name, "--steps", str(args.steps), "--llm", args.llm,
                "--new-tokens", args.new_tokens, "--seq-len", str(args.seq_len)]
         out = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO)

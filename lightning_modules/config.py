@@ -82,6 +82,10 @@ class AlignConfig:
     # existing token (seeded), so the codes are told apart before any training.
     new_token_init: str = "mean"
     lora: LoraConfig = field(default_factory=LoraConfig)
+    # LoRA on the top N decoder layers only, and no backward pass below them (0: every layer, the paper's).
+    # The layers below run forward only, so a step costs a full forward pass plus the top N layers' backward;
+    # the new tokens' rows then learn through the (tied) output head alone. A departure for CPU speed.
+    lora_layers: int = 0
     gradient_checkpointing: bool = True
     lr: float = 2.0e-4
     # LoRA+ (Hayou et al., 2024): the B matrices learn at lr x this ratio (1 = plain LoRA, the paper's);
@@ -125,6 +129,7 @@ class AlignConfig:
         one_of("align.code_softmax", self.code_softmax, ("vocab", "level"))
         for key in ("lr", "lora_plus_ratio", "first_code_weight", "batch_size", "max_length", "group_batches"):
             at_least(f"align.{key}", getattr(self, key), 0, strict=True)
-        for key in ("weight_decay", "warmup_ratio", "min_lr_ratio", "checkpoint_every_n_steps", "num_generations", "num_workers"):
+        for key in ("weight_decay", "warmup_ratio", "min_lr_ratio", "checkpoint_every_n_steps", "num_generations", "num_workers",
+                    "lora_layers"):
             at_least(f"align.{key}", getattr(self, key), 0)
         at_least("align.train_samples", self.train_samples, 0, strict=True)

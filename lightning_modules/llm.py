@@ -263,6 +263,12 @@ def build_peft_model(llm_cfg: LLMConfig, align_cfg: AlignConfig, cache_dir: str 
         r=int(lora.r), lora_alpha=int(lora.alpha), lora_dropout=float(lora.dropout),
         target_modules=list(lora.target_modules), task_type="CAUSAL_LM",
     )
+    layers = int(model.config.num_hidden_layers)
+    top = int(align_cfg.lora_layers)
+    if top > layers:
+        raise ValueError(f"align.lora_layers={top}, but {llm_cfg.name} has {layers} decoder layers")
+    if 0 < top < layers:
+        lora_kwargs.update(layers_to_transform=list(range(layers - top, layers)), layers_pattern="layers")
     mode = str(align_cfg.new_tokens)
     if mode == "modules":
         lora_kwargs["modules_to_save"] = ["embed_tokens", "lm_head"]
@@ -271,6 +277,10 @@ def build_peft_model(llm_cfg: LLMConfig, align_cfg: AlignConfig, cache_dir: str 
     elif mode != "frozen":
         raise ValueError(f"align.new_tokens={mode!r}; choose modules, rows or frozen")
     peft_model = get_peft_model(model, LoraConfig(**lora_kwargs))
+    if 0 < top < layers:
+        # Nothing below the adapted layers trains, so no gradient needs to reach them: the decoder reads
+        # detached embeddings, and autograd records nothing before the first adapted layer.
+        peft_model.get_input_embeddings().register_forward_hook(lambda module, args, output: output.detach())
     trainable = sum(p.numel() for p in peft_model.parameters() if p.requires_grad)
     info = {"base_model": path, "base_vocab": base_vocab, "new_token_ids": new_ids, "trainable_params": int(trainable),
             "quantization": quant, "new_tokens_mode": mode, **base_identity(llm_cfg)}

@@ -681,3 +681,45 @@ def test_level_code_softmax_scores_each_code_token_against_its_own_level(smoke_a
     assert align_fingerprint(smoke_cfg(smoke_art, model_cache, "align.code_softmax=level")) != align_fingerprint(base)
     with pytest.raises(Exception, match="code_softmax"):
         smoke_cfg(smoke_art, model_cache, "align.code_softmax=codes")
+
+
+@pytest.mark.parametrize("checkpointing", [True, False])
+def test_lora_on_the_top_layers_stops_the_backward_pass_below_them(smoke_art, model_cache, checkpointing) -> None:
+    """align.lora_layers=1 on the 2-layer tiny Llama: adapters in the top layer only, nothing below it in the
+    backward graph, the same forward pass (the adapters start at zero) and the new rows still trained
+    (through the tied output head)."""
+    from lightning_modules.alignment_module import AlignmentModule
+    from lightning_modules.llm import build_peft_model
+    from location_tokenizers.codes import all_code_tokens
+
+    tokens = all_code_tokens(4, 64)
+    losses, grads = {}, {}
+    for top in (0, 1):
+        cfg = smoke_cfg(smoke_art, model_cache, "align.new_tokens=rows", f"align.lora_layers={top}",
+                        f"align.gradient_checkpointing={str(checkpointing).lower()}", "align.lora.dropout=0")
+        torch.manual_seed(0)
+        model, tok, info = build_peft_model(cfg.llm, cfg.align, cfg.paths.cache, tokens, seed=0)
+        assert model.get_base_model().config.num_hidden_layers == 2
+        adapted = {n.split(".layers.")[1].split(".")[0] for n, _ in model.named_parameters() if "lora_A" in n}
+        assert adapted == ({"0", "1"} if top == 0 else {"1"})
+        model.train()
+        seen = {}
+        model.get_base_model().model.layers[0].register_forward_hook(lambda m, a, out: seen.update(grad=out[0].requires_grad
+                                                                     if isinstance(out, tuple) else out.requires_grad))
+        gen = torch.Generator().manual_seed(1)
+        ids = torch.randint(0, len(tok), (2, 24), generator=gen)
+        ids[:, -4:] = torch.tensor(info["new_token_ids"][:4])
+        labels = torch.full_like(ids, -100)
+        labels[:, -4:] = ids[:, -4:]
+        batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels, "task": ["next"] * 2}
+        loss = AlignmentModule(model, tasks=["next"]).model_step(batch)["loss"]
+        loss.backward()
+        losses[top] = loss.item()
+        assert seen["grad"] is (top == 0), "the layer below the adapters is in the backward graph"
+        rows = [p for n, p in model.named_parameters() if "trainable_tokens_delta" in n]
+        assert rows and all(p.grad is not None and p.grad.abs().sum() > 0 for p in rows), "the new rows get no gradient"
+        grads[top] = [p.grad is not None for n, p in model.named_parameters() if "lora_B" in n]
+        assert all(grads[top])
+    assert losses[0] == pytest.approx(losses[1], rel=1e-6)
+    with pytest.raises(ValueError, match="align.lora_layers=3.*2 decoder layers"):
+        build_peft_model(cfg.llm, smoke_cfg(smoke_art, model_cache, "align.lora_layers=3").align, cfg.paths.cache, tokens)
