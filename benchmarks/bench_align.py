@@ -15,7 +15,7 @@ LoRA's own matmuls and attention scores are left out. (The usual 6 x parameters 
 would overstate it by half.) ``--seq-len`` sets the row
 length, e.g. to the mean sample length of ``data.samples.visit_text=official`` against ``compact``.
 
-    .venv/bin/python benchmarks/bench_align.py [--steps 3] [--llm smollm2_135m] [--only NAME,NAME] [--seq-len 256]
+    .venv/bin/python benchmarks/bench_align.py [--steps 3] [--llm smollm2_135m] [--only "NAME;NAME"] [--seq-len 256]
 """
 
 from __future__ import annotations
@@ -99,7 +99,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=3)
     ap.add_argument("--llm", default="smollm2_135m")
     ap.add_argument("--new-tokens", default="modules", choices=["modules", "rows"])
-    ap.add_argument("--only", help="settings to run, comma-separated (default: all)")
+    ap.add_argument("--only", help="settings to run, separated by ';' (default: all)")
     ap.add_argument("--seq-len", type=int, default=256)
     ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -112,7 +112,7 @@ def main() -> None:
 
     peak = {False: matmul_gflops(torch.float32, n=2048, seconds=0.5), True: matmul_gflops(torch.bfloat16, n=2048, seconds=0.5)}
     rows = []
-    for name in args.only.split(",") if args.only else SETTINGS:
+    for name in args.only.split(";") if args.only else SETTINGS:
         cmd = [sys.executable, __file__, "--child", "--only", name, "--steps", str(args.steps), "--llm", args.llm,
                "--new-tokens", args.new_tokens, "--seq-len", str(args.seq_len)]
         out = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO)

@@ -84,7 +84,8 @@ class AlignConfig:
     lora: LoraConfig = field(default_factory=LoraConfig)
     # LoRA on the top N decoder layers only, and no backward pass below them (0: every layer, the paper's).
     # The layers below run forward only, so a step costs a full forward pass plus the top N layers' backward;
-    # the new tokens' rows then learn through the (tied) output head alone. A departure for CPU speed.
+    # the new tokens' rows then learn through the (tied) output head alone, so it needs new_tokens=rows (or
+    # frozen). A departure for CPU speed.
     lora_layers: int = 0
     gradient_checkpointing: bool = True
     lr: float = 2.0e-4

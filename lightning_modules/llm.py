@@ -265,11 +265,15 @@ def build_peft_model(llm_cfg: LLMConfig, align_cfg: AlignConfig, cache_dir: str 
     )
     layers = int(model.config.num_hidden_layers)
     top = int(align_cfg.lora_layers)
-    if top > layers:
-        raise ValueError(f"align.lora_layers={top}, but {llm_cfg.name} has {layers} decoder layers")
-    if 0 < top < layers:
-        lora_kwargs.update(layers_to_transform=list(range(layers - top, layers)), layers_pattern="layers")
     mode = str(align_cfg.new_tokens)
+    if top:
+        if top >= layers:
+            raise ValueError(f"align.lora_layers={top}, but {llm_cfg.name} has {layers} decoder layers: give 1 to "
+                             f"{layers - 1} (0: every layer)")
+        if mode == "modules":  # an untied embed_tokens copy behind the detached embeddings would never learn
+            raise ValueError("align.lora_layers needs align.new_tokens=rows (or frozen): with modules, the embed_tokens "
+                             "copy gets no gradient once the backward pass stops below the adapted layers")
+        lora_kwargs.update(layers_to_transform=list(range(layers - top, layers)), layers_pattern="layers")
     if mode == "modules":
         lora_kwargs["modules_to_save"] = ["embed_tokens", "lm_head"]
     elif mode == "rows":
@@ -277,7 +281,7 @@ def build_peft_model(llm_cfg: LLMConfig, align_cfg: AlignConfig, cache_dir: str 
     elif mode != "frozen":
         raise ValueError(f"align.new_tokens={mode!r}; choose modules, rows or frozen")
     peft_model = get_peft_model(model, LoraConfig(**lora_kwargs))
-    if 0 < top < layers:
+    if top:
         # Nothing below the adapted layers trains, so no gradient needs to reach them: the decoder reads
         # detached embeddings, and autograd records nothing before the first adapted layer.
         peft_model.get_input_embeddings().register_forward_hook(lambda module, args, output: output.detach())

@@ -67,7 +67,8 @@ def model_card(meta: dict[str, Any], results: dict[str, Any] | None = None) -> s
         "",
         f"- Objectives: {', '.join(train.get('tasks', [])) or '?'}" + (f" (weights {train['weights']})" if train.get("weights") else ""),
         f"- {train.get('steps', '?')} steps, batch {train.get('batch_size', '?')}, lr {train.get('lr', '?')}, "
-        f"LoRA r={train.get('lora_r', '?')} α={train.get('lora_alpha', '?')} on {', '.join(train.get('lora_targets', []))}, "
+        f"LoRA r={train.get('lora_r', '?')} α={train.get('lora_alpha', '?')} on {', '.join(train.get('lora_targets', []))}"
+        + (f" of the top {train['lora_layers']} layers only" if train.get("lora_layers") else "") + ", "
         f"max_length {train.get('max_length', '?')}, prompt format `{meta.get('prompt_format')}`, visits written `{meta.get('visit_text', 'official')}`, precision {train.get('precision', '?')}.",
         f"- Made with: `{meta.get('command', 'python run.py')}`",
         "",

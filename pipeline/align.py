@@ -282,7 +282,8 @@ def run_align_stage(cfg: RunConfig, force: bool | None = None) -> dict[str, Any]
             "training": {"tasks": list(cfg.objectives.tasks), "weights": dict(cfg.objectives.weights)
                          if cfg.objectives.weights else None, "steps": steps, "batch_size": int(a.batch_size),
                          "lr": float(a.lr), "lora_r": int(a.lora.r), "lora_alpha": int(a.lora.alpha),
-                         "lora_targets": list(a.lora.target_modules), "max_length": int(a.max_length),
+                         "lora_targets": list(a.lora.target_modules), "lora_layers": int(a.lora_layers),
+                         "max_length": int(a.max_length),
                          "first_code_weight": float(a.first_code_weight), "code_softmax": str(a.code_softmax),
                          "precision": run_precision(cfg)},
         }
