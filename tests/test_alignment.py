@@ -721,6 +721,11 @@ def test_lora_on_the_top_layers_stops_the_backward_pass_below_them(smoke_art, mo
         grads[top] = [p.grad is not None for n, p in model.named_parameters() if "lora_B" in n]
         assert all(grads[top])
     assert losses[0] == pytest.approx(losses[1], rel=1e-6)
+    from pipeline.paths import align_fingerprint
+
+    base = smoke_cfg(smoke_art, model_cache)
+    assert align_fingerprint(smoke_cfg(smoke_art, model_cache, "align.lora_layers=0")) == align_fingerprint(base)
+    assert align_fingerprint(smoke_cfg(smoke_art, model_cache, "align.lora_layers=1")) != align_fingerprint(base)
     for top in (2, 3):  # 2 of 2 layers would train as 0 does under another fingerprint
         with pytest.raises(ValueError, match=f"align.lora_layers={top}.*2 decoder layers"):
             build_peft_model(cfg.llm, smoke_cfg(smoke_art, model_cache, f"align.lora_layers={top}").align, cfg.paths.cache, tokens)
