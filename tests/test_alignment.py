@@ -240,17 +240,25 @@ def test_nf4_path_runs_on_cpu(smoke_art, model_cache) -> None:
     assert torch.isfinite(loss) and all(g is not None and torch.isfinite(g).all() for g in grads)
 
 
-def test_stage_saves_a_folder_that_plain_peft_reloads(smoke_art, model_cache) -> None:
+@pytest.mark.parametrize("lora_layers", [0, 1])
+def test_stage_saves_a_folder_that_plain_peft_reloads(smoke_art, model_cache, lora_layers) -> None:
+    """Trained, saved, reloaded with transformers + peft alone: the same logits and rankings. With
+    align.lora_layers=1 (the quick start's setting on the 2-layer tiny Llama) the adapter config keeps
+    the layers it transforms, so the reload puts the adapters where training had them."""
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from pipeline.align import build_alignment, run_align_stage
 
-    cfg = smoke_cfg(smoke_art, model_cache, "align.train_samples=32", "align.num_generations=1", "run_name=reload")
+    name = f"reload{lora_layers}"
+    cfg = smoke_cfg(smoke_art, model_cache, "align.train_samples=32", "align.num_generations=1", f"run_name={name}",
+                    f"align.lora_layers={lora_layers}")
     result = run_align_stage(cfg)
-    folder = smoke_art / "synthetic" / "reload" / "model"
+    folder = smoke_art / "synthetic" / name / "model"
     assert result["steps"] == 4 and (folder / "adapter_model.safetensors").is_file()
-    ckpt = torch.load(smoke_art / "synthetic" / "reload" / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
+    adapter_cfg = json.loads((folder / "adapter_config.json").read_text())
+    assert adapter_cfg["layers_to_transform"] == ([1] if lora_layers else None)
+    ckpt = torch.load(smoke_art / "synthetic" / name / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
     assert all(("lora_" in k) or ("trainable_tokens" in k) for k in ckpt["state_dict"]), "checkpoint holds trainable parameters only"
     # Reload with transformers + peft alone, as a user of the folder would.
     meta = json.loads((folder / "qtmob.json").read_text())
@@ -258,6 +266,8 @@ def test_stage_saves_a_folder_that_plain_peft_reloads(smoke_art, model_cache) ->
     base = AutoModelForCausalLM.from_pretrained(meta["base_model"], dtype=torch.float32)
     base.resize_token_embeddings(len(tok), mean_resizing=False)
     reloaded = PeftModel.from_pretrained(base, folder).eval()
+    assert {n.split(".layers.")[1].split(".")[0] for n, _ in reloaded.named_parameters() if "lora_A" in n} == (
+        {"1"} if lora_layers else {"0", "1"})
     # The trained model: rebuild and load the final weights from the checkpoint.
     trained = build_alignment(cfg)["module"]
     trained.load_state_dict(ckpt["state_dict"], strict=False)
