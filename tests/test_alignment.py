@@ -240,6 +240,11 @@ def test_nf4_path_runs_on_cpu(smoke_art, model_cache) -> None:
     assert torch.isfinite(loss) and all(g is not None and torch.isfinite(g).all() for g in grads)
 
 
+def adapted_layers(model: torch.nn.Module) -> set[str]:
+    """The indices of the decoder layers that hold LoRA adapters."""
+    return {n.split(".layers.")[1].split(".")[0] for n, _ in model.named_parameters() if "lora_A" in n}
+
+
 @pytest.mark.parametrize("lora_layers", [0, 1])
 def test_stage_saves_a_folder_that_plain_peft_reloads(smoke_art, model_cache, lora_layers) -> None:
     """Trained, saved, reloaded with transformers + peft alone: the same logits and rankings. With
@@ -266,8 +271,7 @@ def test_stage_saves_a_folder_that_plain_peft_reloads(smoke_art, model_cache, lo
     base = AutoModelForCausalLM.from_pretrained(meta["base_model"], dtype=torch.float32)
     base.resize_token_embeddings(len(tok), mean_resizing=False)
     reloaded = PeftModel.from_pretrained(base, folder).eval()
-    assert {n.split(".layers.")[1].split(".")[0] for n, _ in reloaded.named_parameters() if "lora_A" in n} == (
-        {"1"} if lora_layers else {"0", "1"})
+    assert adapted_layers(reloaded) == ({"1"} if lora_layers else {"0", "1"})
     # The trained model: rebuild and load the final weights from the checkpoint.
     trained = build_alignment(cfg)["module"]
     trained.load_state_dict(ckpt["state_dict"], strict=False)
@@ -710,8 +714,7 @@ def test_lora_on_the_top_layers_stops_the_backward_pass_below_them(smoke_art, mo
         torch.manual_seed(0)
         model, tok, info = build_peft_model(cfg.llm, cfg.align, cfg.paths.cache, tokens, seed=0)
         assert model.get_base_model().config.num_hidden_layers == 2
-        adapted = {n.split(".layers.")[1].split(".")[0] for n, _ in model.named_parameters() if "lora_A" in n}
-        assert adapted == ({"0", "1"} if top == 0 else {"1"})
+        assert adapted_layers(model) == ({"0", "1"} if top == 0 else {"1"})
         model.train()
         seen = {}
         model.get_base_model().model.layers[0].register_forward_hook(lambda m, a, out: seen.update(grad=out[0].requires_grad
