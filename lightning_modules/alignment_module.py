@@ -25,8 +25,8 @@ Logged under ``align/`` (so that the RQ-VAE's and the GRU's curves never share a
   train and a validation curve can be laid on each other;
 * ``align/lr``, ``align/grad_norm`` (before clipping), ``align/tokens_per_s``, ``align/padding_share``,
   ``align/peak_rss_mb`` (and ``align/peak_cuda_mb`` on a GPU);
-* ``align/val/acc@1`` (and acc@5) of next-location prediction with constrained decoding, when an
-  evaluator is given, and a few sample generations as TensorBoard text.
+* ``align/val/acc@1`` (and acc@5, ndcg@5 and ``cases``, how many it scored) of next-location prediction
+  with constrained decoding, when an evaluator is given, and a few sample generations as TensorBoard text.
 
 Checkpoints hold the trainable parameters only (LoRA, new token rows): a resumable ``last.ckpt``
 is megabytes, not the quantised base model.

@@ -102,7 +102,7 @@ class LineProgress(ProgressBar):
         parts = []
         for key, value in sorted(trainer.callback_metrics.items()):
             leaf, is_val = key.rsplit("/", 1)[-1], "val/" in key or key.startswith("val")
-            wanted = leaf in ("loss", "acc@1") if prefix == "val" else leaf in self.show
+            wanted = leaf in ("loss", "acc@1", "ndcg@5", "cases") if prefix == "val" else leaf in self.show
             if wanted and is_val == (prefix == "val"):
                 try:
                     parts.append(f"{key} {float(value):.4g}")

@@ -68,8 +68,9 @@ ALIGN_FILES = ("model/adapter_config.json", "model/tokenizer_config.json", "mode
 
 
 def next_location_evaluator(cfg: RunConfig, dm: Any, encoder: Any, tokenizer: Any, model: Any, table: CodeTable):
-    """``val/acc@1`` (and acc@5) of next-location prediction with constrained beam search on a fixed
-    set of ``eval.val_cases`` validation samples; None when there are none."""
+    """``val/acc@1`` (with 5 beams or more also acc@5 and ndcg@5) of next-location prediction with constrained
+    beam search on a fixed set of ``eval.val_cases`` validation samples, and ``val/cases``, how many it scored
+    (a handful of cases cannot tell two runs apart); None when there are none."""
 
     n = cfg.eval.val_cases
     if n <= 0 or "next" not in cfg.objectives.tasks:
@@ -92,7 +93,8 @@ def next_location_evaluator(cfg: RunConfig, dm: Any, encoder: Any, tokenizer: An
         finally:
             m.train(was_training)
         metrics = score(locs, target, beams)
-        return {"acc@1": metrics["acc@1"], "acc@5": metrics["acc@5"]} if beams >= 5 else {"acc@1": metrics["acc@1"]}
+        keep = ("acc@1", "acc@5", "ndcg@5") if beams >= 5 else ("acc@1",)
+        return {**{k: metrics[k] for k in keep}, "cases": float(len(target))}
 
     return evaluate
 
