@@ -75,25 +75,45 @@ def _visit_joiner(v: pl.DataFrame, text: pl.Series, separator: str) -> Callable[
     return window
 
 
-def _continuation(sub: pl.DataFrame, vals: dict[str, pl.Expr], finish: Callable[..., None], sentence: str) -> None:
+def _labelled_runs(trajectory: pl.DataFrame, runs: pl.DataFrame) -> pl.Series:
+    """Per whole-trajectory sample, which runs of code tokens of its answer (its window) are the codes of its
+    targets, 0-based: the targets are contiguous, from ``target_pos`` to the window's end (a window whose
+    oldest visits were cut to fit, :mod:`datamodules.fitting`, keeps the targets it still holds), and a
+    visit's sentence holds ``runs.code_run`` runs (its hint's places) before its own code.
+
+    Args:
+        trajectory: Samples with ``sample_id, off, start, end, target_pos``.
+        runs: Per visit row: ``code_run`` and ``before`` (the code runs of its trajectory's earlier visits).
+    """
+    rows = trajectory.select(
+        "sample_id", first=pl.col("off").cast(pl.Int64) + pl.col("start").cast(pl.Int64),
+        pos=pl.int_ranges(pl.max_horizontal("target_pos", "start"), "end", dtype=pl.Int64) + pl.col("off").cast(pl.Int64),
+    ).explode("pos")
+    before, code_run = runs["before"], runs["code_run"]
+    run = before.gather(rows["pos"]) - before.gather(rows["first"]) + code_run.gather(rows["pos"])
+    rows = rows.with_columns(run=run.cast(pl.Int32))
+    labelled = rows.group_by("sample_id", maintain_order=True).agg("run")
+    return trajectory.select("sample_id").join(labelled, on="sample_id", how="left", maintain_order="left")["run"]
+
+
+def _continuation(sub: pl.DataFrame, vals: dict[str, pl.Expr], finish: Callable[..., None], sentence: str,
+                  runs: pl.DataFrame) -> None:
     """Next-location samples whose visits are the assistant's turn (``next_format`` continuation or
     trajectory). A per-prefix row answers the target's code after its history and the target's time;
     a whole-trajectory row (``masked`` = its targets) has every visit of its window as the answer, of
-    which the codes of ``labelled_visits`` (0-based within the window) are trained."""
+    which the code-token runs ``labelled_runs`` (:func:`_labelled_runs`: its targets' codes, not their hints)
+    are trained."""
     before_code = sentence.split("{code}")[0]
     whole = pl.col("masked").is_not_null()
     target_prefix = _template_expr(before_code, {"time": pl.col("time"), "user": pl.col("user_id")})
-    # The targets are contiguous, from target_pos to the window's end; a window whose oldest visits were
-    # cut to fit (datamodules/fitting.py) keeps the targets it still holds.
-    first = pl.max_horizontal("target_pos", "start") - pl.col("start")
-    offsets = pl.int_ranges(first, pl.col("end") - pl.col("start"), dtype=pl.Int32)
     per_prefix, trajectory = sub.filter(~whole), sub.filter(whole)
     if per_prefix.height:
         finish(per_prefix, "next", vals, pl.col("tgt_code"), pl.col("tgt_loc"),
                prefix=pl.concat_str([pl.col("window"), pl.lit(" "), target_prefix]), template=CONTINUATION_PROMPT)
     if trajectory.height:
+        trajectory = trajectory.with_columns(labelled=_labelled_runs(trajectory, runs))
         finish(trajectory, "next", vals, pl.col("window"), pl.lit(None), prefix=pl.lit(""),
-               labelled=offsets.cast(pl.List(pl.Int32)), template=CONTINUATION_PROMPT)
+               labelled=pl.col("labelled"), template=CONTINUATION_PROMPT)
 
 
 def _without_lines(text: pl.Expr, drop: tuple[int, ...]) -> pl.Expr:
@@ -172,6 +192,14 @@ def render_samples(
         v = v.join(hints, on=["traj_id", "utc_time"], how="left", maintain_order="left").with_columns(
             time_s=pl.when(pl.col("hint").fill_null("") != "").then(pl.format("{} {}", "time_s", "hint")).otherwise("time_s")
         )
+    # Each hinted place is a run of code tokens of its own in the visit's sentence, beside the visit's code:
+    # a whole-trajectory sample labels the runs of its visits' codes (``labelled_runs``), never a hint's.
+    hint_runs = (pl.col("hint_places").fill_null(0) if cfg.visit_hints else pl.lit(0)).cast(pl.Int64)
+    code_after_time = visit_sentence.index("{code}") > visit_sentence.index("{time}")
+    runs = v.with_columns(runs=hint_runs + 1).select(
+        code_run=pl.col("runs") - 1 if code_after_time else pl.col("runs") * 0,  # the visit's code among its sentence's runs
+        before=pl.col("runs").cum_sum().over("traj_id") - pl.col("runs"),  # runs of the trajectory's earlier visits
+    )
 
     def sentence(code: pl.Expr, time: str = "time_s") -> pl.Expr:
         return _template_expr(visit_sentence, {"time": pl.col(time), "user": pl.col("user_id"), "code": code})
@@ -199,7 +227,7 @@ def render_samples(
         time=at_target("time_s"), tgt_code=at_target("code"), tgt_loc=at_target("loc_id"),
     )
     keep = ["sample_id", "task", "split", "traj_id", "user_id", "target_loc", "is_last", "template", "prompt", "response_prefix",
-            "target", "labelled_visits"]
+            "target", "labelled_runs"]
     parts: dict[str, pl.DataFrame] = {}
 
     def finish(df: pl.DataFrame, task: str, values: dict[str, pl.Expr], target: pl.Expr, target_loc: pl.Expr,
@@ -214,12 +242,12 @@ def render_samples(
         # template for every row), then restore index order.
         pieces = [
             part.select(
-                *[c for c in keep if c not in ("prompt", "response_prefix", "target", "target_loc", "labelled_visits")],
+                *[c for c in keep if c not in ("prompt", "response_prefix", "target", "target_loc", "labelled_runs")],
                 prompt=_template_expr(template or TEMPLATES[task][t], values),
                 response_prefix=prefix,
                 target=target,
                 target_loc=target_loc.cast(pl.Int64),
-                labelled_visits=labelled,
+                labelled_runs=labelled,
             ).select(keep)
             for (t,), part in df.partition_by("template", as_dict=True, maintain_order=True).items()
         ]
@@ -252,7 +280,7 @@ def render_samples(
         sub = with_profile(sub.with_columns(window=window))
         vals = {**base, "profile": pl.col("profile"), "history": pl.col("window"), "visits": pl.col("window")}
         if task == "next" and cfg.next_format != "question":
-            _continuation(sub, vals, finish, visit_sentence)
+            _continuation(sub, vals, finish, visit_sentence, runs)
             continue
         if task == "recovery_multi":
             full = plain_window(sub)

@@ -109,8 +109,9 @@ def top_places(scores: pl.DataFrame, k: int) -> pl.DataFrame:
 def visit_hints(history: pl.DataFrame, codes: pl.DataFrame, k: int, hours: int = 1,
                 visits: pl.DataFrame | None = None, counts: bool = False, count_first: bool = False,
                 user_weight: float = 0.0, day_weight: float = 1.0) -> pl.DataFrame:
-    """``traj_id, utc_time, hint``: the hint text of every visit (``""`` where no place scores; an empty
-    frame for ``k <= 0``).
+    """``traj_id, utc_time, hint, hint_places``: the hint text of every visit (``""`` where no place scores;
+    an empty frame for ``k <= 0``) and how many places it names (each is a run of code tokens of its own,
+    which whole-trajectory samples must not label as the visit's code).
 
     Args:
         history: Check-ins with ``traj_id, user_id, loc_id, local_time, split`` (only ``train`` rows count).
@@ -122,7 +123,8 @@ def visit_hints(history: pl.DataFrame, codes: pl.DataFrame, k: int, hours: int =
         count_first: With ``counts``, write ``×n <code>`` (the count before its place) instead.
     """
     if k <= 0:
-        return pl.DataFrame(schema={"traj_id": pl.String, "utc_time": pl.Datetime("us", "UTC"), "hint": pl.String})
+        return pl.DataFrame(schema={"traj_id": pl.String, "utc_time": pl.Datetime("us", "UTC"), "hint": pl.String,
+                                    "hint_places": pl.Int32})
     n = pl.col("score").round(0).cast(pl.Int64)
     ranked = (
         top_places(hint_scores(history, hours, visits, user_weight, day_weight), k)
@@ -130,10 +132,11 @@ def visit_hints(history: pl.DataFrame, codes: pl.DataFrame, k: int, hours: int =
         .with_columns(item=(pl.format("×{} {}", n, "code") if count_first else pl.format("{} ×{}", "code", n))
                       if counts else pl.col("code"))
         .group_by(*KEY, maintain_order=True)
-        .agg(hint=pl.format("(usually {})", pl.col("item").str.join(" ")))
+        .agg(hint=pl.format("(usually {})", pl.col("item").str.join(" ")), hint_places=pl.len().cast(pl.Int32))
     )
     query = (history if visits is None else visits).select(KEY).unique(KEY, maintain_order=True)
-    return query.join(ranked, on=KEY, how="left", maintain_order="left").with_columns(pl.col("hint").fill_null(""))
+    return query.join(ranked, on=KEY, how="left", maintain_order="left").with_columns(
+        pl.col("hint").fill_null(""), pl.col("hint_places").fill_null(0))
 
 
 __all__ = ["hint_scores", "top_places", "visit_hints"]

@@ -10,7 +10,8 @@ is one batched call of the fast tokenizer, not 90k Jinja renders. Prompt and ans
 separately and concatenated: generation sees exactly the prompt ids it was trained on.
 
 A whole-trajectory next-location sample (``data.samples.next_format=trajectory``: its visits are the
-answer, ``labelled_visits`` says which visits' codes are trained) is tokenised as one string, exactly
+answer, ``labelled_runs`` says which of its runs of consecutive code tokens are trained: the rendering
+knows which runs are its targets' codes and which are visit hints beside them) is tokenised as one string, exactly
 as the per-prefix prompts of the same trajectory are, and only the code tokens of those visits get
 labels: the loss at each of them is the loss its per-prefix sample would have on its code.
 
@@ -177,21 +178,24 @@ class ChatEncoder:
 
     def _whole(self, samples: pl.DataFrame, prompts: list[list[int]]) -> dict[int, tuple[list[int], np.ndarray]]:
         """Ids and label mask of each whole-trajectory sample (row number -> (ids, mask))."""
-        if "labelled_visits" not in samples.columns or samples["labelled_visits"].null_count() == samples.height:
+        if "labelled_runs" not in samples.columns or samples["labelled_runs"].null_count() == samples.height:
             return {}
         if not self.code_token_ids.size:
             raise ValueError("whole-trajectory samples (data.samples.next_format=trajectory) need the encoder's code_token_ids")
-        rows = samples.with_row_index("_row").filter(pl.col("labelled_visits").is_not_null())
+        rows = samples.with_row_index("_row").filter(pl.col("labelled_runs").is_not_null())
         texts = self.prompt_texts(rows)
         full = self._ids([t + a + self.end for t, a in zip(texts, rows["target"].to_list())])
         out = {}
-        for row, ids, labelled in zip(rows["_row"].to_list(), full, rows["labelled_visits"].to_list()):
-            # The answer's visits are the runs after those of the prompt (user memory may hold codes).
+        for row, ids, labelled in zip(rows["_row"].to_list(), full, rows["labelled_runs"].to_list()):
+            # The answer's code runs are those after the prompt's (user memory may hold codes); a visit hint's
+            # places are runs too, which ``labelled`` (the rendering's run numbers) skips.
             runs = code_runs(ids, self.code_token_ids)[len(code_runs(prompts[row], self.code_token_ids)):]
+            if labelled and max(labelled) >= len(runs):
+                raise ValueError(f"a whole-trajectory sample labels code run {max(labelled)} of an answer with {len(runs)}: "
+                                 "the rendering's layout and the tokenizer's code tokens disagree")
             mask = np.zeros(len(ids), dtype=bool)
             for k in labelled:
-                if k < len(runs):
-                    mask[runs[k][0]:runs[k][1]] = True
+                mask[runs[k][0]:runs[k][1]] = True
             out[row] = (ids, mask)
         return out
 
@@ -226,7 +230,7 @@ class ChatEncoder:
         # A whole-trajectory sample is tokenised as one string by _whole: its answer alone is not needed.
         answer = self._answer()
         if whole:
-            answer = pl.when(pl.col("labelled_visits").is_null()).then(answer).otherwise(pl.lit(""))
+            answer = pl.when(pl.col("labelled_runs").is_null()).then(answer).otherwise(pl.lit(""))
         answers = self._ids(samples.select(answer).to_series().to_list())
         chunks, prompt_len, truncated = [], np.empty(len(prompts), dtype=np.int32), 0
         tasks = samples["task"].to_list()

@@ -439,13 +439,14 @@ def test_vocab_init_starts_new_tokens_as_distinct_existing_tokens(smoke_art, mod
     assert torch.unique(new, dim=0).shape[0] == len(tokens)
 
 
-@pytest.mark.parametrize("visit_text", ["official", "compact"])
-def test_a_whole_trajectory_sample_has_the_mean_loss_of_its_prefixes(parts, visit_text) -> None:
+@pytest.mark.parametrize("visit_text,hints", [("official", 0), ("compact", 0), ("compact", 1), ("compact", 3)])
+def test_a_whole_trajectory_sample_has_the_mean_loss_of_its_prefixes(parts, visit_text, hints) -> None:
     """next_format=trajectory: one forward pass over a trajectory gives, at every trained visit's code,
     the loss that visit's per-prefix sample (next_format=continuation, same prompt) has on its code;
-    the sample loss is their mean, and a batch weighs the trajectory as that many answers."""
+    the sample loss is their mean, and a batch weighs the trajectory as that many answers. With visit hints
+    (and the user memory) in the prompt, the labels are the visits' codes, never a hint's places."""
     from datamodules.config import SampleConfig
-    from datamodules.rendering import render_samples
+    from datamodules.rendering import sample_renderer
     from datamodules.samples import build_sample_index
     from lightning_modules.chat_encoding import ChatEncoder
 
@@ -458,18 +459,24 @@ def test_a_whole_trajectory_sample_has_the_mean_loss_of_its_prefixes(parts, visi
     visits = dm.checkins.filter(pl.col("traj_id") == traj)
 
     def render(fmt: str) -> pl.DataFrame:
-        cfg = SampleConfig(next_format=fmt, visit_text=visit_text, add_profile=False)
+        cfg = SampleConfig(next_format=fmt, visit_text=visit_text, add_profile=False, visit_hints=hints,
+                           visit_hint_counts=hints > 1, user_places=2 if hints else 0)
         index = build_sample_index(visits, None, cfg, tasks=("next",)).filter(pl.col("split") == "train")
-        return render_samples(index, visits, codes, None, None, cfg)
+        return sample_renderer(dm.checkins, codes, None, None, cfg)(index)  # hints and memory: the user's other trajectories
 
     whole, prefixes = render("trajectory"), render("continuation")
-    assert whole.height == 1 and whole["labelled_visits"][0].to_list() == list(range(2, visits.height))
-    assert prefixes.height == visits.height - 2
+    assert whole.height == 1 and prefixes.height == visits.height - 2
+    if hints:
+        assert whole["target"][0].count("(usually") >= 2 and "often visits" in whole["prompt"][0]
+    else:
+        assert whole["labelled_runs"][0].to_list() == list(range(2, visits.height))
     enc_whole, enc_prefix = enc.encode(whole), enc.encode(prefixes)
     ids, _ = enc_whole.sample(0)
     mask = enc_whole.label_mask(0)
     levels = parts["table"].num_levels
     assert mask.sum() == levels * prefixes.height
+    # The labelled tokens are the targets' codes, in order.
+    assert ids[mask].tolist() == [t for i in range(len(enc_prefix)) for t in enc_prefix.sample(i)[0][enc_prefix.sample(i)[1]:][:levels]]
     items = []
     for i in range(len(enc_prefix)):
         p_ids, plen = enc_prefix.sample(i)
@@ -499,7 +506,8 @@ def test_a_whole_trajectory_sample_has_the_mean_loss_of_its_prefixes(parts, visi
     torch.testing.assert_close(one_pass["loss"], per_prefix["loss"], rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(float(one_pass["loss"]), sum(singles) / len(singles), rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(as_valid["loss"], one_pass["loss"], rtol=1e-4, atol=1e-5)
-    assert not torch.isclose(with_end["loss"], one_pass["loss"], rtol=1e-3)
+    # the end token's loss moves the mean (by 0.09 % on one random model: still far outside the tolerance above)
+    assert not torch.isclose(with_end["loss"], one_pass["loss"], rtol=3e-4)
     assert float(one_pass["mean_loss"]) == pytest.approx(float(one_pass["loss"]), rel=1e-5)
 
 

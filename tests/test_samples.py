@@ -161,7 +161,7 @@ def test_continuation_answers_after_the_visits(city, index) -> None:
     last_time = str(traj["local_time"][-1])[:19]
     assert nxt["response_prefix"].endswith(f"At time {last_time}, user {nxt['user_id']} visited POI index ")
     assert f"visited POI index {code_of[traj['loc_id'][-2]]}." in nxt["response_prefix"]
-    assert nxt["target"] == code_of[nxt["target_loc"]] and nxt["labelled_visits"] is None
+    assert nxt["target"] == code_of[nxt["target_loc"]] and nxt["labelled_runs"] is None
 
 
 def test_render_refuses_missing_codes(city, index) -> None:
