@@ -157,14 +157,15 @@ def render_samples(
         cfg: Sample settings (``add_profile``).
         memory: ``traj_id, memory`` (:func:`datamodules.user_memory.user_memory`: per trajectory, its own
             visits left out), placed after the profile in next-location and recovery prompts.
-        hints: ``traj_id, utc_time, hint`` (:func:`datamodules.visit_hints.visit_hints`) when
+        hints: ``traj_id, utc_time, hint, hint_places`` (:func:`datamodules.visit_hints.visit_hints`) when
             ``cfg.visit_hints`` is on; default: computed from ``visits`` (which then need ``split``).
 
     Returns:
         ``sample_id, task, split, traj_id, user_id, target_loc, is_last, template, prompt,
-        response_prefix, target`` — one row per index row, grouped by task (in :data:`TASKS`
+        response_prefix, target, labelled_runs`` — one row per index row, grouped by task (in :data:`TASKS`
         order), index order within a task; ``sample_id`` is the row number in ``index``.
-        ``target_loc`` is the location the answer names (null for free-text answers).
+        ``target_loc`` is the location the answer names (null for free-text answers); ``labelled_runs``, of
+        a whole-trajectory sample only, the 0-based runs of code tokens of its answer that are its targets' codes.
 
     Raises:
         ValueError: if a visited or described location has no code, or descriptions are needed
@@ -233,7 +234,7 @@ def render_samples(
     def finish(df: pl.DataFrame, task: str, values: dict[str, pl.Expr], target: pl.Expr, target_loc: pl.Expr,
                prefix: pl.Expr | None = None, labelled: pl.Expr | None = None, template: str | None = None) -> None:
         """Format the prompts (``template`` or the row's template of ``task``), prefix, answer and
-        labelled visits (whole-trajectory samples) of ``df`` into ``parts[task]``."""
+        labelled code runs (whole-trajectory samples) of ``df`` into ``parts[task]``."""
         if prefix is None:
             prefix = _template_expr(RESPONSE_PREFIX[task], values) if RESPONSE_PREFIX[task] else pl.lit("")
         if labelled is None:

@@ -115,7 +115,8 @@ def true_runs(flags: np.ndarray) -> list[tuple[int, int]]:
 
 
 def code_runs(ids: Sequence[int] | np.ndarray, code_ids: np.ndarray) -> list[tuple[int, int]]:
-    """``[start, end)`` of each run of consecutive location-code tokens in ``ids``: one per visit."""
+    """``[start, end)`` of each run of consecutive location-code tokens in ``ids``: one per written code (a
+    visit's, a hinted place's or a memory place's)."""
     return true_runs(np.isin(np.asarray(ids), code_ids))
 
 
@@ -190,9 +191,10 @@ class ChatEncoder:
             # The answer's code runs are those after the prompt's (user memory may hold codes); a visit hint's
             # places are runs too, which ``labelled`` (the rendering's run numbers) skips.
             runs = code_runs(ids, self.code_token_ids)[len(code_runs(prompts[row], self.code_token_ids)):]
-            if labelled and max(labelled) >= len(runs):
-                raise ValueError(f"a whole-trajectory sample labels code run {max(labelled)} of an answer with {len(runs)}: "
-                                 "the rendering's layout and the tokenizer's code tokens disagree")
+            if (labelled and max(labelled) >= len(runs)) or len({end - start for start, end in runs}) > 1:
+                raise ValueError(f"a whole-trajectory sample labels code runs up to {max(labelled, default=0)} of an answer "
+                                 f"with {len(runs)} runs of lengths {sorted({e - s for s, e in runs})}: the rendering's "
+                                 "layout and the tokenizer's code tokens disagree (two codes written without a separator?)")
             mask = np.zeros(len(ids), dtype=bool)
             for k in labelled:
                 mask[runs[k][0]:runs[k][1]] = True

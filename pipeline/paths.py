@@ -112,7 +112,7 @@ def render_settings(cfg: RunConfig) -> dict[str, Any]:
         # The memory is per trajectory and leaves the sample's own trajectory out (datamodules/user_memory.py):
         # a model trained on the per-user memory that counted it (a train/test mismatch) is never reused.
         settings["user_memory"] = "leave-one-trajectory-out"
-    if settings.get("visit_hints"):
+    if settings.get("visit_hints") and cfg.data.samples.next_format == "trajectory":
         # A whole-trajectory sample labels its targets' own code runs, not the hints' (datamodules/rendering.py,
         # fixed in session 37): a model trained on the hint runs is never reused.
         settings["hint_labels"] = "visit-code-runs"

@@ -511,6 +511,38 @@ def test_a_whole_trajectory_sample_has_the_mean_loss_of_its_prefixes(parts, visi
     assert float(one_pass["mean_loss"]) == pytest.approx(float(one_pass["loss"]), rel=1e-5)
 
 
+@pytest.mark.parametrize("visit_text,hints,counts", [("official", 2, False), ("compact", 2, False), ("compact", 3, True)])
+def test_whole_trajectory_samples_label_their_targets_codes_in_every_chunk(parts, visit_text, hints, counts) -> None:
+    """With visit hints (places separated by a space or by counts) and the user memory, trajectories cut into
+    chunks (``max_history=3``: windows that start after visit 0) label exactly their targets' codes: over all
+    whole-trajectory samples, in order, the labelled tokens are the codes the per-prefix samples answer."""
+    from datamodules.config import SampleConfig
+    from datamodules.rendering import sample_renderer
+    from datamodules.samples import build_sample_index
+
+    dm, enc = parts["datamodule"], parts["encoder"]
+    dm.setup()
+    codes = parts["table"].strings()
+    levels = parts["table"].num_levels
+    lengths = dm.checkins.filter(pl.col("split") == "train").group_by("traj_id").len()
+    trajs = lengths.filter(pl.col("len") >= 9).sort("traj_id")["traj_id"].head(3)
+    visits = dm.checkins.filter(pl.col("traj_id").is_in(trajs.implode()))
+
+    def render(fmt: str) -> pl.DataFrame:
+        cfg = SampleConfig(next_format=fmt, visit_text=visit_text, add_profile=False, max_history=3, visit_hints=hints,
+                           visit_hint_counts=counts, user_places=2)
+        index = build_sample_index(visits, None, cfg, tasks=("next",)).filter(pl.col("split") == "train")
+        return sample_renderer(dm.checkins, codes, None, None, cfg)(index).sort("traj_id", "sample_id")
+
+    whole, prefixes = render("trajectory"), render("continuation")
+    assert whole.height > trajs.len(), "trajectories of 9+ visits make several chunks of max_history + 1 visits"
+    assert whole["target"].str.count_matches(r"\(usually").sum() >= whole.height
+    enc_whole, enc_prefix = enc.encode(whole), enc.encode(prefixes)
+    labelled = [t for i in range(len(enc_whole)) for t in enc_whole.sample(i)[0][enc_whole.label_mask(i)].tolist()]
+    answered = [t for i in range(len(enc_prefix)) for t in enc_prefix.sample(i)[0][enc_prefix.sample(i)[1]:][:levels].tolist()]
+    assert len(answered) == levels * prefixes.height and labelled == answered
+
+
 def test_first_code_weight_weighs_the_codes_first_tokens_in_training_only(smoke_art, model_cache, parts) -> None:
     """align.first_code_weight=w: in the training loss each labelled first-level code token weighs w against 1
     for the other labelled tokens, rescaled so that the batch's total weight is that of the plain loss; the
