@@ -50,6 +50,7 @@ from pipeline.paths import (
     align_fingerprint,
     data_dir,
     load_codes,
+    render_settings,
     run_dir,
     run_precision,
 )
@@ -287,7 +288,10 @@ def run_align_stage(cfg: RunConfig, force: bool | None = None) -> dict[str, Any]
                          "lora_targets": list(a.lora.target_modules), "lora_layers": int(a.lora_layers),
                          "max_length": int(a.max_length),
                          "first_code_weight": float(a.first_code_weight), "code_softmax": str(a.code_softmax),
-                         "precision": run_precision(cfg)},
+                         "precision": run_precision(cfg),
+                         # Which answer tokens whole-trajectory samples with hints labelled (null where the question
+                         # did not arise): models aligned before the session-37 fix lack it, and stage=predict says so.
+                         "hint_labels": render_settings(cfg).get("hint_labels")},
         }
         with atomic_dir(out / "model") as tmp:
             save_aligned(tmp, parts["model"], parts["tokenizer"], parts["table"], parts["info"], parts["encoder"], extra)

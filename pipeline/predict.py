@@ -36,6 +36,10 @@ def trained_settings(meta: dict[str, Any], samples: SampleConfig, code_softmax: 
     for key, value in (recorded | trained).items():
         if asked[key] != value:
             log.warning("predict: the model was aligned with %s=%r; this run's %r is not used", key, value, asked[key])
+    if recorded.get("visit_hints") and recorded.get("next_format") == "trajectory" and not meta.get("training", {}).get("hint_labels"):
+        log.warning("predict: the model was aligned with visit hints in whole-trajectory samples before the label fix "
+                    "(its qtmob.json has no training.hint_labels): it was trained on the hints' code tokens as much as on "
+                    "the visits'; realign it (stage=align force=true) before trusting its predictions")
     return dataclasses.replace(samples, **recorded), trained["code_softmax"]
 
 

@@ -29,6 +29,8 @@ def test_the_cpu_recipe_grid_runs_on_the_smoke_experiment(tmp_path) -> None:
     assert meta["float32"]["training"]["precision"] == "32-true" and meta["bf16"]["training"]["precision"] == "bf16-mixed"
     assert meta["compact"]["visit_text"] == "compact" and meta["none"]["visit_text"] == "official"
     assert meta["trajectory"]["next_format"] == "trajectory" and meta["all"]["next_format"] == "trajectory"
+    # hints in whole-trajectory samples record which runs they labelled (stage=predict reads it); elsewhere null
+    assert meta["all"]["training"]["hint_labels"] == "visit-code-runs" and meta["visit_hints"]["training"]["hint_labels"] is None
     assert meta["nf4"]["quantization"] == "nf4" and meta["lora"]["quantization"] == "none"
     # one training sample per trajectory chunk instead of one per prefix
     assert runs["trajectory"]["train_samples"] < 0.7 * runs["none"]["train_samples"]  # next: 1 per chunk, not per prefix

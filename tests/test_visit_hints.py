@@ -252,3 +252,33 @@ def test_hint_weights_are_checked_and_leave_fingerprints_alone_at_their_neutral_
     for switch in ("data.samples.visit_hint_user_weight=0.1", "data.samples.visit_hint_day_weight=3"):
         assert align_fingerprint(compose_run(base)) != align_fingerprint(compose_run(base + [switch]))
         assert data_fingerprint(compose_run(base)) == data_fingerprint(compose_run(base + [switch]))  # one RQ-VAE
+
+
+def test_predict_warns_about_a_model_aligned_on_the_hint_runs_before_the_label_fix(caplog) -> None:
+    """A model whose qtmob.json records hints in whole-trajectory samples but no ``training.hint_labels`` was
+    trained before the label fix (its labels were hint runs as much as visit codes): stage=predict says so.
+    A fixed model, a model without hints and one trained on per-prefix questions pass silently."""
+    import logging
+
+    from datamodules.config import SampleConfig
+    from pipeline.paths import render_settings
+    from pipeline.predict import trained_settings
+    from tests.conftest import compose_run
+
+    samples = SampleConfig(visit_text="compact", next_format="trajectory", visit_hints=1)
+    hinted = {"next_format": "trajectory", "visit_hints": 1, "visit_text": "compact", "training": {"code_softmax": "level"}}
+    cases = [
+        (hinted, True),
+        ({**hinted, "training": {"code_softmax": "level", "hint_labels": "visit-code-runs"}}, False),
+        ({**hinted, "visit_hints": 0}, False),
+        ({**hinted, "next_format": "question"}, False),
+    ]
+    for meta, warns in cases:
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="pipeline.predict"):
+            trained_settings(meta, samples, "level")
+        assert ("before the label fix" in caplog.text) is warns, (meta, caplog.text)
+    # what the alignment records is the fingerprint's marker: set exactly where hints meet trajectory samples
+    hint = ["experiment=smoke", "data.samples.visit_hints=1"]
+    assert render_settings(compose_run(hint + ["data.samples.next_format=trajectory"]))["hint_labels"] == "visit-code-runs"
+    assert "hint_labels" not in render_settings(compose_run(hint))
