@@ -290,7 +290,8 @@ def run_align_stage(cfg: RunConfig, force: bool | None = None) -> dict[str, Any]
                          "first_code_weight": float(a.first_code_weight), "code_softmax": str(a.code_softmax),
                          "precision": run_precision(cfg),
                          # Which answer tokens whole-trajectory samples with hints labelled (null where the question
-                         # did not arise): models aligned before the session-37 fix lack it, and stage=predict says so.
+                         # did not arise); recorded since session 38, so stage=predict can tell a model of the fixed
+                         # labels from one aligned before the session-37 fix without its run's fingerprint.
                          "hint_labels": render_settings(cfg).get("hint_labels")},
         }
         with atomic_dir(out / "model") as tmp:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 from typing import Any
 
@@ -18,17 +19,23 @@ from lightning_modules.constrained_decoding import beam_search
 from lightning_modules.hardware import autocast
 from location_tokenizers.codes import CodeTable
 from pipeline.config import RunConfig, load_config
-from pipeline.paths import RENDER_KEYS, read_data, run_dir, run_precision
+from pipeline.paths import RENDER_KEYS, align_fingerprint, read_data, run_dir, run_precision
 from pipeline.test import load_for_eval
 
 log = logging.getLogger(__name__)
 
 
-def trained_settings(meta: dict[str, Any], samples: SampleConfig, code_softmax: str) -> tuple[SampleConfig, str]:
+def trained_settings(meta: dict[str, Any], samples: SampleConfig, code_softmax: str,
+                     fingerprint_matches: bool = False) -> tuple[SampleConfig, str]:
     """How the aligned model learnt to read prompts: the rendering switches (:data:`pipeline.paths.RENDER_KEYS`,
     ``next_format``) and ``training.code_softmax`` its ``qtmob.json`` records, over this run's ``samples`` and
     ``code_softmax`` (kept where an older model card lacks a key). A run setting that disagrees is logged and
     not used: a prompt written another way, or beams normalised another way, is not what the model was trained on.
+
+    A model with visit hints in whole-trajectory samples whose ``qtmob.json`` lacks ``training.hint_labels``
+    may predate the label fix (session 37) and is warned about, unless ``fingerprint_matches``: its
+    ``align.json`` fingerprint equals this config's, which carries the fix's marker (models aligned after the
+    fix but before ``qtmob.json`` recorded it).
     """
     recorded = {k: tuple(v) if isinstance(v, list) else v for k, v in meta.items() if k in ("next_format", *RENDER_KEYS)}
     trained = {"code_softmax": str(meta.get("training", {}).get("code_softmax", code_softmax))}
@@ -36,10 +43,12 @@ def trained_settings(meta: dict[str, Any], samples: SampleConfig, code_softmax: 
     for key, value in (recorded | trained).items():
         if asked[key] != value:
             log.warning("predict: the model was aligned with %s=%r; this run's %r is not used", key, value, asked[key])
-    if recorded.get("visit_hints") and recorded.get("next_format") == "trajectory" and not meta.get("training", {}).get("hint_labels"):
-        log.warning("predict: the model was aligned with visit hints in whole-trajectory samples before the label fix "
-                    "(its qtmob.json has no training.hint_labels): it was trained on the hints' code tokens as much as on "
-                    "the visits'; realign it (stage=align force=true) before trusting its predictions")
+    hinted = recorded.get("visit_hints") and recorded.get("next_format") == "trajectory"
+    if hinted and not meta.get("training", {}).get("hint_labels") and not fingerprint_matches:
+        log.warning("predict: the model was aligned with visit hints in whole-trajectory samples and neither its "
+                    "qtmob.json (training.hint_labels) nor its align.json fingerprint shows the label fix: if aligned "
+                    "before it, it was trained on the hints' code tokens as much as on the visits'; realign it "
+                    "(stage=align force=true) before trusting its predictions")
     return dataclasses.replace(samples, **recorded), trained["code_softmax"]
 
 
@@ -82,7 +91,9 @@ def run_predict_stage(cfg: RunConfig) -> dict[str, Any]:
                            "template": 0, "is_last": True}], schema=INDEX_SCHEMA)
     locations = read_data(cfg, "locations.parquet")
     model, _, encoder, trie, meta = load_for_eval(cfg, folder, table)
-    sample_cfg, code_softmax = trained_settings(meta, cfg.data.samples, str(cfg.align.code_softmax))
+    aligned = run_dir(cfg) / "align.json"
+    current = aligned.is_file() and json.loads(aligned.read_text()).get("fingerprint") == align_fingerprint(cfg)
+    sample_cfg, code_softmax = trained_settings(meta, cfg.data.samples, str(cfg.align.code_softmax), fingerprint_matches=current)
     profiles = read_data(cfg, "profiles.parquet")
     render = sample_renderer(checkins, table.strings(), locations, profiles, sample_cfg, visits=traj)
     samples, _ = fit_history(index, render(index), render, encoder.lengths, encoder.max_length)

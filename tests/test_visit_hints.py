@@ -255,9 +255,9 @@ def test_hint_weights_are_checked_and_leave_fingerprints_alone_at_their_neutral_
 
 
 def test_predict_warns_about_a_model_aligned_on_the_hint_runs_before_the_label_fix(caplog) -> None:
-    """A model whose qtmob.json records hints in whole-trajectory samples but no ``training.hint_labels`` was
-    trained before the label fix (its labels were hint runs as much as visit codes): stage=predict says so.
-    A fixed model, a model without hints and one trained on per-prefix questions pass silently."""
+    """A model whose qtmob.json records hints in whole-trajectory samples but no ``training.hint_labels``, and whose
+    run fingerprint does not match, may predate the label fix (its labels were hint runs as much as visit codes):
+    stage=predict says so. A recorded fix, a matching fingerprint, no hints or per-prefix questions pass silently."""
     import logging
 
     from datamodules.config import SampleConfig
@@ -274,10 +274,13 @@ def test_predict_warns_about_a_model_aligned_on_the_hint_runs_before_the_label_f
         ({**hinted, "next_format": "question"}, False),
     ]
     for meta, warns in cases:
-        caplog.clear()
-        with caplog.at_level(logging.WARNING, logger="pipeline.predict"):
-            trained_settings(meta, samples, "level")
-        assert ("before the label fix" in caplog.text) is warns, (meta, caplog.text)
+        for matches in (False, True):
+            caplog.clear()
+            with caplog.at_level(logging.WARNING, logger="pipeline.predict"):
+                trained_settings(meta, samples, "level", fingerprint_matches=matches)
+            # a model whose run fingerprint (which carries the fix's marker) matches this config was aligned after
+            # the fix, though before qtmob.json recorded it: no warning
+            assert ("label fix" in caplog.text) is (warns and not matches), (meta, matches, caplog.text)
     # what the alignment records is the fingerprint's marker: set exactly where hints meet trajectory samples
     hint = ["experiment=smoke", "data.samples.visit_hints=1"]
     assert render_settings(compose_run(hint + ["data.samples.next_format=trajectory"]))["hint_labels"] == "visit-code-runs"
