@@ -191,9 +191,10 @@ class ChatEncoder:
             # The answer's code runs are those after the prompt's (user memory may hold codes); a visit hint's
             # places are runs too, which ``labelled`` (the rendering's run numbers) skips.
             runs = code_runs(ids, self.code_token_ids)[len(code_runs(prompts[row], self.code_token_ids)):]
-            if (labelled and max(labelled) >= len(runs)) or len({end - start for start, end in runs}) > 1:
+            lengths = {end - start for start, end in runs}
+            if (labelled and max(labelled) >= len(runs)) or len(lengths) > 1:
                 raise ValueError(f"a whole-trajectory sample labels code runs up to {max(labelled, default=0)} of an answer "
-                                 f"with {len(runs)} runs of lengths {sorted({e - s for s, e in runs})}: the rendering's "
+                                 f"with {len(runs)} runs of lengths {sorted(lengths)}: the rendering's "
                                  "layout and the tokenizer's code tokens disagree (two codes written without a separator?)")
             mask = np.zeros(len(ids), dtype=bool)
             for k in labelled:

@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 from typing import Any
 
 import polars as pl
 
+from datamodules.artifacts import reusable
 from datamodules.config import SampleConfig
 from datamodules.errors import DataError
 from datamodules.fitting import fit_history
@@ -18,6 +18,7 @@ from datamodules.user_checkins import parse_time, read_user_checkins
 from lightning_modules.constrained_decoding import beam_search
 from lightning_modules.hardware import autocast
 from location_tokenizers.codes import CodeTable
+from pipeline.align import ALIGN_FILES
 from pipeline.config import RunConfig, load_config
 from pipeline.paths import RENDER_KEYS, align_fingerprint, read_data, run_dir, run_precision
 from pipeline.test import load_for_eval
@@ -91,8 +92,8 @@ def run_predict_stage(cfg: RunConfig) -> dict[str, Any]:
                            "template": 0, "is_last": True}], schema=INDEX_SCHEMA)
     locations = read_data(cfg, "locations.parquet")
     model, _, encoder, trie, meta = load_for_eval(cfg, folder, table)
-    aligned = run_dir(cfg) / "align.json"
-    current = aligned.is_file() and json.loads(aligned.read_text()).get("fingerprint") == align_fingerprint(cfg)
+    # The align stage's own reuse check: its align.json fingerprint (the fix's marker included) and files match this config.
+    current = reusable(run_dir(cfg), "align.json", ALIGN_FILES, align_fingerprint(cfg), force=False) is not None
     sample_cfg, code_softmax = trained_settings(meta, cfg.data.samples, str(cfg.align.code_softmax), fingerprint_matches=current)
     profiles = read_data(cfg, "profiles.parquet")
     render = sample_renderer(checkins, table.strings(), locations, profiles, sample_cfg, visits=traj)
