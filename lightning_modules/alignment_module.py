@@ -287,6 +287,18 @@ class AlignmentModule(L.LightningModule):
             self.log("align/peak_rss_mb", peak_rss_mb(), batch_size=bs)
             if torch.cuda.is_available() and self.device.type == "cuda":
                 self.log("align/peak_cuda_mb", torch.cuda.max_memory_allocated(self.device) / 2**20, batch_size=bs)
+        if self._final_step():
+            # Training ends with a validation (its losses and the decoding metrics) even where
+            # trainer.val_check_interval does not divide the steps (170 steps at 90: Lightning validates at 90
+            # only) or max_steps ends an epoch early. A stop request makes Lightning's loop validate at this
+            # batch (it does so for early stopping); the run stops here anyway, and a validation that was due
+            # at this batch runs once.
+            self.trainer.should_stop = True
+
+    def _final_step(self) -> bool:
+        """Whether the optimizer step just taken is the run's last (its whole schedule, over all epochs)."""
+        total = self.trainer.estimated_stepping_batches
+        return total is not None and math.isfinite(total) and self.global_step >= int(total)
 
     # -- validation ---------------------------------------------------------------------------
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
@@ -299,8 +311,7 @@ class AlignmentModule(L.LightningModule):
         if self.trainer.sanity_checking:
             return
         self._validations += 1
-        last = self.global_step >= int(self.trainer.estimated_stepping_batches or 0)
-        if not (last or self._validations % max(int(self.hparams.evaluate_every), 1) == 0):
+        if not (self._final_step() or self._validations % max(int(self.hparams.evaluate_every), 1) == 0):
             return
         if self.evaluator is not None:
             for name, value in self.evaluator(self.model).items():

@@ -393,6 +393,29 @@ def test_a_crashed_run_resumes_from_last_ckpt_to_the_same_weights(smoke_art, mod
         torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-6)
 
 
+def test_the_last_step_is_validated_when_the_interval_does_not_divide_the_steps(smoke_art, model_cache, monkeypatch) -> None:
+    """5 steps at val_check_interval=2: validations at steps 2, 4 and 5, the decoding metrics from the last
+    (Lightning alone validates at 2 and 4, and the run ends without its final figures)."""
+    from lightning_modules import alignment_module
+    from pipeline.align import run_align_stage
+
+    seen: list[tuple[int, bool]] = []
+    original = alignment_module.AlignmentModule.on_validation_epoch_end
+
+    def record(self):
+        original(self)
+        seen.append((self.global_step, "align/val/acc@1" in self.trainer.callback_metrics))
+
+    monkeypatch.setattr(alignment_module.AlignmentModule, "on_validation_epoch_end", record)
+    res = run_align_stage(smoke_cfg(smoke_art, model_cache, "run_name=uneven", "align.train_samples=40", "align.batch_size=8",
+                                    "trainer.val_check_interval=2", "eval.val_cases=2", "eval.val_every=100",
+                                    "align.num_generations=0"))
+    assert res["steps"] == 5
+    assert [step for step, _ in seen] == [2, 4, 5]
+    assert seen[-1][1] and not seen[0][1], "decoding at the last validation only (val_every=100)"
+    assert "align/val/acc@1" in res["metrics"] and np.isfinite(res["metrics"]["align/val/loss"])
+
+
 def test_int8_path_runs_on_cpu(smoke_art, model_cache) -> None:
     import bitsandbytes as bnb
 
