@@ -148,3 +148,39 @@ def test_count_rules_analysis_scores_each_rule_on_the_run_cases(tmp_path) -> Non
     assert acc_ndcg(ranking(cases, visits, hours=0, moves=2.0))[0] == 0.5
     # With the user's overall visits the cafe is ranked on Monday too (third: 0.1 x 20 after 20 and 8).
     assert ranking(cases, visits, hours=0, user_weight=0.1).sort("traj_id")["ranked"].to_list()[1] == [1, 2, 3]
+
+
+def test_headroom_probe_counts_by_day_type_and_fits_a_ranker_on_valid(tmp_path) -> None:
+    """benchmarks/headroom.py: window counts split by day type and hour distance, context recency and moves are
+    counted from train visits only, and a conditional logit fitted on valid cases ranks the test targets first."""
+    from benchmarks.headroom import cases_from, features, fit, per_case, rank, tensors, visits_of
+
+    monday, rows = datetime(2024, 1, 1), []
+    for w in range(4):  # train: weekdays office 1 at 9:00 then cafe 3 at 10:00; weekends park 2 at 9:00
+        for d in range(7):
+            day = monday + timedelta(weeks=w, days=d)
+            if d < 5:
+                rows += [(f"w{w}d{d}", day + timedelta(hours=9), 1, "train"), (f"w{w}d{d}", day + timedelta(hours=10), 3, "train")]
+            else:
+                rows.append((f"w{w}d{d}", day + timedelta(hours=9, minutes=d), 2, "train"))
+    for w, split in ((4, "valid"), (5, "test")):  # a Saturday 8:00 cafe -> 9:00 park; a Monday office -> cafe
+        day = monday + timedelta(weeks=w)
+        rows += [(f"{split}A", day + timedelta(days=5, hours=8), 3, split), (f"{split}A", day + timedelta(days=5, hours=9), 2, split),
+                 (f"{split}B", day + timedelta(hours=9), 1, split), (f"{split}B", day + timedelta(hours=10), 3, split)]
+    pl.DataFrame(rows, schema=["traj_id", "local_time", "loc_id", "split"], orient="row").with_columns(
+        user_id=pl.lit("u"), utc_time=pl.col("local_time").dt.replace_time_zone("UTC"), loc_id=pl.col("loc_id").cast(pl.Int64),
+    ).write_parquet(tmp_path / "checkins.parquet")
+    visits = visits_of(tmp_path)
+    keys = lambda split: visits.filter((pl.col("split") == split) & (pl.col("pos") >= 1)).select("traj_id", target_pos="pos")  # noqa: E731
+    valid, test = cases_from(visits, keys("valid")), cases_from(visits, keys("test"))
+    assert test.select("last", "hour", "weekend").rows() == [(3, 9, True), (1, 10, False)]
+    table, names = features(test, visits)
+    f = {(c, loc): r for c, loc, r in zip(table["case"], table["loc_id"], table.select(names).rows(named=True))}
+    sat_park, sat_office, sat_cafe, mon_cafe = f[0, 2], f[0, 1], f[0, 3], f[1, 3]
+    assert (sat_park["w0_same"], sat_park["w0_other"], sat_office["w0_same"], sat_office["w0_other"]) == (8, 0, 0, 20)
+    assert sat_cafe["w1_other"] == 20 and sat_cafe["recent1"] == 1 and sat_park["recent1"] == 0
+    assert mon_cafe["w0_same"] == 20 and mon_cafe["user_moves"] == 20 and mon_cafe["all_moves"] == 20 and sat_park["user"] == 8
+    xv, mv, tv, _ = tensors(*features(valid, visits), valid.height)
+    xt, mt, _, lt = tensors(table, names, test.height)
+    acc, ndcg = per_case(rank(fit(xv, mv, tv, hidden=0), xt, mt, lt), test["target_loc"].to_list())
+    assert acc.tolist() == [1.0, 1.0] and ndcg.tolist() == [1.0, 1.0]

@@ -1,0 +1,256 @@
+"""How much room is there above ``user_time`` for a model that reads the same counts and the trajectory?
+
+``user_time`` hand-weights three terms (hour window, all visits, the current trajectory). This probe *fits*
+a ranker to the valid split instead, over a richer set of the same kind of evidence, and scores it on a
+run's own test cases beside ``user_time`` (paired bootstrap of the difference). It bounds what the visit
+hints plus the trajectory can give a model of a city, not what an LLM will learn from them:
+
+* ``window``: per candidate place, the user's train visits at each circular hour distance 0..3 from the
+  case's hour, on the case's day type (weekday / weekend) and on the other, plus their sums to ±6 h;
+* ``user``: the user's train visits to it at any hour;
+* ``trajectory``: whether it is the 1st, 2nd, 3rd most recent visit of the case's context, and how many
+  context visits it has further back;
+* ``moves``: the user's train moves, and everyone's, from the case's last visit to it;
+* ``popularity``: everyone's train visits to it.
+
+Each count enters as ``log1p`` and as an indicator. Candidates: the user's 200 most visited train places and
+the context's places (a target outside them is a miss for the ranker, as for ``user_time``'s own list).
+Two scorers are fitted on the valid cases (every valid visit after its trajectory's first, the split
+``user_time`` is tuned on): a conditional logit (a linear score, softmax over a case's candidates) and a
+small MLP (two layers of 32) per candidate. Feature groups are dropped one at a time to show which carry
+the gain; test cases are never fitted on. CPU seconds on the synthetic city, a minute or two on NYC.
+
+    .venv/bin/python benchmarks/headroom.py <data folder> <run folder>
+    # e.g. the quick start: artifacts/synthetic/data-* artifacts/synthetic/quickstart
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+from pathlib import Path
+
+import numpy as np
+import polars as pl
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+CASE = ["traj_id", "target_pos"]
+MAX_CANDIDATES = 200
+RECENT = 3  # context positions with a feature of their own
+GROUPS = {
+    "window": [f"w{d}_{s}" for d in range(4) for s in ("same", "other")] + ["w4to6_same", "w4to6_other"],
+    "user": ["user"],
+    "trajectory": [f"recent{k}" for k in range(1, RECENT + 1)] + ["earlier"],
+    "moves": ["user_moves", "all_moves"],
+    "popularity": ["pop"],
+}
+
+
+def visits_of(data: Path) -> pl.DataFrame:
+    """Check-ins in trajectory order with position, hour of day and day type."""
+    return (
+        pl.read_parquet(data / "checkins.parquet", columns=["traj_id", "user_id", "utc_time", "local_time", "loc_id", "split"])
+        .sort("traj_id", "utc_time")
+        .with_columns(pos=pl.int_range(pl.len()).over("traj_id").cast(pl.Int32),
+                      hour=pl.col("local_time").dt.hour().cast(pl.Int32),
+                      weekend=pl.col("local_time").dt.weekday() >= 6)
+    )
+
+
+def cases_from(visits: pl.DataFrame, keys: pl.DataFrame) -> pl.DataFrame:
+    """``traj_id, target_pos, target_loc, user_id, hour, weekend, last, context`` (most recent first, up to 10)."""
+    v = visits.select("traj_id", "pos", "loc_id")
+    context = (
+        keys.select(CASE).with_columns(pos=pl.int_ranges(pl.max_horizontal(pl.col("target_pos") - 10, 0), "target_pos", dtype=pl.Int32))
+        .explode("pos").filter(pl.col("pos").is_not_null())
+        .join(v, on=["traj_id", "pos"]).sort(*CASE, "pos", descending=[False, False, True])
+        .group_by(CASE, maintain_order=True).agg(context=pl.col("loc_id"))
+    )
+    target = visits.select("traj_id", target_pos="pos", target_loc="loc_id", user_id="user_id", hour="hour", weekend="weekend")
+    return (keys.select(CASE).join(target, on=CASE, how="left").join(context, on=CASE, how="left")
+            .with_columns(pl.col("context").fill_null([])).with_columns(last=pl.col("context").list.first()))
+
+
+def features(cases: pl.DataFrame, visits: pl.DataFrame) -> tuple[pl.DataFrame, list[str]]:
+    """One row per (case, candidate) with every feature of :data:`GROUPS`, and the feature names."""
+    train = visits.filter(pl.col("split") == "train")
+    case = cases.with_row_index("case")
+    per_user = train.group_by("user_id", "loc_id").agg(user=pl.len())
+    top = per_user.sort(["user", "loc_id"], descending=[True, False]).group_by("user_id", maintain_order=True).head(MAX_CANDIDATES)
+    from_user = case.select("case", "user_id").join(top.select("user_id", "loc_id"), on="user_id")
+    from_context = case.select("case", loc_id="context").explode("loc_id").filter(pl.col("loc_id").is_not_null())
+    cand = pl.concat([from_user.select("case", "loc_id"), from_context]).unique(maintain_order=True)
+    rows = cand.join(case.select("case", "user_id", "hour", "weekend", "last", "context", "target_loc"), on="case")
+
+    hist = train.group_by("user_id", "loc_id", "hour", "weekend").agg(n=pl.len())
+    dist = (pl.col("hour") - pl.col("hour_right")).abs()
+    window = (
+        rows.select("case", "loc_id", "user_id", "hour", "weekend").join(hist, on=["user_id", "loc_id"])
+        .with_columns(d=pl.min_horizontal(dist, 24 - dist), same=pl.col("weekend") == pl.col("weekend_right"))
+        .filter(pl.col("d") <= 6)
+        .with_columns(bucket=pl.when(pl.col("d") <= 3).then(pl.format("w{}", pl.col("d"))).otherwise(pl.lit("w4to6"))
+                      + pl.when(pl.col("same")).then(pl.lit("_same")).otherwise(pl.lit("_other")))
+        .pivot(on="bucket", index=["case", "loc_id"], values="n", aggregate_function="sum")
+    )
+    ctx = rows.select("case", "loc_id", "context").with_columns(
+        **{f"recent{k}": (pl.col("context").list.get(k - 1, null_on_oob=True) == pl.col("loc_id")).fill_null(False).cast(pl.Float64)
+           for k in range(1, RECENT + 1)})
+    earlier = (rows.select("case", "loc_id", "context").with_columns(older=pl.col("context").list.slice(RECENT))
+               .explode("older").filter(pl.col("older") == pl.col("loc_id")).group_by("case", "loc_id").agg(earlier=pl.len()))
+    ctx = ctx.drop("context").join(earlier, on=["case", "loc_id"], how="left")
+    moves = train.with_columns(prev=pl.col("loc_id").shift(1).over("traj_id")).filter(pl.col("prev").is_not_null())
+    user_moves = moves.group_by("user_id", "prev", "loc_id").agg(user_moves=pl.len())
+    all_moves = moves.group_by("prev", "loc_id").agg(all_moves=pl.len())
+    pop = train.group_by("loc_id").agg(pop=pl.len())
+
+    names = [n for g in GROUPS.values() for n in g]
+    out = (
+        rows.select("case", "loc_id", "user_id", "last", "target_loc")
+        .join(window, on=["case", "loc_id"], how="left")
+        .join(ctx, on=["case", "loc_id"], how="left")
+        .join(per_user, on=["user_id", "loc_id"], how="left")
+        .join(user_moves.rename({"prev": "last"}), on=["user_id", "last", "loc_id"], how="left")
+        .join(all_moves.rename({"prev": "last"}), on=["last", "loc_id"], how="left")
+        .join(pop, on="loc_id", how="left")
+    )
+    out = out.with_columns([(pl.col(n) if n in out.columns else pl.lit(0)).cast(pl.Float64).fill_null(0.0).alias(n) for n in names])
+    return out.select("case", "loc_id", "target_loc", *names).sort("case", "loc_id"), names
+
+
+def tensors(rows: pl.DataFrame, names: list[str], n_cases: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, np.ndarray]:
+    """Padded ``(cases, candidates, features)`` inputs (log1p and indicator of each count), the mask, each
+    case's target index (-1: not a candidate) and the candidates' location ids."""
+    counts = rows.group_by("case", maintain_order=True).len()
+    width = int(counts["len"].max())
+    slot = rows.select(slot=pl.int_range(pl.len()).over("case"))["slot"].to_numpy()
+    ci = rows["case"].to_numpy()
+    raw = rows.select(names).to_numpy()
+    x = np.zeros((n_cases, width, 2 * len(names)), dtype=np.float32)
+    x[ci, slot] = np.concatenate([np.log1p(raw), (raw > 0)], axis=1)
+    mask = np.zeros((n_cases, width), dtype=bool)
+    mask[ci, slot] = True
+    loc = np.full((n_cases, width), -1, dtype=np.int64)
+    loc[ci, slot] = rows["loc_id"].to_numpy()
+    target = np.full(n_cases, -1, dtype=np.int64)
+    hit = rows["loc_id"].to_numpy() == rows["target_loc"].to_numpy()
+    target[ci[hit]] = slot[hit]
+    return torch.from_numpy(x), torch.from_numpy(mask), torch.from_numpy(target), loc
+
+
+class Scorer(torch.nn.Module):
+    def __init__(self, n: int, hidden: int = 0) -> None:
+        super().__init__()
+        self.net = (torch.nn.Sequential(torch.nn.Linear(n, hidden), torch.nn.GELU(), torch.nn.Linear(hidden, hidden),
+                                        torch.nn.GELU(), torch.nn.Linear(hidden, 1)) if hidden else torch.nn.Linear(n, 1))
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        return self.net(x).squeeze(-1).masked_fill(~mask, -1e9)
+
+
+def fit(x: torch.Tensor, mask: torch.Tensor, target: torch.Tensor, hidden: int, seed: int = 0) -> Scorer:
+    """Conditional-likelihood fit on the cases whose target is a candidate (full batch, Adam, weight decay)."""
+    torch.manual_seed(seed)
+    keep = target >= 0
+    x, mask, target = x[keep], mask[keep], target[keep]
+    model = Scorer(x.shape[-1], hidden)
+    opt = torch.optim.Adam(model.parameters(), lr=0.03 if not hidden else 0.01, weight_decay=1e-4)
+    for _ in range(400):
+        opt.zero_grad()
+        loss = torch.nn.functional.cross_entropy(model(x, mask), target)
+        loss.backward()
+        opt.step()
+    return model
+
+
+def per_case(ranked: list[list[int]], targets: list[int]) -> tuple[np.ndarray, np.ndarray]:
+    """Per case: hit at rank 1, and NDCG@5 (one relevant place)."""
+    acc = np.array([float(bool(r) and r[0] == t) for r, t in zip(ranked, targets)])
+    ndcg = np.array([1 / math.log2(r[:5].index(t) + 2) if t in r[:5] else 0.0 for r, t in zip(ranked, targets)])
+    return acc, ndcg
+
+
+def rank(model: Scorer, x: torch.Tensor, mask: torch.Tensor, loc: np.ndarray, k: int = 10) -> list[list[int]]:
+    """Each case's top ``k`` candidates (ties: the smaller location id)."""
+    with torch.no_grad():
+        s = model(x, mask).numpy()
+    out = []
+    for i in range(len(s)):
+        ok = mask[i].numpy()
+        order = np.lexsort((loc[i][ok], -s[i][ok]))[:k]
+        out.append(loc[i][ok][order].tolist())
+    return out
+
+
+def user_time_lists(visits: pl.DataFrame, valid: pl.DataFrame, test: pl.DataFrame) -> list[list[int]]:
+    """``user_time``'s top 10 for the test cases: fitted on the train visits, tuned on the valid cases (as a run does)."""
+    from lightning_modules.user_time import UserTimeBaseline, tune_user_time
+
+    def as_cases(c: pl.DataFrame) -> pl.DataFrame:  # user_time reads the context oldest first
+        return c.select("user_id", "target_loc", target_hour="hour", context=pl.col("context").list.reverse())
+
+    model = UserTimeBaseline(visits.filter(pl.col("split") == "train"))
+    params, _ = tune_user_time(model, as_cases(valid))
+    return [[int(x) for x in r if x >= 0] for r in model.rank(as_cases(test), params)]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("data", type=Path, help="the data stage's folder (checkins.parquet)")
+    ap.add_argument("run", type=Path, nargs="?",
+                    help="a run folder whose rankings.parquet holds its next-location test cases and user_time's lists; "
+                         "without it: every test visit after its trajectory's first, user_time fitted here")
+    ap.add_argument("--resamples", type=int, default=1000)
+    args = ap.parse_args()
+    visits = visits_of(args.data)
+    valid = cases_from(visits, visits.filter((pl.col("split") == "valid") & (pl.col("pos") >= 1)).select("traj_id", target_pos="pos"))
+    if args.run:
+        ranked = pl.read_parquet(args.run / "rankings.parquet")
+        if "task" in ranked.columns:
+            ranked = ranked.filter(pl.col("task") == "next")
+        ranked = ranked.sort(CASE)
+        test = cases_from(visits, ranked.select(CASE))
+        assert (test["target_loc"] == ranked["target_loc"]).all(), "the run's test targets are not this data folder's"
+        model_col = next((c for c in ranked.columns if c.startswith("QT-Mob") and not c.endswith("scores")), None)
+        user_time, where = ranked["user_time"].to_list(), f"{test.height} test cases of {args.run.name}"
+    else:
+        test = cases_from(visits, visits.filter((pl.col("split") == "test") & (pl.col("pos") >= 1)).select("traj_id", target_pos="pos"))
+        model_col, user_time, where = None, user_time_lists(visits, valid, test), f"all {test.height} test visits after their trajectory's first"
+
+    fv, names = features(valid, visits)
+    ft, _ = features(test, visits)
+    xv, mv, tv, _ = tensors(fv, names, valid.height)
+    xt, mt, _, lt = tensors(ft, names, test.height)
+    targets = test["target_loc"].to_list()
+    print(f"{args.data.name}: fitted on {valid.height} valid cases (target a candidate in {float((tv >= 0).float().mean()):.3f}); "
+          f"scored on {where}")
+
+    base_acc, base_ndcg = per_case(user_time, targets)
+    idx = np.random.default_rng(42).integers(0, test.height, (args.resamples, test.height))
+
+    def row(label: str, acc: np.ndarray, ndcg: np.ndarray, paired: bool = True) -> None:
+        cells = [f"{acc.mean():.3f}", f"{ndcg.mean():.3f}"]
+        if paired:
+            for a, b in ((acc, base_acc), (ndcg, base_ndcg)):
+                lo, hi = np.percentile((a - b)[idx].mean(1), [2.5, 97.5])
+                cells.append(f"{(a - b).mean():+.3f} ({lo:+.3f} to {hi:+.3f})")
+        else:
+            cells += ["", ""]
+        print(f"| {label} | " + " | ".join(cells) + " |")
+
+    print("\n| ranker (test cases) | Acc@1 | NDCG@5 | Δ Acc@1 vs user_time | Δ NDCG@5 vs user_time |\n|---|---|---|---|---|")
+    row("user_time (tuned on valid)", base_acc, base_ndcg, paired=False)
+    if model_col:
+        row(model_col, *per_case(ranked[model_col].to_list(), targets))
+    for hidden, kind in ((0, "linear"), (32, "MLP")):
+        row(f"{kind}, all features", *per_case(rank(fit(xv, mv, tv, hidden), xt, mt, lt), targets))
+    for group, cols in GROUPS.items():
+        keep = [i for i, n in enumerate(names) if n not in cols]
+        sel = keep + [len(names) + i for i in keep]
+        row(f"linear, without {group}", *per_case(rank(fit(xv[..., sel], mv, tv, 0), xt[..., sel], mt, lt), targets))
+
+
+if __name__ == "__main__":
+    main()
