@@ -5,8 +5,8 @@ a ranker to the valid split instead, over a richer set of the same kind of evide
 run's own test cases beside ``user_time`` (paired bootstrap of the difference). It bounds what the visit
 hints plus the trajectory can give a model of a city, not what an LLM will learn from them:
 
-* ``window``: per candidate place, the user's train visits at each circular hour distance 0..3 from the
-  case's hour, on the case's day type (weekday / weekend) and on the other, plus their sums to ±6 h;
+* ``window``: per candidate place, the user's train visits at each circular hour distance 0, 1, 2, 3 and
+  4-6 from the case's hour, on the case's day type (weekday / weekend) and on the other;
 * ``user``: the user's train visits to it at any hour;
 * ``trajectory``: whether it is the 1st, 2nd, 3rd most recent visit of the case's context, and how many
   context visits it has further back;
@@ -17,8 +17,9 @@ Each count enters as ``log1p`` and as an indicator. Candidates: the user's 200 m
 the context's places (a target outside them is a miss for the ranker, as for ``user_time``'s own list).
 Two scorers are fitted on the valid cases (every valid visit after its trajectory's first, the split
 ``user_time`` is tuned on): a conditional logit (a linear score, softmax over a case's candidates) and a
-small MLP (two layers of 32) per candidate. Feature groups are dropped one at a time to show which carry
-the gain; test cases are never fitted on. CPU seconds on the synthetic city, a minute or two on NYC.
+small MLP (two layers of 32) per candidate. Feature groups are dropped one at a time, and the window is
+coarsened (day types merged; one ±2 h count per day type) to show which carry the gain; test cases are
+never fitted on. CPU seconds on the synthetic city, a minute or two on NYC.
 
     .venv/bin/python benchmarks/headroom.py <data folder> <run folder>
     # e.g. the quick start: artifacts/synthetic/data-* artifacts/synthetic/quickstart
@@ -53,7 +54,7 @@ def visits_of(data: Path) -> pl.DataFrame:
     """Check-ins in trajectory order with position, hour of day and day type."""
     return (
         pl.read_parquet(data / "checkins.parquet", columns=["traj_id", "user_id", "utc_time", "local_time", "loc_id", "split"])
-        .sort("traj_id", "utc_time")
+        .sort("traj_id", "utc_time", maintain_order=True)
         .with_columns(pos=pl.int_range(pl.len()).over("traj_id").cast(pl.Int32),
                       hour=pl.col("local_time").dt.hour().cast(pl.Int32),
                       weekend=pl.col("local_time").dt.weekday() >= 6)
@@ -70,7 +71,8 @@ def cases_from(visits: pl.DataFrame, keys: pl.DataFrame) -> pl.DataFrame:
         .group_by(CASE, maintain_order=True).agg(context=pl.col("loc_id"))
     )
     target = visits.select("traj_id", target_pos="pos", target_loc="loc_id", user_id="user_id", hour="hour", weekend="weekend")
-    return (keys.select(CASE).join(target, on=CASE, how="left").join(context, on=CASE, how="left")
+    return (keys.select(CASE).join(target, on=CASE, how="left", maintain_order="left")
+            .join(context, on=CASE, how="left", maintain_order="left")
             .with_columns(pl.col("context").fill_null([])).with_columns(last=pl.col("context").list.first()))
 
 
@@ -118,6 +120,18 @@ def features(cases: pl.DataFrame, visits: pl.DataFrame) -> tuple[pl.DataFrame, l
     )
     out = out.with_columns([(pl.col(n) if n in out.columns else pl.lit(0)).cast(pl.Float64).fill_null(0.0).alias(n) for n in names])
     return out.select("case", "loc_id", "target_loc", *names).sort("case", "loc_id"), names
+
+
+def coarsen(rows: pl.DataFrame, names: list[str], how: str) -> tuple[pl.DataFrame, list[str]]:
+    """The window features coarsened: ``day`` merges the two day types of each hour distance; ``hours`` keeps
+    one count within ±2 h per day type (``user_time``'s default window; beyond it nothing)."""
+    window = GROUPS["window"]
+    if how == "day":
+        merged = {f"w{b}": pl.col(f"w{b}_same") + pl.col(f"w{b}_other") for b in ("0", "1", "2", "3", "4to6")}
+    else:
+        merged = {f"w0to2_{t}": sum((pl.col(f"w{d}_{t}") for d in range(3)), pl.lit(0.0)) for t in ("same", "other")}
+    rest = [n for n in names if n not in window]
+    return rows.with_columns(**merged).select("case", "loc_id", "target_loc", *merged, *rest), [*merged, *rest]
 
 
 def tensors(rows: pl.DataFrame, names: list[str], n_cases: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, np.ndarray]:
@@ -250,6 +264,11 @@ def main() -> None:
         keep = [i for i, n in enumerate(names) if n not in cols]
         sel = keep + [len(names) + i for i in keep]
         row(f"linear, without {group}", *per_case(rank(fit(xv[..., sel], mv, tv, 0), xt[..., sel], mt, lt), targets))
+    for how, label in (("day", "window without the day type"), ("hours", "window as one ±2 h count per day type")):
+        (cv, nv), (ct, _) = coarsen(fv, names, how), coarsen(ft, names, how)
+        xcv, mcv, tcv, _ = tensors(cv, nv, valid.height)
+        xct, mct, _, lct = tensors(ct, nv, test.height)
+        row(f"linear, {label}", *per_case(rank(fit(xcv, mcv, tcv, 0), xct, mct, lct), targets))
 
 
 if __name__ == "__main__":

@@ -288,17 +288,19 @@ class AlignmentModule(L.LightningModule):
             if torch.cuda.is_available() and self.device.type == "cuda":
                 self.log("align/peak_cuda_mb", torch.cuda.max_memory_allocated(self.device) / 2**20, batch_size=bs)
         if self._final_step():
-            # Training ends with a validation (its losses and the decoding metrics) even where
+            # Training ends with a validation (its losses and the decoding metrics) also where
             # trainer.val_check_interval does not divide the steps (170 steps at 90: Lightning validates at 90
             # only) or max_steps ends an epoch early. A stop request makes Lightning's loop validate at this
             # batch (it does so for early stopping); the run stops here anyway, and a validation that was due
-            # at this batch runs once.
+            # at this batch runs once. Lightning ignores the request, and validates as scheduled only, where
+            # min_steps / min_epochs are not yet met at this batch or check_val_every_n_epoch skips this epoch.
             self.trainer.should_stop = True
 
     def _final_step(self) -> bool:
-        """Whether the optimizer step just taken is the run's last (its whole schedule, over all epochs)."""
+        """Whether the optimizer step just taken is the run's last (its whole schedule, over all epochs; never
+        for an open-ended run, whose estimate is infinite, or -1 for a loader without a length)."""
         total = self.trainer.estimated_stepping_batches
-        return total is not None and math.isfinite(total) and self.global_step >= int(total)
+        return total is not None and math.isfinite(total) and total > 0 and self.global_step >= int(total)
 
     # -- validation ---------------------------------------------------------------------------
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:

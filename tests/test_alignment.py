@@ -393,7 +393,9 @@ def test_a_crashed_run_resumes_from_last_ckpt_to_the_same_weights(smoke_art, mod
         torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-6)
 
 
-def test_the_last_step_is_validated_when_the_interval_does_not_divide_the_steps(smoke_art, model_cache, monkeypatch) -> None:
+@pytest.mark.parametrize("schedule", [["align.train_samples=40"], ["align.train_samples=64", "trainer.max_steps=5"]],
+                         ids=["5-step epoch", "max_steps ends an 8-step epoch"])
+def test_the_last_step_is_validated_when_the_interval_does_not_divide_the_steps(schedule, smoke_art, model_cache, monkeypatch) -> None:
     """5 steps at val_check_interval=2: validations at steps 2, 4 and 5, the decoding metrics from the last
     (Lightning alone validates at 2 and 4, and the run ends without its final figures)."""
     from lightning_modules import alignment_module
@@ -407,7 +409,7 @@ def test_the_last_step_is_validated_when_the_interval_does_not_divide_the_steps(
         seen.append((self.global_step, "align/val/acc@1" in self.trainer.callback_metrics))
 
     monkeypatch.setattr(alignment_module.AlignmentModule, "on_validation_epoch_end", record)
-    res = run_align_stage(smoke_cfg(smoke_art, model_cache, "run_name=uneven", "align.train_samples=40", "align.batch_size=8",
+    res = run_align_stage(smoke_cfg(smoke_art, model_cache, f"run_name=uneven{len(schedule)}", *schedule, "align.batch_size=8",
                                     "trainer.val_check_interval=2", "eval.val_cases=2", "eval.val_every=100",
                                     "align.num_generations=0"))
     assert res["steps"] == 5

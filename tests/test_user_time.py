@@ -151,36 +151,49 @@ def test_count_rules_analysis_scores_each_rule_on_the_run_cases(tmp_path) -> Non
 
 
 def test_headroom_probe_counts_by_day_type_and_fits_a_ranker_on_valid(tmp_path) -> None:
-    """benchmarks/headroom.py: window counts split by day type and hour distance, context recency and moves are
-    counted from train visits only, and a conditional logit fitted on valid cases ranks the test targets first."""
-    from benchmarks.headroom import cases_from, features, fit, per_case, rank, tensors, visits_of
+    """benchmarks/headroom.py: window counts split by day type and hour distance (across midnight), context recency
+    and moves are counted from train visits only (a leaked valid/test visit would add to the exact counts), cases
+    with more candidates are padded, and a conditional logit fitted on valid cases ranks the test targets first."""
+    import torch
+
+    from benchmarks.headroom import Scorer, cases_from, coarsen, features, fit, per_case, rank, tensors, visits_of
 
     monday, rows = datetime(2024, 1, 1), []
-    for w in range(4):  # train: weekdays office 1 at 9:00 then cafe 3 at 10:00; weekends park 2 at 9:00
+    for w in range(4):  # train: weekdays office 1 at 9:00, cafe 3 at 10:00, bar 4 at 23:30; weekends park 2 at 9:00
         for d in range(7):
             day = monday + timedelta(weeks=w, days=d)
             if d < 5:
-                rows += [(f"w{w}d{d}", day + timedelta(hours=9), 1, "train"), (f"w{w}d{d}", day + timedelta(hours=10), 3, "train")]
+                rows += [(f"w{w}d{d}", day + timedelta(hours=h), loc, "train") for h, loc in ((9, 1), (10, 3), (23.5, 4))]
             else:
                 rows.append((f"w{w}d{d}", day + timedelta(hours=9, minutes=d), 2, "train"))
-    for w, split in ((4, "valid"), (5, "test")):  # a Saturday 8:00 cafe -> 9:00 park; a Monday office -> cafe
-        day = monday + timedelta(weeks=w)
+    for w, split in ((4, "valid"), (5, "test")):  # a Saturday cafe -> park; a Monday office -> cafe; a Tuesday night
+        day = monday + timedelta(weeks=w)       # at a place never seen in train (9), then 1 h after the bar's hour
         rows += [(f"{split}A", day + timedelta(days=5, hours=8), 3, split), (f"{split}A", day + timedelta(days=5, hours=9), 2, split),
-                 (f"{split}B", day + timedelta(hours=9), 1, split), (f"{split}B", day + timedelta(hours=10), 3, split)]
+                 (f"{split}B", day + timedelta(hours=9), 1, split), (f"{split}B", day + timedelta(hours=10), 3, split),
+                 (f"{split}C", day + timedelta(days=1, minutes=10), 9, split), (f"{split}C", day + timedelta(days=1, minutes=40), 4, split)]
     pl.DataFrame(rows, schema=["traj_id", "local_time", "loc_id", "split"], orient="row").with_columns(
         user_id=pl.lit("u"), utc_time=pl.col("local_time").dt.replace_time_zone("UTC"), loc_id=pl.col("loc_id").cast(pl.Int64),
     ).write_parquet(tmp_path / "checkins.parquet")
     visits = visits_of(tmp_path)
     keys = lambda split: visits.filter((pl.col("split") == split) & (pl.col("pos") >= 1)).select("traj_id", target_pos="pos")  # noqa: E731
     valid, test = cases_from(visits, keys("valid")), cases_from(visits, keys("test"))
-    assert test.select("last", "hour", "weekend").rows() == [(3, 9, True), (1, 10, False)]
+    assert test.select("last", "hour", "weekend").rows() == [(3, 9, True), (1, 10, False), (9, 0, False)]
     table, names = features(test, visits)
     f = {(c, loc): r for c, loc, r in zip(table["case"], table["loc_id"], table.select(names).rows(named=True))}
-    sat_park, sat_office, sat_cafe, mon_cafe = f[0, 2], f[0, 1], f[0, 3], f[1, 3]
+    sat_park, sat_office, sat_cafe, mon_cafe, night_bar = f[0, 2], f[0, 1], f[0, 3], f[1, 3], f[2, 4]
     assert (sat_park["w0_same"], sat_park["w0_other"], sat_office["w0_same"], sat_office["w0_other"]) == (8, 0, 0, 20)
     assert sat_cafe["w1_other"] == 20 and sat_cafe["recent1"] == 1 and sat_park["recent1"] == 0
     assert mon_cafe["w0_same"] == 20 and mon_cafe["user_moves"] == 20 and mon_cafe["all_moves"] == 20 and sat_park["user"] == 8
+    assert night_bar["w1_same"] == 20 and night_bar["w0_same"] == 0, "23:30 is one hour from 00:40"
+    assert f[2, 9]["recent1"] == 1 and f[2, 9]["user"] == 0, "a context place never visited in train is a candidate"
+    assert table.group_by("case").len().sort("case")["len"].to_list() == [4, 4, 5]
+    merged, merged_names = coarsen(table, names, "day")
+    assert merged.filter((pl.col("case") == 0) & (pl.col("loc_id") == 1))["w0"].item() == 20 and "w0_same" not in merged_names
     xv, mv, tv, _ = tensors(*features(valid, visits), valid.height)
     xt, mt, _, lt = tensors(table, names, test.height)
+    assert mt.sum(1).tolist() == [4, 4, 5] and (lt[:2, 4] == -1).all()
     acc, ndcg = per_case(rank(fit(xv, mv, tv, hidden=0), xt, mt, lt), test["target_loc"].to_list())
-    assert acc.tolist() == [1.0, 1.0] and ndcg.tolist() == [1.0, 1.0]
+    assert acc.tolist() == [1.0, 1.0, 1.0] and ndcg.tolist() == [1.0, 1.0, 1.0]
+    flat = Scorer(xt.shape[-1])
+    torch.nn.init.zeros_(flat.net.weight), torch.nn.init.zeros_(flat.net.bias)
+    assert rank(flat, xt, mt, lt)[2] == [1, 2, 3, 4, 9], "equal scores: the smaller location id first"
