@@ -28,7 +28,6 @@ never fitted on. CPU seconds on the synthetic city, a minute or two on NYC.
 from __future__ import annotations
 
 import argparse
-import math
 import sys
 from pathlib import Path
 
@@ -37,6 +36,7 @@ import polars as pl
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from lightning_modules.metrics import paired_bootstrap, per_case  # noqa: E402
 
 CASE = ["traj_id", "target_pos"]
 MAX_CANDIDATES = 200
@@ -179,27 +179,26 @@ def fit(x: torch.Tensor, mask: torch.Tensor, target: torch.Tensor, hidden: int, 
     return model
 
 
-def per_case(ranked: list[list[int]], targets: list[int]) -> tuple[np.ndarray, np.ndarray]:
-    """Per case: hit at rank 1, and NDCG@5 (one relevant place)."""
-    acc = np.array([float(bool(r) and r[0] == t) for r, t in zip(ranked, targets)])
-    ndcg = np.array([1 / math.log2(r[:5].index(t) + 2) if t in r[:5] else 0.0 for r, t in zip(ranked, targets)])
-    return acc, ndcg
-
-
-def rank(model: Scorer, x: torch.Tensor, mask: torch.Tensor, loc: np.ndarray, k: int = 10) -> list[list[int]]:
-    """Each case's top ``k`` candidates (ties: the smaller location id)."""
+def rank(model: Scorer, x: torch.Tensor, mask: torch.Tensor, loc: np.ndarray, k: int = 10) -> np.ndarray:
+    """``(cases, k)``: each case's top ``k`` candidates (ties: the smaller location id), -1 past its last."""
     with torch.no_grad():
         s = model(x, mask).numpy()
-    out = []
+    out = np.full((len(s), k), -1, dtype=np.int64)
     for i in range(len(s)):
         ok = mask[i].numpy()
-        order = np.lexsort((loc[i][ok], -s[i][ok]))[:k]
-        out.append(loc[i][ok][order].tolist())
+        top = loc[i][ok][np.lexsort((loc[i][ok], -s[i][ok]))[:k]]
+        out[i, : len(top)] = top
     return out
 
 
-def user_time_lists(visits: pl.DataFrame, valid: pl.DataFrame, test: pl.DataFrame) -> list[list[int]]:
-    """``user_time``'s top 10 for the test cases: fitted on the train visits, tuned on the valid cases (as a run does)."""
+def padded(lists: pl.Series) -> np.ndarray:
+    """A ``rankings.parquet`` column (one list of location ids per case) as a ``(cases, width)`` array, -1 past a list's end."""
+    width = max(int(lists.list.len().max() or 0), 1)
+    return np.array([(row or []) + [-1] * (width - len(row or [])) for row in lists.to_list()], dtype=np.int64)
+
+
+def user_time_lists(visits: pl.DataFrame, valid: pl.DataFrame, test: pl.DataFrame) -> np.ndarray:
+    """``(cases, 10)``: ``user_time``'s top 10 for the test cases: fitted on the train visits, tuned on the valid cases (as a run does)."""
     from lightning_modules.user_time import UserTimeBaseline, tune_user_time
 
     def as_cases(c: pl.DataFrame) -> pl.DataFrame:  # user_time reads the context oldest first
@@ -207,7 +206,7 @@ def user_time_lists(visits: pl.DataFrame, valid: pl.DataFrame, test: pl.DataFram
 
     model = UserTimeBaseline(visits.filter(pl.col("split") == "train"))
     params, _ = tune_user_time(model, as_cases(valid))
-    return [[int(x) for x in r if x >= 0] for r in model.rank(as_cases(test), params)]
+    return model.rank(as_cases(test), params)
 
 
 def main() -> None:
@@ -228,48 +227,44 @@ def main() -> None:
         test = cases_from(visits, ranked.select(CASE))
         assert (test["target_loc"] == ranked["target_loc"]).all(), "the run's test targets are not this data folder's"
         model_col = next((c for c in ranked.columns if c.startswith("QT-Mob") and not c.endswith("scores")), None)
-        user_time, where = ranked["user_time"].to_list(), f"{test.height} test cases of {args.run.name}"
+        user_time, where = padded(ranked["user_time"]), f"{test.height} test cases of {args.run.name}"
     else:
         test = cases_from(visits, visits.filter((pl.col("split") == "test") & (pl.col("pos") >= 1)).select("traj_id", target_pos="pos"))
         model_col, user_time, where = None, user_time_lists(visits, valid, test), f"all {test.height} test visits after their trajectory's first"
 
     fv, names = features(valid, visits)
     ft, _ = features(test, visits)
-    xv, mv, tv, _ = tensors(fv, names, valid.height)
-    xt, mt, _, lt = tensors(ft, names, test.height)
-    targets = test["target_loc"].to_list()
-    print(f"{args.data.name}: fitted on {valid.height} valid cases (target a candidate in {float((tv >= 0).float().mean()):.3f}); "
-          f"scored on {where}")
+    covered = fv.filter(pl.col("loc_id") == pl.col("target_loc"))["case"].n_unique() / max(valid.height, 1)
+    print(f"{args.data.name}: fitted on {valid.height} valid cases (target a candidate in {covered:.3f}); scored on {where}")
+    target = test["target_loc"].to_numpy()
+    base = per_case(user_time, target)
 
-    base_acc, base_ndcg = per_case(user_time, targets)
-    idx = np.random.default_rng(42).integers(0, test.height, (args.resamples, test.height))
+    def row(label: str, ranked: np.ndarray) -> None:
+        values = per_case(ranked, target)
+        cells = [f"{values['acc@1'].mean():.3f}", f"{values['ndcg@5'].mean():.3f}"]
+        if ranked is not user_time:  # paired differences against user_time on the same cases
+            d = paired_bootstrap({label: values, "user_time": base}, reference=label, resamples=args.resamples,
+                                 seed=42)["differences"]["user_time"]
+            cells += [f"{d[m]['diff']:+.3f} ({d[m]['ci'][0]:+.3f} to {d[m]['ci'][1]:+.3f})" for m in ("acc@1", "ndcg@5")]
+        print(f"| {label} | " + " | ".join(cells + [""] * (4 - len(cells))) + " |")
 
-    def row(label: str, acc: np.ndarray, ndcg: np.ndarray, paired: bool = True) -> None:
-        cells = [f"{acc.mean():.3f}", f"{ndcg.mean():.3f}"]
-        if paired:
-            for a, b in ((acc, base_acc), (ndcg, base_ndcg)):
-                lo, hi = np.percentile((a - b)[idx].mean(1), [2.5, 97.5])
-                cells.append(f"{(a - b).mean():+.3f} ({lo:+.3f} to {hi:+.3f})")
-        else:
-            cells += ["", ""]
-        print(f"| {label} | " + " | ".join(cells) + " |")
+    def fitted(fit_rows: pl.DataFrame, test_rows: pl.DataFrame, cols: list[str], hidden: int = 0) -> np.ndarray:
+        """The test ranking of a scorer fitted on the valid cases over the features ``cols``."""
+        xv, mv, tv, _ = tensors(fit_rows, cols, valid.height)
+        xt, mt, _, lt = tensors(test_rows, cols, test.height)
+        return rank(fit(xv, mv, tv, hidden), xt, mt, lt)
 
-    print("\n| ranker (test cases) | Acc@1 | NDCG@5 | Δ Acc@1 vs user_time | Δ NDCG@5 vs user_time |\n|---|---|---|---|---|")
-    row("user_time (tuned on valid)", base_acc, base_ndcg, paired=False)
-    if model_col:
-        row(model_col, *per_case(ranked[model_col].to_list(), targets))
-    for hidden, kind in ((0, "linear"), (32, "MLP")):
-        row(f"{kind}, all features", *per_case(rank(fit(xv, mv, tv, hidden), xt, mt, lt), targets))
-    for group, cols in GROUPS.items():
-        keep = [i for i, n in enumerate(names) if n not in cols]
-        sel = keep + [len(names) + i for i in keep]
-        row(f"linear, without {group}", *per_case(rank(fit(xv[..., sel], mv, tv, 0), xt[..., sel], mt, lt), targets))
+    variants = [("linear, all features", fv, ft, names, 0), ("MLP, all features", fv, ft, names, 32)]
+    variants += [(f"linear, without {group}", fv, ft, [n for n in names if n not in cols], 0) for group, cols in GROUPS.items()]
     for how, label in (("day", "window without the day type"), ("hours", "window as one ±2 h count per day type")):
-        (cv, nv), (ct, _) = coarsen(fv, names, how), coarsen(ft, names, how)
-        xcv, mcv, tcv, _ = tensors(cv, nv, valid.height)
-        xct, mct, _, lct = tensors(ct, nv, test.height)
-        row(f"linear, {label}", *per_case(rank(fit(xcv, mcv, tcv, 0), xct, mct, lct), targets))
-
+        (cv, coarse), (ct, _) = coarsen(fv, names, how), coarsen(ft, names, how)
+        variants.append((f"linear, {label}", cv, ct, coarse, 0))
+    print("\n| ranker (test cases) | Acc@1 | NDCG@5 | Δ Acc@1 vs user_time | Δ NDCG@5 vs user_time |\n|---|---|---|---|---|")
+    row("user_time (tuned on valid)", user_time)
+    if model_col:
+        row(model_col, padded(ranked[model_col]))
+    for label, fit_rows, test_rows, cols, hidden in variants:
+        row(label, fitted(fit_rows, test_rows, cols, hidden))
 
 if __name__ == "__main__":
     main()
