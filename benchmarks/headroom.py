@@ -19,7 +19,10 @@ Two scorers are fitted on the valid cases (every valid visit after its trajector
 ``user_time`` is tuned on): a conditional logit (a linear score, softmax over a case's candidates) and a
 small MLP (two layers of 32) per candidate. Feature groups are dropped one at a time, and the window is
 coarsened (day types merged; one ±2 h count per day type) to show which carry the gain; test cases are
-never fitted on. CPU seconds on the synthetic city, a minute or two on NYC.
+never fitted on. With a run folder of a model with visit hints, the run's own hint rule (its top 10 by the
+hint scores, with the window and weights of its ``config.yaml``: ``benchmarks/count_rules.py``'s ``ranking``)
+is a row too, and the model's paired difference from it: how much the model adds to the hints it reads.
+CPU seconds on the synthetic city, a minute or two on NYC.
 
     .venv/bin/python benchmarks/headroom.py <data folder> <run folder>
     # e.g. the quick start: artifacts/synthetic/data-* artifacts/synthetic/quickstart
@@ -209,6 +212,24 @@ def user_time_lists(visits: pl.DataFrame, valid: pl.DataFrame, test: pl.DataFram
     return model.rank(as_cases(test), params)
 
 
+def run_hint_rule(data: Path, run: Path, test: pl.DataFrame) -> tuple[str, np.ndarray] | None:
+    """The ranking the run's visit hints read (its top 10 by the hint scores, with the run's own hint
+    window and weights from its ``config.yaml``) for ``test``'s cases in their order; None for a run
+    without visit hints."""
+    import yaml
+
+    from benchmarks.count_rules import cases_of, ranking
+
+    samples = yaml.safe_load((run / "config.yaml").read_text())["data"]["samples"]
+    if not samples.get("visit_hints"):
+        return None
+    hours, user, day = int(samples["visit_hint_hours"]), float(samples["visit_hint_user_weight"]), float(samples["visit_hint_day_weight"])
+    cases, visits = cases_of(data, run)
+    ranked = ranking(cases, visits, hours, user, day)
+    lists = test.select(CASE).join(ranked, on=CASE, how="left", maintain_order="left")["ranked"]
+    return f"the run's hint rule (±{hours} h, day type {day:g}×, + {user:g} × user)", padded(lists)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("data", type=Path, help="the data stage's folder (checkins.parquet)")
@@ -263,6 +284,14 @@ def main() -> None:
     row("user_time (tuned on valid)", user_time)
     if model_col:
         row(model_col, padded(ranked[model_col]))
+        hints = run_hint_rule(args.data, args.run, test)
+        if hints is not None:
+            label, lists = hints
+            row(label, lists)
+            d = paired_bootstrap({model_col: per_case(padded(ranked[model_col]), target), label: per_case(lists, target)},
+                                 reference=model_col, resamples=args.resamples, seed=42)["differences"][label]
+            print(f"| {model_col} − its hint rule | | | " + " | ".join(
+                f"{d[m]['diff']:+.3f} ({d[m]['ci'][0]:+.3f} to {d[m]['ci'][1]:+.3f})" for m in ("acc@1", "ndcg@5")) + " |")
     for label, fit_rows, test_rows, cols, hidden in variants:
         row(label, fitted(fit_rows, test_rows, cols, hidden))
 

@@ -198,3 +198,20 @@ def test_headroom_probe_counts_by_day_type_and_fits_a_ranker_on_valid(tmp_path) 
     flat = Scorer(xt.shape[-1])
     torch.nn.init.zeros_(flat.net.weight), torch.nn.init.zeros_(flat.net.bias)
     assert rank(flat, xt, mt, lt)[2].tolist() == [1, 2, 3, 4, 9] + [-1] * 5, "equal scores: the smaller location id first"
+    # The run's own hint rule, from its config.yaml, in the test cases' order (the order of rankings.parquet may differ).
+    from benchmarks.headroom import run_hint_rule
+
+    run = tmp_path / "run"
+    run.mkdir()
+    pl.DataFrame({"traj_id": ["testC", "testA", "testB"], "target_pos": [1, 1, 1], "target_loc": [4, 2, 3],
+                  "user_time": [[4], [2], [1]]}).write_parquet(run / "rankings.parquet")
+    samples = "data:\n  samples:\n    visit_hints: {}\n    visit_hint_hours: 1\n    visit_hint_user_weight: 0.0\n    visit_hint_day_weight: 3.0\n"
+    (run / "config.yaml").write_text(samples.format(3))
+    label, hints = run_hint_rule(tmp_path, run, test)
+    assert label == "the run's hint rule (±1 h, day type 3×, + 0 × user)"
+    # Saturday 09:00: the park (8 weekend visits × 3) before the office (20 weekday visits); Monday 10:00: the office
+    # at 9 and the cafe at 10 tie at 20 × 3 (the smaller id first), then the weekend park at 9 (8 × 1); Tuesday 00:40:
+    # the bar at 23:30, one hour away.
+    assert [row[row >= 0].tolist() for row in hints] == [[2, 1, 3], [1, 3, 2], [4]]
+    (run / "config.yaml").write_text(samples.format(0))
+    assert run_hint_rule(tmp_path, run, test) is None, "a run without visit hints has no hint rule"
