@@ -131,8 +131,8 @@ class SampleConfig:
 @dataclass
 class CityConfig:
     """The seeded synthetic city (``data.city``; datamodules/readers/synthetic.py). The habit knobs are
-    ranges drawn per user: the probability to try a new place instead of a favourite, and to check in at
-    home before and after a working day."""
+    ranges drawn per user: the probability to try a new place instead of a favourite, to check in at
+    home before and after a working day, and how many hours a day's schedule wanders (``day_shift_h``)."""
 
     seed: int = 42
     n_users: int = 60
@@ -141,6 +141,9 @@ class CityConfig:
     explore: tuple[float, float] = (0.05, 0.2)
     home_am: tuple[float, float] = (0.2, 0.7)
     home_pm: tuple[float, float] = (0.6, 0.95)
+    day_shift_h: tuple[float, float] = (0.0, 0.0)
+    stop_jitter_h: tuple[float, float] = (0.0, 0.0)
+    popularity: float = 0.0
 
 
 @dataclass

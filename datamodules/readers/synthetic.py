@@ -22,6 +22,10 @@ check-in data predictable, and nothing else:
   cutting trajectories at 24 h gaps yields several multi-visit trajectories per user.
 * **Noise.** Any leisure stop may be replaced by exploration of a new place (nearby, or anywhere),
   which also spreads visits over most POIs. Times carry random minutes and seconds.
+* **Irregularity and popularity** (off at the defaults, calibrated in ``experiment=quickstart``): a day's
+  whole schedule may shift by hours (``day_shift_h``), each stop may deviate on its own
+  (``stop_jitter_h``), and some venues may draw everyone (``popularity``), so that a habit's hour and a
+  user's new places are as uncertain as in real check-ins.
 
 Everything is driven by one ``numpy.random.default_rng(seed)``, so a seed fixes the city exactly.
 """
@@ -145,9 +149,10 @@ def _names_and_addresses(
 
 
 def _pick_near(
-    rng: np.random.Generator, pool: np.ndarray, dist: np.ndarray, scale_km: float, k: int
+    rng: np.random.Generator, pool: np.ndarray, dist: np.ndarray, scale_km: float, k: int,
+    appeal: np.ndarray | None = None,
 ) -> list[int]:
-    """Draw up to ``k`` distinct POIs from ``pool`` with weight ``exp(-dist / scale_km)``.
+    """Draw up to ``k`` distinct POIs from ``pool`` with weight ``exp(-dist / scale_km)`` (× ``appeal``).
 
     Args:
         rng: Random source.
@@ -155,6 +160,7 @@ def _pick_near(
         dist: Distance (km) of every POI to the anchor(s) the user cares about.
         scale_km: Distance at which preference decays by ``e``.
         k: How many to draw.
+        appeal: Optional per-POI factor on the weights (how much a place draws people; None: 1).
 
     Returns:
         The chosen POI indices (fewer than ``k`` if the pool is small).
@@ -162,6 +168,8 @@ def _pick_near(
     if pool.size == 0 or k <= 0:
         return []
     w = np.exp(-dist[pool] / scale_km) + 1e-9
+    if appeal is not None:
+        w = w * appeal[pool]
     return [int(p) for p in rng.choice(pool, size=min(k, pool.size), replace=False, p=w / w.sum())]
 
 
@@ -177,6 +185,9 @@ def generate_city(
     explore: tuple[float, float] = (0.05, 0.2),
     home_am: tuple[float, float] = (0.2, 0.7),
     home_pm: tuple[float, float] = (0.6, 0.95),
+    day_shift_h: tuple[float, float] = (0.0, 0.0),
+    stop_jitter_h: tuple[float, float] = (0.0, 0.0),
+    popularity: float = 0.0,
 ) -> pl.DataFrame:
     """Generate the check-ins of a synthetic city (see the module docstring for what is modelled).
 
@@ -194,6 +205,15 @@ def generate_city(
             sets values calibrated to the NYC release (``benchmarks/calibrate_city.py``).
         home_am: Range of the probability to check in at home before work on a weekday.
         home_pm: Range of the probability to check in at home at the end of a weekday.
+        day_shift_h: Range of the users' day-to-day irregularity: the standard deviation, in hours, of a
+            shift drawn per active day and applied to all of that day's stops (their order is kept). 0
+            keeps every day on the user's nominal schedule, as the defaults do.
+        stop_jitter_h: Range of the users' standard deviation, in hours, of a deviation drawn for every
+            stop on its own (after the day's shift); the day's stops are then taken in time order, so
+            neighbours may swap. 0: every stop at its nominal time.
+        popularity: How much some places draw everyone: each POI gets an appeal ``exp(N(0, 1))`` raised
+            to this power, which multiplies its weight whenever a favourite or a place to explore is
+            picked, so that users share popular venues (0: no appeal, as the defaults do).
 
     Returns:
         Canonical check-ins (:data:`datamodules.schema.CHECKIN_SCHEMA`), sorted by ``user_id`` and
@@ -206,17 +226,26 @@ def generate_city(
         raise ValueError(f"need n_users >= 1, days >= 1 and n_pois >= 2; got {n_users}, {days}, {n_pois}")
     if not radius_km > 0:
         raise ValueError(f"radius_km must be positive, got {radius_km}")
+    if min(day_shift_h) < 0 or day_shift_h[0] > day_shift_h[1]:
+        raise ValueError(f"day_shift_h must be a range (low, high) of hours >= 0, got {day_shift_h}")
+    if min(stop_jitter_h) < 0 or stop_jitter_h[0] > stop_jitter_h[1]:
+        raise ValueError(f"stop_jitter_h must be a range (low, high) of hours >= 0, got {stop_jitter_h}")
+    if popularity < 0:
+        raise ValueError(f"popularity must be >= 0, got {popularity}")
     rng = np.random.default_rng(seed)
 
     # ---- the city -------------------------------------------------------------------------------
     pois = _make_pois(rng, n_pois, radius_km)
     xy, kind, category = pois["xy"], pois["kind"], pois["category"]
     names, addresses = _names_and_addresses(rng, xy, category)
+    # Drawn only when asked for, so that a city without the knob stays the same city.
+    appeal = np.exp(rng.normal(size=n_pois)) ** popularity if popularity > 0 else None
     pool = {k: np.flatnonzero(kind == k) for k in KINDS}
     # Exploration never lands in someone's residence: strangers do not check in at your home.
     public = np.flatnonzero(kind != "home")
     if public.size == 0:
         public = np.arange(n_pois)
+    public_cdf = None if appeal is None else np.cumsum(appeal[public])
 
     # ---- the people -----------------------------------------------------------------------------
     users: list[dict] = []
@@ -232,21 +261,21 @@ def generate_city(
         # Workplace: a fifth study; commutes are usually, not always, short.
         student = pool["college"].size > 0 and rng.random() < 0.2
         work_pool = pool["college"] if student else (pool["work"] if pool["work"].size else pool["college"])
-        work = _pick_near(rng, work_pool, d_home, 6.0, 1)[0]
+        work = _pick_near(rng, work_pool, d_home, 6.0, 1, appeal)[0]
         d_work = np.hypot(*(xy - xy[work]).T)
         d_either = np.minimum(d_home, d_work)
         fav = {
-            "coffee": _pick_near(rng, pool["coffee"], d_either, 0.8, int(rng.integers(1, 3))),
+            "coffee": _pick_near(rng, pool["coffee"], d_either, 0.8, int(rng.integers(1, 3)), appeal),
             "lunch": _pick_near(rng, np.concatenate([pool["lunch"], pool["coffee"]]), d_work, 0.6,
-                                int(rng.integers(2, 5))),
-            "dinner": _pick_near(rng, pool["dinner"], d_either, 1.2, int(rng.integers(2, 4))),
-            "bar": _pick_near(rng, pool["bar"], d_either, 2.0, int(rng.integers(1, 4))),
-            "grocery": _pick_near(rng, pool["grocery"], d_home, 0.6, 1),
-            "shop": _pick_near(rng, pool["shop"], d_either, 1.5, int(rng.integers(1, 3))),
-            "gym": _pick_near(rng, pool["gym"], d_either, 1.0, 1),
-            "park": _pick_near(rng, pool["park"], d_home, 2.0, int(rng.integers(1, 3))),
-            "culture": _pick_near(rng, pool["culture"], d_either, 3.0, int(rng.integers(1, 3))),
-            "transit": _pick_near(rng, pool["transit"], d_home, 0.5, 1),
+                                int(rng.integers(2, 5)), appeal),
+            "dinner": _pick_near(rng, pool["dinner"], d_either, 1.2, int(rng.integers(2, 4)), appeal),
+            "bar": _pick_near(rng, pool["bar"], d_either, 2.0, int(rng.integers(1, 4)), appeal),
+            "grocery": _pick_near(rng, pool["grocery"], d_home, 0.6, 1, appeal),
+            "shop": _pick_near(rng, pool["shop"], d_either, 1.5, int(rng.integers(1, 3)), appeal),
+            "gym": _pick_near(rng, pool["gym"], d_either, 1.0, 1, appeal),
+            "park": _pick_near(rng, pool["park"], d_home, 2.0, int(rng.integers(1, 3)), appeal),
+            "culture": _pick_near(rng, pool["culture"], d_either, 3.0, int(rng.integers(1, 3)), appeal),
+            "transit": _pick_near(rng, pool["transit"], d_home, 0.5, 1, appeal),
         }
         # Users with no option for an activity fall back to places they already frequent.
         for k, v in fav.items():
@@ -263,6 +292,9 @@ def generate_city(
             "p_out": rng.uniform(0.2, 0.7), "p_gym": rng.uniform(0.1, 0.5) if rng.random() < 0.5 else 0.0,
             "p_bar": rng.uniform(0.05, 0.5), "p_home_pm": rng.uniform(*home_pm),
             "p_explore": rng.uniform(*explore),
+            # Drawn only when asked for, so that a city without the knob stays the same city.
+            "day_shift": rng.uniform(*day_shift_h) if max(day_shift_h) > 0 else 0.0,
+            "stop_jitter": rng.uniform(*stop_jitter_h) if max(stop_jitter_h) > 0 else 0.0,
             # Some users take a break (travel, illness) of a few days: long gaps happen in real logs.
             "break": (int(rng.integers(0, days)), int(rng.integers(3, 8))) if rng.random() < 0.3 else (-1, 0),
         })
@@ -281,10 +313,14 @@ def generate_city(
         """A POI for activity ``k``: usually a favourite, sometimes somewhere new."""
         if pyr.random() < u["p_explore"]:
             if pyr.random() < 0.5 or pool[k].size == 0:
-                return int(public[pyr.randrange(public.size)])
+                if public_cdf is None:
+                    return int(public[pyr.randrange(public.size)])
+                return int(public[min(np.searchsorted(public_cdf, pyr.random() * public_cdf[-1]), public.size - 1)])
             # A new place of the right kind near where the user is now (within a short walk).
             d = np.hypot(*(xy[pool[k]] - xy[here]).T)
             w = np.exp(-d / 1.0) + 1e-9
+            if appeal is not None:
+                w = w * appeal[pool[k]]
             return int(pool[k][np.searchsorted(np.cumsum(w), pyr.random() * w.sum())])
         return pyr.choices(u["fav"][k], weights=u["fav_w"][k])[0]
 
@@ -353,6 +389,16 @@ def generate_city(
                     stops.append((t, choose(u, "bar", stops[-1][1] if stops else home)))
                 if pyr.random() < 0.7:
                     stops.append((t + pyr.uniform(0.5, 1.5), home))
+            if u["day_shift"] > 0 and stops:
+                # Bounded so that the shifted day still fits 05:30-02:30: a cut-off day would drop its
+                # last stop (mostly home), and that would change which places are frequent, not when.
+                hours = [hour for hour, _ in stops]
+                shift = min(max(g(0, u["day_shift"]), 5.5 - min(hours)), max(0.0, 26.5 - max(hours)))
+                stops = [(hour + shift, poi) for hour, poi in stops]
+            if u["stop_jitter"] > 0 and stops:
+                # Each stop's own deviation (an errand earlier, dinner later); stops may swap places,
+                # within 05:30-02:30 so that none is cut off.
+                stops = sorted((min(max(hour + g(0, u["stop_jitter"]), 5.5), 26.5), poi) for hour, poi in stops)
             # Check-ins of one day keep their order and are at least ~8 minutes apart; nothing runs
             # past 02:30 so a day never overlaps the next one's morning.
             prev = -1.0
