@@ -213,9 +213,9 @@ def user_time_lists(visits: pl.DataFrame, valid: pl.DataFrame, test: pl.DataFram
 
 
 def run_hint_rule(data: Path, run: Path, test: pl.DataFrame) -> tuple[str, np.ndarray] | None:
-    """The ranking the run's visit hints read (its top 10 by the hint scores, with the run's own hint
-    window and weights from its ``config.yaml``) for ``test``'s cases in their order; None for a run
-    without visit hints."""
+    """The ranking the run's visit hints come from (the top 10 by the hint scores, with the run's own hint
+    window and weights from its ``config.yaml``; the prompt shows its first ``visit_hints``) for ``test``'s
+    cases in their order; None for a run without visit hints."""
     import yaml
 
     from benchmarks.count_rules import cases_of, ranking
@@ -223,7 +223,9 @@ def run_hint_rule(data: Path, run: Path, test: pl.DataFrame) -> tuple[str, np.nd
     samples = yaml.safe_load((run / "config.yaml").read_text())["data"]["samples"]
     if not samples.get("visit_hints"):
         return None
-    hours, user, day = int(samples["visit_hint_hours"]), float(samples["visit_hint_user_weight"]), float(samples["visit_hint_day_weight"])
+    # Runs from before a switch existed lack its key: its neutral value is how they were trained.
+    hours = int(samples.get("visit_hint_hours", 1))
+    user, day = float(samples.get("visit_hint_user_weight", 0.0)), float(samples.get("visit_hint_day_weight", 1.0))
     cases, visits = cases_of(data, run)
     ranked = ranking(cases, visits, hours, user, day)
     lists = test.select(CASE).join(ranked, on=CASE, how="left", maintain_order="left")["ranked"]

@@ -8,6 +8,8 @@ a Hydra node. The module imports nothing heavy (``python run.py --help`` loads i
 
 from __future__ import annotations
 
+import math
+
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
@@ -132,7 +134,8 @@ class SampleConfig:
 class CityConfig:
     """The seeded synthetic city (``data.city``; datamodules/readers/synthetic.py). The habit knobs are
     ranges drawn per user: the probability to try a new place instead of a favourite, to check in at
-    home before and after a working day, and how many hours a day's schedule wanders (``day_shift_h``)."""
+    home before and after a working day, how many hours a day's schedule wanders (``day_shift_h``) and each stop on
+    its own (``stop_jitter_h``); and how much some venues draw everyone (``popularity``)."""
 
     seed: int = 42
     n_users: int = 60
@@ -144,6 +147,19 @@ class CityConfig:
     day_shift_h: tuple[float, float] = (0.0, 0.0)
     stop_jitter_h: tuple[float, float] = (0.0, 0.0)
     popularity: float = 0.0
+
+    def __post_init__(self) -> None:
+        at_least("data.city.n_users", self.n_users, 1)
+        at_least("data.city.n_pois", self.n_pois, 2)
+        at_least("data.city.days", self.days, 1)
+        for key in ("explore", "home_am", "home_pm", "day_shift_h", "stop_jitter_h"):
+            value = list(getattr(self, key))
+            high = 1.0 if key in ("explore", "home_am", "home_pm") else math.inf
+            if len(value) != 2 or not 0 <= value[0] <= value[1] <= high:
+                raise ConfigError(f"data.city.{key}={value!r} must be a range [low, high] with 0 <= low <= high"
+                                  + (" <= 1" if high == 1.0 else ""))
+        if not 0 <= self.popularity < math.inf:
+            raise ConfigError(f"data.city.popularity={self.popularity!r} must be a finite number >= 0")
 
 
 @dataclass

@@ -152,6 +152,9 @@ def test_a_trainer_value_lightning_refuses_fails_before_any_stage(override: str,
     ("data.samples.visit_text=tiny", "data.samples.visit_text"), ("eval.decoding=greedy", "eval.decoding"),
     ("tokenizer.embedder=bert", "tokenizer.embedder"), ("logger.kind=wandb", "logger.kind"),
     ("align.batch_size=0", "align.batch_size"), ("objectives.tasks=[next,chat]", "objectives.tasks"),
+    ("data.city.day_shift_h=[2.0]", "data.city.day_shift_h"), ("data.city.stop_jitter_h=[3.0,1.0]", "data.city.stop_jitter_h"),
+    ("data.city.explore=[0.5,1.5]", "data.city.explore"), ("data.city.popularity=nan", "data.city.popularity"),
+    ("data.city.n_users=0", "data.city.n_users"),
 ])
 def test_load_config_names_the_key(override: str, key: str) -> None:
     with pytest.raises(ConfigError, match=key.replace(".", r"\.").replace("[", r"\[")):

@@ -136,3 +136,19 @@ def test_how_samples_are_written_retrains_only_the_alignment(tmp_path, override)
     assert align_fingerprint(other) != align_fingerprint(base)
     index = compose_run(["experiment=smoke", f"paths.artifacts={tmp_path}", "data.samples.max_history=7"])
     assert data_dir(index) != data_dir(base) and align_fingerprint(index) != align_fingerprint(base)
+
+
+def test_city_knobs_at_their_neutral_value_keep_every_data_fingerprint() -> None:
+    """The synthetic city's session-40 knobs (day_shift_h, stop_jitter_h, popularity) are part of every data
+    config; at the value that generates the city as before they stay out of the fingerprint, so no dataset's
+    data, tokenizer or alignment folders are rebuilt for them (the smoke city's fingerprint of before them),
+    while a knob that changes the city makes a new data folder."""
+    from pipeline.paths import data_fingerprint
+
+    smoke = compose_cfg(["experiment=smoke"])
+    assert data_fingerprint(smoke) == "acbbab15bd492c93", "the smoke city's data fingerprint before the city knobs"
+    typed = compose_run(["experiment=smoke"])
+    typed.data.city.day_shift_h = (0.0, 0.0)  # a tuple, as the dataclass types it, is the same neutral value
+    assert data_fingerprint(typed) == "acbbab15bd492c93"
+    for knob in ("data.city.day_shift_h=[1.0,2.0]", "data.city.stop_jitter_h=[0.5,1.0]", "data.city.popularity=1.0"):
+        assert data_fingerprint(compose_cfg(["experiment=smoke", knob])) != "acbbab15bd492c93", knob

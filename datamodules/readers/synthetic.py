@@ -173,6 +173,24 @@ def _pick_near(
     return [int(p) for p in rng.choice(pool, size=min(k, pool.size), replace=False, p=w / w.sum())]
 
 
+def _day_shift(hours: list[float], sd: float, gauss, tries: int = 50) -> float:
+    """A shift of a whole day's stops (``hours``): normal with standard deviation ``sd``, truncated to the shifts
+    that keep the day within 05:30-02:30 (a cut-off day would drop its last stop, mostly home, which would change
+    which places are frequent, not when).
+
+    Drawn again until it fits (a clipped draw would pile days onto the bounds: many check-ins at exactly
+    05:30); after ``tries`` misses, the nearest fitting shift. A day longer than the window is not shifted.
+    """
+    low, high = 5.5 - min(hours), 26.5 - max(hours)
+    if low > high:
+        return 0.0
+    for _ in range(tries):
+        shift = gauss(0, sd)
+        if low <= shift <= high:
+            return shift
+    return min(max(shift, low), high)
+
+
 def generate_city(
     seed: int = 0,
     n_users: int = 60,
@@ -206,14 +224,15 @@ def generate_city(
         home_am: Range of the probability to check in at home before work on a weekday.
         home_pm: Range of the probability to check in at home at the end of a weekday.
         day_shift_h: Range of the users' day-to-day irregularity: the standard deviation, in hours, of a
-            shift drawn per active day and applied to all of that day's stops (their order is kept). 0
-            keeps every day on the user's nominal schedule, as the defaults do.
+            normal shift drawn per active day (truncated to keep the day within 05:30-02:30) and applied to
+            all of that day's stops (their order is kept). 0 keeps every day on the user's nominal schedule,
+            as the defaults do.
         stop_jitter_h: Range of the users' standard deviation, in hours, of a deviation drawn for every
             stop on its own (after the day's shift); the day's stops are then taken in time order, so
             neighbours may swap. 0: every stop at its nominal time.
         popularity: How much some places draw everyone: each POI gets an appeal ``exp(N(0, 1))`` raised
-            to this power, which multiplies its weight whenever a favourite or a place to explore is
-            picked, so that users share popular venues (0: no appeal, as the defaults do).
+            to this power, which multiplies its weight whenever a workplace, a favourite or a place to
+            explore is picked, so that users share popular venues (0: no appeal, as the defaults do).
 
     Returns:
         Canonical check-ins (:data:`datamodules.schema.CHECKIN_SCHEMA`), sorted by ``user_id`` and
@@ -390,14 +409,11 @@ def generate_city(
                 if pyr.random() < 0.7:
                     stops.append((t + pyr.uniform(0.5, 1.5), home))
             if u["day_shift"] > 0 and stops:
-                # Bounded so that the shifted day still fits 05:30-02:30: a cut-off day would drop its
-                # last stop (mostly home), and that would change which places are frequent, not when.
-                hours = [hour for hour, _ in stops]
-                shift = min(max(g(0, u["day_shift"]), 5.5 - min(hours)), max(0.0, 26.5 - max(hours)))
+                shift = _day_shift([hour for hour, _ in stops], u["day_shift"], g)
                 stops = [(hour + shift, poi) for hour, poi in stops]
             if u["stop_jitter"] > 0 and stops:
-                # Each stop's own deviation (an errand earlier, dinner later); stops may swap places,
-                # within 05:30-02:30 so that none is cut off.
+                # Each stop's own deviation (an errand earlier, dinner later); stops may swap places. Kept
+                # within 05:30-02:30 (two stops pushed to 02:30 at once lose the later, as any late day does).
                 stops = sorted((min(max(hour + g(0, u["stop_jitter"]), 5.5), 26.5), poi) for hour, poi in stops)
             # Check-ins of one day keep their order and are at least ~8 minutes apart; nothing runs
             # past 02:30 so a day never overlaps the next one's morning.
