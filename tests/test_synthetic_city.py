@@ -280,3 +280,29 @@ def test_popularity_makes_users_share_places() -> None:
 def test_rejects_bad_habit_knobs(kwargs: dict) -> None:
     with pytest.raises(ValueError, match=next(iter(kwargs))):
         generate_city(n_users=2, n_pois=10, days=2, **kwargs)
+
+
+def test_calibration_candidates_are_ranked_by_the_rule(tmp_path, monkeypatch) -> None:
+    """calibrate_city.py --candidates: every candidate is scored at each seed, a candidate meets the rule only when
+    the four baselines are within +-0.05 of NYC at every seed and on the mean, and those that meet it come first."""
+    import benchmarks.calibrate_city as cal
+
+    nyc = dict(cal.NYC)
+    stats = {  # candidate "a": within at both seeds; "b": nearer on the mean, but markov 0.06 off at seed 1
+        ("a", 42): {**nyc, "markov Acc@1": 0.08}, ("a", 1): {**nyc, "markov Acc@1": 0.09, "revisit share (target in the user's train places)": 0.8},
+        ("b", 42): {**nyc, "markov Acc@1": 0.16}, ("b", 1): {**nyc, "markov Acc@1": 0.0538},
+    }
+    calls = []
+
+    def fake(overrides: list[str], artifacts=None, gru=False) -> dict[str, float]:
+        calls.append(overrides)
+        name = next(o.split("=")[1] for o in overrides if o.startswith("data.city.name_tag"))
+        return stats[name, int(next(o.split("=")[1] for o in overrides if o.startswith("seed=")))]
+
+    monkeypatch.setattr(cal, "city_stats", fake)
+    rows = cal.score_candidates(["name_tag=a explore=0.4,0.7", "name_tag=b"], "quickstart", [42, 1])
+    assert [r["city"] for r in rows] == ["name_tag=a explore=0.4,0.7", "name_tag=b"] and [r["meets"] for r in rows] == [True, False]
+    assert rows[1]["distance"] < rows[0]["distance"], "b is nearer on the mean, yet a meets the rule"
+    assert rows[0]["mean"]["markov Acc@1"] == pytest.approx(0.085)
+    assert calls[0] == ["experiment=quickstart", "seed=42", "data.city.name_tag=a", "data.city.explore=[0.4,0.7]"]
+    assert cal.distance(nyc) == 0.0
