@@ -72,7 +72,7 @@ def city_stats(overrides: list[str], artifacts: Path | None = None, gru: bool = 
 NYC = {"visits per trajectory": 5.89, "revisit share (target in the user's train places)": 0.564,
        "target in the current trajectory": 0.272, "most_popular Acc@1": 0.0107, "markov Acc@1": 0.1138,
        "user_most_frequent Acc@1": 0.1868, "user_time Acc@1": 0.2191}
-RULE = ("most_popular Acc@1", "markov Acc@1", "user_most_frequent Acc@1", "user_time Acc@1")
+RULE = tuple(f"{name} Acc@1" for name in BASELINES)
 
 
 def city_overrides(settings: list[str]) -> list[str]:

@@ -262,14 +262,18 @@ def main() -> None:
     target = test["target_loc"].to_numpy()
     base = per_case(user_time, target)
 
-    def row(label: str, ranked: np.ndarray) -> None:
+    def row(label: str, ranked: np.ndarray) -> dict[str, np.ndarray]:
         values = per_case(ranked, target)
         cells = [f"{values['acc@1'].mean():.3f}", f"{values['ndcg@5'].mean():.3f}"]
         if ranked is not user_time:  # paired differences against user_time on the same cases
-            d = paired_bootstrap({label: values, "user_time": base}, reference=label, resamples=args.resamples,
-                                 seed=42)["differences"]["user_time"]
-            cells += [f"{d[m]['diff']:+.3f} ({d[m]['ci'][0]:+.3f} to {d[m]['ci'][1]:+.3f})" for m in ("acc@1", "ndcg@5")]
+            cells += difference(values, base)
         print(f"| {label} | " + " | ".join(cells + [""] * (4 - len(cells))) + " |")
+        return values
+
+    def difference(values: dict[str, np.ndarray], other: dict[str, np.ndarray]) -> list[str]:
+        """Cells of the paired difference ``values`` − ``other`` (Acc@1, NDCG@5) with its bootstrap interval."""
+        d = paired_bootstrap({"a": values, "b": other}, reference="a", resamples=args.resamples, seed=42)["differences"]["b"]
+        return [f"{d[m]['diff']:+.3f} ({d[m]['ci'][0]:+.3f} to {d[m]['ci'][1]:+.3f})" for m in ("acc@1", "ndcg@5")]
 
     def fitted(fit_rows: pl.DataFrame, test_rows: pl.DataFrame, cols: list[str], hidden: int = 0) -> np.ndarray:
         """The test ranking of a scorer fitted on the valid cases over the features ``cols``."""
@@ -285,15 +289,11 @@ def main() -> None:
     print("\n| ranker (test cases) | Acc@1 | NDCG@5 | Δ Acc@1 vs user_time | Δ NDCG@5 vs user_time |\n|---|---|---|---|---|")
     row("user_time (tuned on valid)", user_time)
     if model_col:
-        row(model_col, padded(ranked[model_col]))
+        model = row(model_col, padded(ranked[model_col]))
         hints = run_hint_rule(args.data, args.run, test)
         if hints is not None:
-            label, lists = hints
-            row(label, lists)
-            d = paired_bootstrap({model_col: per_case(padded(ranked[model_col]), target), label: per_case(lists, target)},
-                                 reference=model_col, resamples=args.resamples, seed=42)["differences"][label]
-            print(f"| {model_col} − its hint rule | | | " + " | ".join(
-                f"{d[m]['diff']:+.3f} ({d[m]['ci'][0]:+.3f} to {d[m]['ci'][1]:+.3f})" for m in ("acc@1", "ndcg@5")) + " |")
+            rule = row(*hints)
+            print(f"| {model_col} − its hint rule | | | " + " | ".join(difference(model, rule)) + " |")
     for label, fit_rows, test_rows, cols, hidden in variants:
         row(label, fitted(fit_rows, test_rows, cols, hidden))
 
