@@ -288,10 +288,11 @@ def test_calibration_candidates_are_ranked_by_the_rule(tmp_path, monkeypatch) ->
         ("a", 42): {**nyc, "markov Acc@1": 0.08}, ("a", 1): {**nyc, "markov Acc@1": 0.09, "revisit share (target in the user's train places)": 0.8},
         ("b", 42): {**nyc, "markov Acc@1": 0.16}, ("b", 1): {**nyc, "markov Acc@1": 0.0538},
     }
-    calls = []
+    calls, with_gru = [], []
 
     def fake(overrides: list[str], artifacts=None, gru=False) -> dict[str, float]:
         calls.append(overrides)
+        with_gru.append(gru)
         name = next(o.split("=")[1] for o in overrides if o.startswith("data.city.name_tag"))
         return stats[name, int(next(o.split("=")[1] for o in overrides if o.startswith("seed=")))]
 
@@ -302,3 +303,57 @@ def test_calibration_candidates_are_ranked_by_the_rule(tmp_path, monkeypatch) ->
     assert rows[0]["mean"]["markov Acc@1"] == pytest.approx(0.085)
     assert calls[0] == ["experiment=quickstart", "seed=42", "data.city.name_tag=a", "data.city.explore=[0.4,0.7]"]
     assert cal.distance(nyc) == 0.0
+    assert with_gru == [False] * 4 and "gru Acc@1" not in rows[0]["mean"]
+
+
+def test_the_gru_is_a_column_of_the_candidates_not_part_of_the_rule(monkeypatch) -> None:
+    import benchmarks.calibrate_city as cal
+
+    far = {**cal.NYC, "gru Acc@1": 0.40}  # the four baselines exactly NYC's, the GRU far above
+    monkeypatch.setattr(cal, "city_stats", lambda overrides, artifacts=None, gru=False: far if gru else dict(cal.NYC))
+    rows = cal.score_candidates(["explore=0.4,0.7"], "quickstart", [42, 1], gru=True)
+    assert rows[0]["meets"] and rows[0]["mean"]["gru Acc@1"] == pytest.approx(0.40) and rows[0]["distance"] == 0.0
+
+
+def test_search_draws_reproducible_cities_within_the_ranges() -> None:
+    """calibrate_city.py --search: the same seed draws the same cities, each a valid data.city setting inside
+    SEARCH's ranges, with the quick start's sizes; some draws leave the stop jitter off."""
+    import random
+
+    import benchmarks.calibrate_city as cal
+    from datamodules.config import CityConfig
+
+    assert cal.draw_city(random.Random(7)) == cal.draw_city(random.Random(7))
+    rng = random.Random(3)
+    drawn = [cal.draw_city(rng) for _ in range(60)]
+    assert len(set(drawn)) == 60
+    for line in drawn:
+        kv = dict(part.split("=", 1) for part in line.split())
+        assert set(kv) == set(cal.SEARCH) and kv["n_users"] == "100" and kv["days"] == "72"
+        city = CityConfig(**{k: [float(x) for x in v.split(",")] if "," in v else float(v) if "." in v else int(v)
+                             for k, v in kv.items()})  # validates the ranges
+        assert 0.35 <= city.explore[0] <= city.explore[1] <= 0.98
+        assert 1.0 <= city.day_shift_h[0] <= city.day_shift_h[1] <= 10.0
+        assert city.popularity in (0.5, 1.0, 1.5, 2.0) and city.n_pois in (300, 400, 500)
+    assert any("stop_jitter_h=0.0,0.0" in line for line in drawn) and not all("stop_jitter_h=0.0,0.0" in line for line in drawn)
+
+
+def test_search_writes_the_best_draws_as_candidates(tmp_path, monkeypatch, capsys) -> None:
+    """calibrate_city.py --search N --out F: N draws scored at one seed, the --keep best (by the rule, then the
+    distance) written to F as candidate lines that --candidates reads back."""
+    import benchmarks.calibrate_city as cal
+
+    def fake(overrides: list[str], artifacts=None, gru=False) -> dict[str, float]:
+        assert "seed=42" in overrides
+        explore = float(next(o for o in overrides if o.startswith("data.city.explore=")).split("[")[1].split(",")[0])
+        return {**cal.NYC, "markov Acc@1": cal.NYC["markov Acc@1"] + 0.1 * explore}  # lower explore: nearer NYC
+
+    monkeypatch.setattr(cal, "city_stats", fake)
+    out = tmp_path / "drawn.txt"
+    monkeypatch.setattr(sys, "argv", ["calibrate_city.py", "--search", "6", "--keep", "3", "--out", str(out), "--search-seed", "1"])
+    cal.main()
+    lines = [ln for ln in out.read_text().splitlines() if not ln.startswith("#")]
+    assert len(lines) == 3
+    explores = [float(ln.split("explore=")[1].split(",")[0]) for ln in lines]
+    assert explores == sorted(explores), "best (nearest NYC) first"
+    assert "| NYC release |" in capsys.readouterr().out
