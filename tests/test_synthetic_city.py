@@ -181,13 +181,12 @@ def test_the_quickstart_city_is_calibrated_to_nyc(tmp_path) -> None:
     """The default run's city has NYC's difficulty for the count baselines and for user_time (each Acc@1
     within +-0.05 of NYC's, every test case), not the routine of the generator's defaults
     (user_most_frequent ~0.75, user_time ~0.77), and its users try new places nearly as often as NYC's."""
-    from benchmarks.calibrate_city import NYC, RULE, city_stats
+    from benchmarks.calibrate_city import NYC, RULE, city_stats, meets
 
     stats = city_stats(["experiment=quickstart"], tmp_path)
     assert stats["test cases"] > 100
     assert len(RULE) == 4  # most_popular, markov, user_most_frequent, user_time
-    for key in RULE:
-        assert abs(stats[key] - NYC[key]) <= 0.05, (key, stats)
+    assert meets(stats), {key: stats[key] for key in RULE}
     # 0.77 against NYC's 0.56 (the earlier city 0.85, the generator's defaults 0.97): nearer, not yet alike
     # (benchmarks/README.md, "The synthetic city"). The margins are a few cases: the knobs were picked to the edge.
     revisit, visits = "revisit share (target in the user's train places)", "visits per trajectory"
@@ -306,13 +305,18 @@ def test_calibration_candidates_are_ranked_by_the_rule(tmp_path, monkeypatch) ->
     assert with_gru == [False] * 4 and "gru Acc@1" not in rows[0]["mean"]
 
 
-def test_the_gru_is_a_column_of_the_candidates_not_part_of_the_rule(monkeypatch) -> None:
+def test_the_gru_is_a_column_of_the_candidates_not_part_of_the_rule(monkeypatch, capsys) -> None:
     import benchmarks.calibrate_city as cal
 
     far = {**cal.NYC, "gru Acc@1": 0.40}  # the four baselines exactly NYC's, the GRU far above
-    monkeypatch.setattr(cal, "city_stats", lambda overrides, artifacts=None, gru=False: far if gru else dict(cal.NYC))
+    monkeypatch.setattr(cal, "city_stats", lambda overrides, artifacts=None, gru=False: far)
     rows = cal.score_candidates(["explore=0.4,0.7"], "quickstart", [42, 1], gru=True)
     assert rows[0]["meets"] and rows[0]["mean"]["gru Acc@1"] == pytest.approx(0.40) and rows[0]["distance"] == 0.0
+    cal.print_ranked(rows, [42, 1], gru=True)
+    table = capsys.readouterr().out
+    assert "| gru |" in table and "| 0.181 |" in table and "| 0.4 |" in table
+    cal.print_ranked([], [42], gru=True)  # an empty list still shows the column
+    assert "| gru |" in capsys.readouterr().out
 
 
 def test_search_draws_reproducible_cities_within_the_ranges() -> None:
@@ -327,20 +331,34 @@ def test_search_draws_reproducible_cities_within_the_ranges() -> None:
     rng = random.Random(3)
     drawn = [cal.draw_city(rng) for _ in range(60)]
     assert len(set(drawn)) == 60
+    off = 0
     for line in drawn:
         kv = dict(part.split("=", 1) for part in line.split())
-        assert set(kv) == set(cal.SEARCH) and kv["n_users"] == "100" and kv["days"] == "72"
+        assert set(kv) == set(cal.SEARCH)
         city = CityConfig(**{k: [float(x) for x in v.split(",")] if "," in v else float(v) if "." in v else int(v)
                              for k, v in kv.items()})  # validates the ranges
-        assert 0.35 <= city.explore[0] <= city.explore[1] <= 0.98
-        assert 1.0 <= city.day_shift_h[0] <= city.day_shift_h[1] <= 10.0
-        assert city.popularity in (0.5, 1.0, 1.5, 2.0) and city.n_pois in (300, 400, 500)
-    assert any("stop_jitter_h=0.0,0.0" in line for line in drawn) and not all("stop_jitter_h=0.0,0.0" in line for line in drawn)
+        for key, how in cal.SEARCH.items():
+            value = getattr(city, key)
+            if isinstance(how, (int, float)):
+                assert value == how, key
+            elif isinstance(how[0], (int, float)):
+                assert value in how, key
+            elif key == "stop_jitter_h" and tuple(value) == (0.0, 0.0):
+                off += 1
+            else:
+                (lo_min, lo_max), (w_min, w_max) = how
+                low, high = value
+                assert lo_min - 0.005 <= low <= lo_max + 0.005, (key, value)
+                cap = cal.CAP.get(key, math.inf)
+                assert min(low + w_min, cap) - 0.011 <= high <= min(low + w_max, cap) + 0.011, (key, value)
+    assert 0.5 * cal.JITTER_OFF * len(drawn) <= off <= min(1.5 * cal.JITTER_OFF, 0.95) * len(drawn), off
 
 
 def test_search_writes_the_best_draws_as_candidates(tmp_path, monkeypatch, capsys) -> None:
     """calibrate_city.py --search N --out F: N draws scored at one seed, the --keep best (by the rule, then the
     distance) written to F as candidate lines that --candidates reads back."""
+    import random
+
     import benchmarks.calibrate_city as cal
 
     def fake(overrides: list[str], artifacts=None, gru=False) -> dict[str, float]:
@@ -352,8 +370,29 @@ def test_search_writes_the_best_draws_as_candidates(tmp_path, monkeypatch, capsy
     out = tmp_path / "drawn.txt"
     monkeypatch.setattr(sys, "argv", ["calibrate_city.py", "--search", "6", "--keep", "3", "--out", str(out), "--search-seed", "1"])
     cal.main()
-    lines = [ln for ln in out.read_text().splitlines() if not ln.startswith("#")]
-    assert len(lines) == 3
-    explores = [float(ln.split("explore=")[1].split(",")[0]) for ln in lines]
-    assert explores == sorted(explores), "best (nearest NYC) first"
     assert "| NYC release |" in capsys.readouterr().out
+    rng = random.Random(1)
+    draws = [cal.draw_city(rng) for _ in range(6)]
+    explore = lambda line: float(line.split("explore=")[1].split(",")[0])  # noqa: E731
+    written = [ln.split("#")[0].strip() for ln in out.read_text().splitlines() if not ln.startswith("#")]
+    assert written == sorted(draws, key=explore)[:3], "the 3 nearest NYC, best first"
+    # --candidates reads the file back: the same three cities, each scored at every seed
+    scored = []
+    monkeypatch.setattr(cal, "score_candidates", lambda lines, experiment, seeds, gru=False: scored.append((lines, seeds)) or [])
+    monkeypatch.setattr(sys, "argv", ["calibrate_city.py", "--candidates", str(out), "--seeds", "42", "1"])
+    cal.main()
+    assert scored == [(written, [42, 1])]
+
+
+@pytest.mark.parametrize("argv", [["--search", "0", "--out", "x.txt"], ["--search", "3"], ["--out", "x.txt"],
+                                  ["--search", "3", "--out", "/no/such/folder/x.txt"], ["--search", "3", "--keep", "0", "--out", "x.txt"],
+                                  ["--search", "3", "--out", "x.txt", "--candidates", "y.txt"], ["--candidates", "y.txt", "--city", "explore=0.4,0.7"]])
+def test_search_rejects_unusable_arguments(argv: list[str], monkeypatch, tmp_path) -> None:
+    import benchmarks.calibrate_city as cal
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(cal, "city_stats", lambda *a, **k: pytest.fail("scored despite bad arguments"))
+    monkeypatch.setattr(sys, "argv", ["calibrate_city.py", *argv])
+    with pytest.raises(SystemExit) as exc:
+        cal.main()
+    assert exc.value.code == 2
