@@ -79,6 +79,11 @@ def next_location_evaluator(cfg: RunConfig, dm: Any, encoder: Any, tokenizer: An
     valid = dm.samples("valid").filter((pl.col("task") == "next") & pl.col("target_loc").is_not_null()).head(n)
     if valid.is_empty():
         return None
+    if valid.height < n:  # say so, or a larger eval.val_cases silently decodes the same few cases
+        cap = cfg.align.eval_per_task
+        log.warning("eval.val_cases=%d, but the validation set holds %d next-location samples%s: val/acc@1 scores those %d",
+                    n, valid.height, f" (align.eval_per_task={cap} caps it; raise it to decode more)"
+                    if cap is not None and cap < n else "", valid.height)
     prompts = encoder.prompt_texts(valid)
     target = valid["target_loc"].to_numpy()
     trie = CodeTrie(table, tokenizer, vocab_size=int(model.config.vocab_size))

@@ -5,6 +5,7 @@ transformers + peft reload to the same logits."""
 from __future__ import annotations
 
 import json
+import logging
 from collections import Counter
 
 import numpy as np
@@ -416,6 +417,21 @@ def test_the_last_step_is_validated_when_the_interval_does_not_divide_the_steps(
     assert [step for step, _ in seen] == [2, 4, 5]
     assert seen[-1][1] and not seen[0][1], "decoding at the last validation only (val_every=100)"
     assert "align/val/acc@1" in res["metrics"] and np.isfinite(res["metrics"]["align/val/loss"])
+
+
+def test_more_val_cases_than_the_validation_set_holds_are_reported(smoke_art, model_cache, caplog) -> None:
+    """eval.val_cases above what align.eval_per_task keeps: a warning naming both keys, and val/cases tells the truth."""
+    from pipeline.align import build_alignment
+
+    with caplog.at_level(logging.WARNING, logger="pipeline.align"):
+        p = build_alignment(smoke_cfg(smoke_art, model_cache, "eval.val_cases=50", "align.eval_per_task=3", "eval.val_beams=1"))
+    warned = [r.getMessage() for r in caplog.records if "eval.val_cases=50" in r.getMessage()]
+    assert len(warned) == 1 and "align.eval_per_task=3 caps it" in warned[0], caplog.text
+    assert p["module"].evaluator(p["module"].model)["cases"] <= 3
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="pipeline.align"):
+        build_alignment(smoke_cfg(smoke_art, model_cache, "eval.val_cases=2", "align.eval_per_task=3"))
+    assert "eval.val_cases" not in caplog.text
 
 
 def test_int8_path_runs_on_cpu(smoke_art, model_cache) -> None:
