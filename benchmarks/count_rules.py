@@ -8,7 +8,7 @@ only, with :func:`datamodules.visit_hints.hint_scores` (the scores the visit hin
 * ``hours=h``: visits to ``c`` within ±h hours of ``t`` (circular day), ties by the smaller location id;
 * ``user w``: plus w x all of ``u``'s visits to ``c`` (``data.samples.visit_hint_user_weight``);
 * ``day w``: window visits on the case's day type (weekday / weekend) count w x (``visit_hint_day_weight``);
-* ``moves w``: plus w x ``u``'s train moves from the case's last visit to ``c`` (not a hint term).
+* ``moves w``: plus w x ``u``'s train moves from the case's last visit to ``c`` (``visit_hint_moves_weight``).
 
 Acc@1 and NDCG@5 of each rule's ranking. Two kinds of cases:
 
@@ -66,12 +66,7 @@ def cases_of(data: Path, run: Path | None = None, split: str = "valid", min_hist
 def ranking(cases: pl.DataFrame, visits: pl.DataFrame, hours: int, user_weight: float = 0.0, day_weight: float = 1.0,
             moves: float = 0.0, k: int = 10) -> pl.DataFrame:
     """``traj_id, target_pos, target_loc, ranked``: each case's top-``k`` places under one rule."""
-    scores = hint_scores(visits, hours, cases, user_weight, day_weight)
-    if moves:
-        train = visits.filter((pl.col("split") == "train") & pl.col("last").is_not_null())
-        counted = train.group_by("user_id", "last", "loc_id").agg(moved=pl.len().cast(pl.Float64))
-        moved = cases.join(counted, on=["user_id", "last"]).select(*KEY, "loc_id", score=moves * pl.col("moved"))
-        scores = pl.concat([scores, moved], how="vertical_relaxed").group_by(*KEY, "loc_id").agg(pl.col("score").sum())
+    scores = hint_scores(visits, hours, cases, user_weight, day_weight, moves)
     top = top_places(scores, k).group_by(KEY, maintain_order=True).agg(ranked="loc_id")
     return cases.join(top, on=KEY, how="left").select(*CASE, "target_loc", pl.col("ranked").fill_null([]))
 
@@ -103,9 +98,10 @@ def main() -> None:
     for hours, user, day in GRID:
         acc, ndcg = acc_ndcg(ranking(cases, visits, hours, user, day))
         print(f"| hours={hours} user={user:g} day={day:g} | {acc:.3f} | {ndcg:.3f} |")
-    for w in (0.5, 1.0, 2.0):
-        acc, ndcg = acc_ndcg(ranking(cases, visits, 2, 0.1, 3.0, moves=w))
-        print(f"| hours=2 user=0.1 day=3 moves={w:g} | {acc:.3f} | {ndcg:.3f} |")
+    for hours in (2, 3):
+        for w in (0.5, 1.0, 2.0, 4.0, 8.0, 12.0, 16.0):
+            acc, ndcg = acc_ndcg(ranking(cases, visits, hours, 0.1, 3.0, moves=w))
+            print(f"| hours={hours} user=0.1 day=3 moves={w:g} | {acc:.3f} | {ndcg:.3f} |")
 
 
 if __name__ == "__main__":

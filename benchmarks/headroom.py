@@ -226,10 +226,12 @@ def run_hint_rule(data: Path, run: Path, test: pl.DataFrame) -> tuple[str, np.nd
     # Runs from before a switch existed lack its key: its neutral value is how they were trained.
     hours = int(samples.get("visit_hint_hours", 1))
     user, day = float(samples.get("visit_hint_user_weight", 0.0)), float(samples.get("visit_hint_day_weight", 1.0))
+    moves = float(samples.get("visit_hint_moves_weight", 0.0))
     cases, visits = cases_of(data, run)
-    ranked = ranking(cases, visits, hours, user, day)
+    ranked = ranking(cases, visits, hours, user, day, moves)
     lists = test.select(CASE).join(ranked, on=CASE, how="left", maintain_order="left")["ranked"]
-    return f"the run's hint rule (±{hours} h, day type {day:g}×, + {user:g} × user)", padded(lists)
+    also = f", + {moves:g} × moves" if moves else ""
+    return f"the run's hint rule (±{hours} h, day type {day:g}×, + {user:g} × user{also})", padded(lists)
 
 
 def main() -> None:

@@ -104,6 +104,10 @@ class SampleConfig:
     # visit_hint_day_weight times (1: day type ignored). With counts, "×n" is then the rounded score.
     visit_hint_user_weight: float = 0.0
     visit_hint_day_weight: float = 1.0
+    # Plus this weight times the user's train moves from the visit's previous place to the hinted place
+    # (0: none): what usually follows where the user just was. Next-location tasks only (a recovery
+    # sample's masked visit would show in its successor's hint; pipeline/config.py refuses the pair).
+    visit_hint_moves_weight: float = 0.0
     # How a visit is written. official: "At time 2012-04-03 18:00:09, user 12 visited POI index
     # <a_1><b_2><c_3><d_4>." (36 SmolLM2 tokens, 19 of them the timestamp: numbers are split into
     # digits); compact: "Tue 18:00 <a_1><b_2><c_3><d_4>." (12 tokens; weekday and minute kept, the
@@ -128,6 +132,7 @@ class SampleConfig:
         at_least("data.samples.visit_hint_hours", self.visit_hint_hours, 0)
         at_least("data.samples.visit_hint_user_weight", self.visit_hint_user_weight, 0)
         at_least("data.samples.visit_hint_day_weight", self.visit_hint_day_weight, 0)
+        at_least("data.samples.visit_hint_moves_weight", self.visit_hint_moves_weight, 0)
 
 
 @dataclass

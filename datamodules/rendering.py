@@ -128,7 +128,7 @@ def _hints(history: pl.DataFrame, codes: pl.DataFrame, cfg: SampleConfig, visits
     """The visit hints ``cfg`` asks for (:func:`datamodules.visit_hints.visit_hints`)."""
     return visit_hints(history, codes, cfg.visit_hints, cfg.visit_hint_hours, visits=visits, counts=cfg.visit_hint_counts,
                        count_first=cfg.visit_hint_count_first, user_weight=cfg.visit_hint_user_weight,
-                       day_weight=cfg.visit_hint_day_weight)
+                       day_weight=cfg.visit_hint_day_weight, moves_weight=cfg.visit_hint_moves_weight)
 
 
 def render_samples(

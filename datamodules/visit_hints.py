@@ -31,6 +31,14 @@ weekend) counts ``w`` times, and with ``visit_hint_user_weight=u`` each of the u
 the user has no habit at still gets their usual places, ranked after any window habit when ``u`` is small.
 With counts, ``×n`` is then the rounded score (``×0``: a place the user seldom visits near that hour).
 
+With ``data.samples.visit_hint_moves_weight=m`` each place also scores ``m`` times the user's train moves
+from the visit's previous place in its trajectory to it (a move: two consecutive visits of one train
+trajectory): what usually follows where the user just was, the order a sequence model such as the
+``gru`` baseline reads. The previous visit is written before the hint in every next-location sample, so
+the hint names nothing the prompt does not already show; a recovery sample masks visits whose
+successor's hint would then tell them, which is why ``pipeline/config.py`` refuses the weight beside a
+recovery task. The first visit of a trajectory has no previous place and no moves term.
+
 Only ``split == "train"`` visits count, and a train visit's hint leaves out its own trajectory
 (leave-one-trajectory-out): a hint never counts the visit it stands beside, so it is no more
 accurate at training than at test, where the visits are never train visits. The rule is that of
@@ -46,13 +54,15 @@ KEY = ["traj_id", "utc_time"]  # a visit
 
 
 def hint_scores(history: pl.DataFrame, hours: int = 1, visits: pl.DataFrame | None = None,
-                user_weight: float = 0.0, day_weight: float = 1.0) -> pl.DataFrame:
+                user_weight: float = 0.0, day_weight: float = 1.0, moves_weight: float = 0.0) -> pl.DataFrame:
     """``traj_id, utc_time, loc_id, score``: every place with a positive score for every visit.
 
-    A place's score for a visit is ``window + user_weight * all``: ``window`` counts the user's train
-    visits to it within ``hours`` of the visit's time of day, those on the visit's day type (weekday or
-    weekend) ``day_weight`` times, and ``all`` counts them at any hour. The visit's own trajectory is left
-    out of both. At the defaults the score is the plain window count.
+    A place's score for a visit is ``window + user_weight * all + moves_weight * moves``: ``window``
+    counts the user's train visits to it within ``hours`` of the visit's time of day, those on the
+    visit's day type (weekday or weekend) ``day_weight`` times, ``all`` counts them at any hour, and
+    ``moves`` counts the user's train moves to it from the place of the visit before it in its
+    trajectory (in ``history``). The visit's own trajectory is left out of all three. At the defaults
+    the score is the plain window count.
 
     Args:
         history: Check-ins with ``traj_id, user_id, loc_id, local_time, split`` (only ``train`` rows count).
@@ -61,6 +71,7 @@ def hint_scores(history: pl.DataFrame, hours: int = 1, visits: pl.DataFrame | No
         user_weight: Weight of the user's visits to a place at any hour (0: the window only). Above 0,
             every place of the user is scored.
         day_weight: Weight of a window visit on the scored visit's day type (1: day type ignored).
+        moves_weight: Weight of the user's train moves from the visit's previous place (0: none).
     """
     hour = pl.col("local_time").dt.hour().cast(pl.Int16)
     weekend = pl.col("local_time").dt.weekday() >= 6
@@ -89,7 +100,25 @@ def hint_scores(history: pl.DataFrame, hours: int = 1, visits: pl.DataFrame | No
             .select(*KEY, "loc_id", score=user_weight * (pl.col("n") - pl.col("own").fill_null(0)))
         )
         scores = pl.concat([scores, overall], how="vertical_relaxed").group_by(*KEY, "loc_id").agg(pl.col("score").sum())
+    if moves_weight:
+        scores = pl.concat([scores, _move_scores(history, query, moves_weight)], how="vertical_relaxed").group_by(
+            *KEY, "loc_id").agg(pl.col("score").sum())
     return scores.filter(pl.col("score") > 0)
+
+
+def _move_scores(history: pl.DataFrame, query: pl.DataFrame, weight: float) -> pl.DataFrame:
+    """``traj_id, utc_time, loc_id, score``: ``weight`` x the user's train moves from each ``query`` visit's
+    previous place (in ``history``'s trajectory order) to ``loc_id``, those of its own trajectory left out."""
+    ordered = history.select("traj_id", "user_id", "utc_time", "loc_id", "split").sort(KEY).with_columns(
+        prev=pl.col("loc_id").shift(1).over("traj_id"))
+    moves = ordered.filter((pl.col("split") == "train") & pl.col("prev").is_not_null())
+    return (
+        query.select(KEY + ["user_id"]).join(ordered.select(*KEY, "prev"), on=KEY, how="inner")
+        .filter(pl.col("prev").is_not_null())
+        .join(moves.group_by("user_id", "prev", "loc_id").agg(n=pl.len()), on=["user_id", "prev"], how="inner")
+        .join(moves.group_by("traj_id", "prev", "loc_id").agg(own=pl.len()), on=["traj_id", "prev", "loc_id"], how="left")
+        .select(*KEY, "loc_id", score=weight * (pl.col("n") - pl.col("own").fill_null(0)))
+    )
 
 
 def top_places(scores: pl.DataFrame, k: int) -> pl.DataFrame:
@@ -108,7 +137,7 @@ def top_places(scores: pl.DataFrame, k: int) -> pl.DataFrame:
 
 def visit_hints(history: pl.DataFrame, codes: pl.DataFrame, k: int, hours: int = 1,
                 visits: pl.DataFrame | None = None, counts: bool = False, count_first: bool = False,
-                user_weight: float = 0.0, day_weight: float = 1.0) -> pl.DataFrame:
+                user_weight: float = 0.0, day_weight: float = 1.0, moves_weight: float = 0.0) -> pl.DataFrame:
     """``traj_id, utc_time, hint, hint_places``: the hint text of every visit (``""`` where no place scores;
     an empty frame for ``k <= 0``) and how many places it names (each is a run of code tokens of its own,
     which whole-trajectory samples must not label as the visit's code).
@@ -117,7 +146,7 @@ def visit_hints(history: pl.DataFrame, codes: pl.DataFrame, k: int, hours: int =
         history: Check-ins with ``traj_id, user_id, loc_id, local_time, split`` (only ``train`` rows count).
         codes: ``loc_id, code`` token strings.
         k: Places per hint, highest :func:`hint_scores` first (ties: the smaller ``loc_id``).
-        hours, visits, user_weight, day_weight: As in :func:`hint_scores`.
+        hours, visits, user_weight, day_weight, moves_weight: As in :func:`hint_scores`.
         counts: Follow each place with `` ×n``, its score rounded (at the default weights: its train visits
             in the window, its own trajectory's left out).
         count_first: With ``counts``, write ``×n <code>`` (the count before its place) instead.
@@ -127,7 +156,7 @@ def visit_hints(history: pl.DataFrame, codes: pl.DataFrame, k: int, hours: int =
                                     "hint_places": pl.Int32})
     n = pl.col("score").round(0).cast(pl.Int64)
     ranked = (
-        top_places(hint_scores(history, hours, visits, user_weight, day_weight), k)
+        top_places(hint_scores(history, hours, visits, user_weight, day_weight, moves_weight), k)
         .join(codes.select("loc_id", "code"), on="loc_id", how="inner", maintain_order="left")
         .with_columns(item=(pl.format("×{} {}", n, "code") if count_first else pl.format("{} ×{}", "code", n))
                       if counts else pl.col("code"))

@@ -216,6 +216,11 @@ class RunConfig:
 
     def __post_init__(self) -> None:
         one_of("stage", self.stage, ("all", *STAGES, *ON_DEMAND))
+        recovery = sorted({t for t in (*self.objectives.tasks, *self.eval.tasks) if t.startswith("recovery")})
+        if self.data.samples.visit_hint_moves_weight and self.data.samples.visit_hints and recovery:
+            raise ConfigError(f"data.samples.visit_hint_moves_weight={self.data.samples.visit_hint_moves_weight:g} with "
+                              f"recovery tasks {recovery} (objectives.tasks / eval.tasks): a masked visit's place would show in "
+                              "its successor's hint; use objectives=next_only eval.tasks=[next] or a weight of 0")
 
 
 def register() -> None:

@@ -33,7 +33,8 @@ VALIDATION_KEYS = ("limit_val_batches", "num_sanity_val_steps", "check_val_every
 # data.samples settings that only change how a sample is written, not which samples exist: they leave
 # the data and tokenizer stages alone (a grid over them trains one RQ-VAE) and are in the alignment's.
 RENDER_KEYS = ("add_profile", "drop_description_lines", "user_places", "visit_hints", "visit_hint_hours",
-               "visit_hint_counts", "visit_hint_count_first", "visit_hint_user_weight", "visit_hint_day_weight", "visit_text")
+               "visit_hint_counts", "visit_hint_count_first", "visit_hint_user_weight", "visit_hint_day_weight",
+               "visit_hint_moves_weight", "visit_text")
 
 
 def extra_trainer_args(cfg: RunConfig) -> dict[str, Any]:
@@ -102,7 +103,7 @@ def data_fingerprint(cfg: RunConfig) -> str:
 # (and their tests).
 NEUTRAL_SWITCHES: dict[str, Any] = {"lora_plus_ratio": 1.0, "first_code_weight": 1.0, "visit_hint_counts": False,
                                      "visit_hint_count_first": False, "visit_hint_user_weight": 0.0, "visit_hint_day_weight": 1.0,
-                                     "code_softmax": "vocab", "lora_layers": 0}
+                                     "visit_hint_moves_weight": 0.0, "code_softmax": "vocab", "lora_layers": 0}
 
 
 def without_neutral(settings: dict[str, Any]) -> dict[str, Any]:

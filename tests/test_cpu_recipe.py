@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-POINTS = ["none", "float32", "bf16", "compact", "trajectory", "user_places", "visit_hints", "visit_hint_counts", "visit_hint_count_first", "visit_hint_weights", "first_code_weight", "level_softmax", "nf4", "lora", "all"]
+POINTS = ["none", "float32", "bf16", "compact", "trajectory", "user_places", "visit_hints", "visit_hint_counts", "visit_hint_count_first", "visit_hint_weights", "visit_hint_moves", "first_code_weight", "level_softmax", "nf4", "lora", "all"]
 
 
 @pytest.mark.slow
@@ -56,6 +56,11 @@ def test_the_cpu_recipe_grid_runs_on_the_smoke_experiment(tmp_path) -> None:
     assert abs(runs["visit_hint_weights"]["train_tokens"] / runs["visit_hint_counts"]["train_tokens"] - 1) < 0.1
     assert meta["visit_hint_weights"]["visit_hint_user_weight"] == 0.1 and meta["visit_hint_weights"]["visit_hint_day_weight"] == 3.0
     assert meta["visit_hint_counts"]["visit_hint_user_weight"] == 0.0
+    # the user's moves from the previous place as well: recorded, on next-location samples only (the switch
+    # leaves out the recovery tasks, whose masked visits a successor's hint would name)
+    assert meta["visit_hint_moves"]["visit_hint_moves_weight"] == 10.0 and meta["visit_hint_weights"]["visit_hint_moves_weight"] == 0.0
+    assert runs["visit_hint_moves"]["train_samples"] < runs["visit_hint_weights"]["train_samples"]
+    assert meta["visit_hint_moves"]["training"]["tasks"] == ["next"]
     # the first code tokens weigh more in training; the samples are the same
     assert meta["first_code_weight"]["training"]["first_code_weight"] == 4.0 and meta["none"]["training"]["first_code_weight"] == 1.0
     assert runs["first_code_weight"]["train_tokens"] == runs["none"]["train_tokens"]

@@ -285,3 +285,51 @@ def test_predict_warns_about_a_model_aligned_on_the_hint_runs_before_the_label_f
     hint = ["experiment=smoke", "data.samples.visit_hints=1"]
     assert render_settings(compose_run(hint + ["data.samples.next_format=trajectory"]))["hint_labels"] == "visit-code-runs"
     assert "hint_labels" not in render_settings(compose_run(hint))
+
+
+def test_moves_weight_scores_what_follows_the_previous_place_leaving_the_own_trajectory_out() -> None:
+    """data.samples.visit_hint_moves_weight: a place also scores m x the user's train moves to it from the
+    visit's previous place in its trajectory; moves of the visit's own trajectory, of other users and of
+    non-train trajectories never count, and a trajectory's first visit has no moves term."""
+    v = _visits([
+        ("t1", "u", 1, "2 08:00", "train"), ("t1", "u", 3, "2 12:00", "train"),    # a move 1 -> 3
+        ("t2", "u", 1, "3 08:00", "train"), ("t2", "u", 3, "3 12:30", "train"),    # another move 1 -> 3
+        ("t3", "u", 2, "4 12:10", "train"), ("t5", "u", 2, "5 11:50", "train"),    # <B> near noon twice, no move
+        ("t4", "w", 1, "4 08:00", "train"), ("t4", "w", 4, "4 12:00", "train"),    # another user's move 1 -> 4
+        ("v1", "u", 1, "6 08:00", "valid"), ("v1", "u", 5, "6 12:00", "valid"),    # a valid move 1 -> 5
+        ("x1", "u", 1, "9 08:05", "test"), ("x1", "u", 2, "9 12:05", "test"),
+    ])
+    plain = visit_hints(v, CODES, k=3, hours=1, counts=True)
+    assert visit_hints(v, CODES, k=3, hours=1, counts=True, moves_weight=0.0).equals(plain)
+    assert _hint(plain, "x1", v, pos=1) == "(usually <B> ×2 <C> ×2)"  # the noon window: a tie, to the smaller place
+    moved = visit_hints(v, CODES, k=3, hours=1, counts=True, moves_weight=2.0)
+    # From <A> the user moved to <C> twice in train (x 2 = 4, plus its 2 noon visits); <D> (another user's move)
+    # and <E> (a valid move) do not count.
+    assert _hint(moved, "x1", v, pos=1) == "(usually <C> ×6 <B> ×2)"
+    assert _hint(moved, "x1", v, pos=0) == _hint(plain, "x1", v, pos=0)  # the first visit: no previous place
+    # A train visit's own trajectory is left out: t1's noon visit sees t2's move only (2) plus t2's noon visit (1).
+    assert _hint(moved, "t1", v, pos=1) == "(usually <C> ×3 <B> ×2)"
+    assert _hint(plain, "t1", v, pos=1) == "(usually <B> ×2 <C> ×1)"
+
+
+def test_moves_weight_is_refused_beside_recovery_tasks_and_neutral_at_zero() -> None:
+    import pytest
+
+    from datamodules.config import ConfigError, SampleConfig
+    from pipeline.paths import align_fingerprint, data_fingerprint
+    from tests.conftest import compose_run
+
+    with pytest.raises(ConfigError, match="visit_hint_moves_weight"):
+        SampleConfig(visit_hint_moves_weight=-1)
+    base = ["experiment=smoke", "data.samples.visit_hints=1", "objectives=next_only", "eval.tasks=[next]"]
+    with pytest.raises(ConfigError, match=r"visit_hint_moves_weight=2 with recovery tasks \['recovery_single'\]"):
+        compose_run(["experiment=smoke", "data.samples.visit_hints=1", "objectives=next_only",
+                     "data.samples.visit_hint_moves_weight=2"])
+    with pytest.raises(ConfigError, match="recovery_multi"):
+        compose_run(["experiment=smoke", "data.samples.visit_hints=1", "eval.tasks=[next]",
+                     "data.samples.visit_hint_moves_weight=2"])
+    compose_run(base + ["data.samples.visit_hint_moves_weight=2"])  # next-location only: allowed
+    assert align_fingerprint(compose_run(base)) == align_fingerprint(compose_run(base + ["data.samples.visit_hint_moves_weight=0"]))
+    moved = compose_run(base + ["data.samples.visit_hint_moves_weight=2"])
+    assert align_fingerprint(compose_run(base)) != align_fingerprint(moved)
+    assert data_fingerprint(compose_run(base)) == data_fingerprint(moved)  # one RQ-VAE for a grid over it
