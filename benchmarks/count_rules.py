@@ -99,7 +99,7 @@ def main() -> None:
         acc, ndcg = acc_ndcg(ranking(cases, visits, hours, user, day))
         print(f"| hours={hours} user={user:g} day={day:g} | {acc:.3f} | {ndcg:.3f} |")
     for hours in (2, 3):
-        for w in (0.5, 1.0, 2.0, 4.0, 8.0, 12.0, 16.0):
+        for w in (0.5, 1.0, 2.0, 4.0, 8.0, 10.0, 12.0, 16.0):
             acc, ndcg = acc_ndcg(ranking(cases, visits, hours, 0.1, 3.0, moves=w))
             print(f"| hours={hours} user=0.1 day=3 moves={w:g} | {acc:.3f} | {ndcg:.3f} |")
 

@@ -61,8 +61,8 @@ def hint_scores(history: pl.DataFrame, hours: int = 1, visits: pl.DataFrame | No
     counts the user's train visits to it within ``hours`` of the visit's time of day, those on the
     visit's day type (weekday or weekend) ``day_weight`` times, ``all`` counts them at any hour, and
     ``moves`` counts the user's train moves to it from the place of the visit before it in its
-    trajectory (in ``history``). The visit's own trajectory is left out of all three. At the defaults
-    the score is the plain window count.
+    trajectory (in ``visits`` when they carry ``loc_id``, else in ``history``). The visit's own trajectory
+    is left out of all three. At the defaults the score is the plain window count.
 
     Args:
         history: Check-ins with ``traj_id, user_id, loc_id, local_time, split`` (only ``train`` rows count).
@@ -101,19 +101,27 @@ def hint_scores(history: pl.DataFrame, hours: int = 1, visits: pl.DataFrame | No
         )
         scores = pl.concat([scores, overall], how="vertical_relaxed").group_by(*KEY, "loc_id").agg(pl.col("score").sum())
     if moves_weight:
-        scores = pl.concat([scores, _move_scores(history, query, moves_weight)], how="vertical_relaxed").group_by(
+        source = visits if visits is not None and "loc_id" in visits.columns else history
+        scores = pl.concat([scores, _move_scores(history, source, query, moves_weight)], how="vertical_relaxed").group_by(
             *KEY, "loc_id").agg(pl.col("score").sum())
     return scores.filter(pl.col("score") > 0)
 
 
-def _move_scores(history: pl.DataFrame, query: pl.DataFrame, weight: float) -> pl.DataFrame:
-    """``traj_id, utc_time, loc_id, score``: ``weight`` x the user's train moves from each ``query`` visit's
-    previous place (in ``history``'s trajectory order) to ``loc_id``, those of its own trajectory left out."""
-    ordered = history.select("traj_id", "user_id", "utc_time", "loc_id", "split").sort(KEY).with_columns(
-        prev=pl.col("loc_id").shift(1).over("traj_id"))
-    moves = ordered.filter((pl.col("split") == "train") & pl.col("prev").is_not_null())
+def _previous(visits: pl.DataFrame) -> pl.DataFrame:
+    """``visits`` (one row per visit) with ``prev``, the place of the visit before it in its trajectory, in
+    the order the prompts write them (time, then stored order: :func:`datamodules.samples.add_positions`)."""
+    return (visits.sort(KEY, maintain_order=True).unique(KEY, keep="first", maintain_order=True)
+            .with_columns(prev=pl.col("loc_id").shift(1).over("traj_id")))
+
+
+def _move_scores(history: pl.DataFrame, source: pl.DataFrame, query: pl.DataFrame, weight: float) -> pl.DataFrame:
+    """``traj_id, utc_time, loc_id, score``: ``weight`` x the user's train moves (in ``history``) from each
+    ``query`` visit's previous place (in ``source``, the visits the query's prompts are written from: a
+    predicted user's own check-ins, or ``history``) to ``loc_id``, those of its own trajectory left out."""
+    moves = _previous(history.select("traj_id", "user_id", "utc_time", "loc_id", "split")).filter(
+        (pl.col("split") == "train") & pl.col("prev").is_not_null())
     return (
-        query.select(KEY + ["user_id"]).join(ordered.select(*KEY, "prev"), on=KEY, how="inner")
+        query.select(KEY + ["user_id"]).join(_previous(source.select(*KEY, "loc_id")).select(*KEY, "prev"), on=KEY, how="inner")
         .filter(pl.col("prev").is_not_null())
         .join(moves.group_by("user_id", "prev", "loc_id").agg(n=pl.len()), on=["user_id", "prev"], how="inner")
         .join(moves.group_by("traj_id", "prev", "loc_id").agg(own=pl.len()), on=["traj_id", "prev", "loc_id"], how="left")

@@ -298,7 +298,7 @@ def test_moves_weight_scores_what_follows_the_previous_place_leaving_the_own_tra
         ("t4", "w", 1, "4 08:00", "train"), ("t4", "w", 4, "4 12:00", "train"),    # another user's move 1 -> 4
         ("v1", "u", 1, "6 08:00", "valid"), ("v1", "u", 5, "6 12:00", "valid"),    # a valid move 1 -> 5
         ("x1", "u", 1, "9 08:05", "test"), ("x1", "u", 2, "9 12:05", "test"),
-    ])
+    ]).sample(fraction=1.0, shuffle=True, seed=3)  # any stored order: moves follow time within a trajectory
     plain = visit_hints(v, CODES, k=3, hours=1, counts=True)
     assert visit_hints(v, CODES, k=3, hours=1, counts=True, moves_weight=0.0).equals(plain)
     assert _hint(plain, "x1", v, pos=1) == "(usually <B> ×2 <C> ×2)"  # the noon window: a tie, to the smaller place
@@ -310,6 +310,12 @@ def test_moves_weight_scores_what_follows_the_previous_place_leaving_the_own_tra
     # A train visit's own trajectory is left out: t1's noon visit sees t2's move only (2) plus t2's noon visit (1).
     assert _hint(moved, "t1", v, pos=1) == "(usually <C> ×3 <B> ×2)"
     assert _hint(plain, "t1", v, pos=1) == "(usually <B> ×2 <C> ×1)"
+    # stage=predict: a user's own check-ins outside the data (visits=...) take their previous place from
+    # themselves, their moves from the user's train trajectories.
+    own = _visits([("p", "u", 1, "9 08:05", "test"), ("p", "u", 2, "9 12:05", "test")])
+    predicted = visit_hints(v, CODES, k=3, hours=1, counts=True, moves_weight=2.0, visits=own)
+    assert _hint(predicted, "p", own, pos=1) == "(usually <C> ×6 <B> ×2)"
+    assert _hint(predicted, "p", own, pos=0) == _hint(visit_hints(v, CODES, k=3, hours=1, counts=True, visits=own), "p", own, pos=0)
 
 
 def test_moves_weight_is_refused_beside_recovery_tasks_and_neutral_at_zero() -> None:
@@ -329,6 +335,7 @@ def test_moves_weight_is_refused_beside_recovery_tasks_and_neutral_at_zero() -> 
         compose_run(["experiment=smoke", "data.samples.visit_hints=1", "eval.tasks=[next]",
                      "data.samples.visit_hint_moves_weight=2"])
     compose_run(base + ["data.samples.visit_hint_moves_weight=2"])  # next-location only: allowed
+    compose_run(["experiment=smoke", "data.samples.visit_hint_moves_weight=2"])  # no hints, nothing to leak: allowed
     assert align_fingerprint(compose_run(base)) == align_fingerprint(compose_run(base + ["data.samples.visit_hint_moves_weight=0"]))
     moved = compose_run(base + ["data.samples.visit_hint_moves_weight=2"])
     assert align_fingerprint(compose_run(base)) != align_fingerprint(moved)
