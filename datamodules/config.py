@@ -140,7 +140,8 @@ class CityConfig:
     """The seeded synthetic city (``data.city``; datamodules/readers/synthetic.py). The habit knobs are
     ranges drawn per user: the probability to try a new place instead of a favourite, to check in at
     home before and after a working day, how many hours a day's schedule wanders (``day_shift_h``) and each stop on
-    its own (``stop_jitter_h``); and how much some venues draw everyone (``popularity``)."""
+    its own (``stop_jitter_h``); how much some venues draw everyone (``popularity``); and the share of the
+    stops a user checks in at (``checkin_rate``)."""
 
     seed: int = 42
     n_users: int = 60
@@ -152,6 +153,7 @@ class CityConfig:
     day_shift_h: tuple[float, float] = (0.0, 0.0)
     stop_jitter_h: tuple[float, float] = (0.0, 0.0)
     popularity: float = 0.0
+    checkin_rate: float = 1.0
 
     def __post_init__(self) -> None:
         at_least("data.city.n_users", self.n_users, 1)
@@ -165,6 +167,8 @@ class CityConfig:
                                   + (" <= 1" if high == 1.0 else ""))
         if not 0 <= self.popularity < math.inf:
             raise ConfigError(f"data.city.popularity={self.popularity!r} must be a finite number >= 0")
+        if not 0 < self.checkin_rate <= 1:
+            raise ConfigError(f"data.city.checkin_rate={self.checkin_rate!r} must be in (0, 1]")
 
 
 @dataclass

@@ -161,7 +161,8 @@ def load_dataset(data: DataConfig) -> MobilityData:
         raw = generate_city(seed=city.seed, n_users=city.n_users, n_pois=city.n_pois, days=city.days,
                             explore=tuple(city.explore), home_am=tuple(city.home_am), home_pm=tuple(city.home_pm),
                             day_shift_h=tuple(city.day_shift_h),
-                            stop_jitter_h=tuple(city.stop_jitter_h), popularity=city.popularity)
+                            stop_jitter_h=tuple(city.stop_jitter_h), popularity=city.popularity,
+                            checkin_rate=city.checkin_rate)
     elif fmt == "tsmc":
         root = _root(data)
         _ensure(data, root)

@@ -270,8 +270,34 @@ def test_popularity_makes_users_share_places() -> None:
     assert popular[0] > 1.5 * even[0] and popular[1] > 1.5 * even[1], (even, popular)  # 9.4, 0.32 -> 18.0, 0.61
 
 
+def test_checkin_rate_keeps_a_seeded_share_of_the_same_stops() -> None:
+    """``checkin_rate`` keeps each stop with that probability from a generator of its own: the kept check-ins
+    are a subset of the full city's (the rest of the city unchanged), about that share of them, the same for
+    the same seed; 1 is the full city. Consecutive check-ins then skip stops: a place's usual successor is less
+    certain."""
+    kwargs = {"seed": 4, "n_users": 20, "days": 60}
+    full, half = generate_city(**kwargs), generate_city(**kwargs, checkin_rate=0.5)
+    assert generate_city(**kwargs, checkin_rate=1.0).equals(full)
+    assert generate_city(**kwargs, checkin_rate=0.5).equals(half)
+    key = ["user_id", "poi_id", "utc_time"]
+    assert half.select(key).join(full.select(key), on=key, how="anti").is_empty()  # only stops of the full city
+    assert 0.45 < half.height / full.height < 0.55, half.height / full.height
+    assert half.select("poi_id", "name").unique().join(full.select("poi_id", "name").unique(), on="poi_id").filter(
+        pl.col("name") != pl.col("name_right")).is_empty()  # the same places
+    from datamodules.config import CityConfig, ConfigError
+    from pipeline.paths import data_fingerprint
+    from tests.conftest import compose_run
+
+    with pytest.raises(ConfigError, match="checkin_rate"):
+        CityConfig(checkin_rate=0.0)
+    # neutral at 1: the cities (and data folders) made before the knob keep their fingerprint
+    base = data_fingerprint(compose_run(["experiment=quickstart"]))
+    assert data_fingerprint(compose_run(["experiment=quickstart", "data.city.checkin_rate=1.0"])) == base
+    assert data_fingerprint(compose_run(["experiment=quickstart", "data.city.checkin_rate=0.5"])) != base
+
+
 @pytest.mark.parametrize("kwargs", [{"day_shift_h": (-1.0, 1.0)}, {"day_shift_h": (3.0, 1.0)}, {"stop_jitter_h": (-1.0, 0.0)},
-                                    {"popularity": -0.5}])
+                                    {"popularity": -0.5}, {"checkin_rate": 1.5}])
 def test_rejects_bad_habit_knobs(kwargs: dict) -> None:
     with pytest.raises(ValueError, match=next(iter(kwargs))):
         generate_city(n_users=2, n_pois=10, days=2, **kwargs)

@@ -206,6 +206,7 @@ def generate_city(
     day_shift_h: tuple[float, float] = (0.0, 0.0),
     stop_jitter_h: tuple[float, float] = (0.0, 0.0),
     popularity: float = 0.0,
+    checkin_rate: float = 1.0,
 ) -> pl.DataFrame:
     """Generate the check-ins of a synthetic city (see the module docstring for what is modelled).
 
@@ -233,6 +234,10 @@ def generate_city(
         popularity: How much some places draw everyone: each POI gets an appeal ``exp(N(0, 1))`` raised
             to this power, which multiplies its weight whenever a workplace, a favourite or a place to
             explore is picked, so that users share popular venues (0: no appeal, as the defaults do).
+        checkin_rate: Share of the stops a user checks in at: each stop is kept with this probability, drawn
+            from a generator of its own (seeded by ``seed``), as people on a location-based network check in
+            at some of their stops only, so that consecutive check-ins skip stops and a day's order is less
+            fixed than its hours (1: every stop, as the defaults do; the kept stops are the same city's).
 
     Returns:
         Canonical check-ins (:data:`datamodules.schema.CHECKIN_SCHEMA`), sorted by ``user_id`` and
@@ -251,6 +256,8 @@ def generate_city(
         raise ValueError(f"stop_jitter_h must be a range (low, high) of hours >= 0, got {stop_jitter_h}")
     if popularity < 0:
         raise ValueError(f"popularity must be >= 0, got {popularity}")
+    if not 0 < checkin_rate <= 1:
+        raise ValueError(f"checkin_rate must be in (0, 1], got {checkin_rate}")
     rng = np.random.default_rng(seed)
 
     # ---- the city -------------------------------------------------------------------------------
@@ -430,7 +437,11 @@ def generate_city(
     # ---- assemble -------------------------------------------------------------------------------
     user_idx = np.asarray(out_user, dtype=np.int64)
     poi_idx = np.asarray(out_poi, dtype=np.int64)
-    local = start_day.astype("datetime64[us]") + np.asarray(out_sec, dtype=np.int64).astype("timedelta64[s]")
+    secs = np.asarray(out_sec, dtype=np.int64)
+    if checkin_rate < 1:  # a generator of its own: the stops (and the rest of the city) stay those of rate 1
+        kept = np.random.default_rng([seed, 1]).random(user_idx.size) < checkin_rate
+        user_idx, poi_idx, secs = user_idx[kept], poi_idx[kept], secs[kept]
+    local = start_day.astype("datetime64[us]") + secs.astype("timedelta64[s]")
     lat0, lon0 = center
     lat = lat0 + xy[:, 1] / _KM_PER_DEG_LAT
     lon = lon0 + xy[:, 0] / (_KM_PER_DEG_LAT * math.cos(math.radians(lat0)))
