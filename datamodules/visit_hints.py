@@ -50,6 +50,8 @@ from __future__ import annotations
 
 import polars as pl
 
+from datamodules.samples import add_positions
+
 KEY = ["traj_id", "utc_time"]  # a visit
 
 
@@ -101,27 +103,29 @@ def hint_scores(history: pl.DataFrame, hours: int = 1, visits: pl.DataFrame | No
         )
         scores = pl.concat([scores, overall], how="vertical_relaxed").group_by(*KEY, "loc_id").agg(pl.col("score").sum())
     if moves_weight:
-        source = visits if visits is not None and "loc_id" in visits.columns else history
-        scores = pl.concat([scores, _move_scores(history, source, query, moves_weight)], how="vertical_relaxed").group_by(
+        written = visits if visits is not None and "loc_id" in visits.columns else None
+        scores = pl.concat([scores, _move_scores(history, written, query, moves_weight)], how="vertical_relaxed").group_by(
             *KEY, "loc_id").agg(pl.col("score").sum())
     return scores.filter(pl.col("score") > 0)
 
 
 def _previous(visits: pl.DataFrame) -> pl.DataFrame:
     """``visits`` (one row per visit) with ``prev``, the place of the visit before it in its trajectory, in
-    the order the prompts write them (time, then stored order: :func:`datamodules.samples.add_positions`)."""
-    return (visits.sort(KEY, maintain_order=True).unique(KEY, keep="first", maintain_order=True)
+    the order the prompts write them (:func:`datamodules.samples.add_positions`)."""
+    return (add_positions(visits).unique(KEY, keep="first", maintain_order=True)
             .with_columns(prev=pl.col("loc_id").shift(1).over("traj_id")))
 
 
-def _move_scores(history: pl.DataFrame, source: pl.DataFrame, query: pl.DataFrame, weight: float) -> pl.DataFrame:
+def _move_scores(history: pl.DataFrame, written: pl.DataFrame | None, query: pl.DataFrame, weight: float) -> pl.DataFrame:
     """``traj_id, utc_time, loc_id, score``: ``weight`` x the user's train moves (in ``history``) from each
-    ``query`` visit's previous place (in ``source``, the visits the query's prompts are written from: a
-    predicted user's own check-ins, or ``history``) to ``loc_id``, those of its own trajectory left out."""
-    moves = _previous(history.select("traj_id", "user_id", "utc_time", "loc_id", "split")).filter(
-        (pl.col("split") == "train") & pl.col("prev").is_not_null())
+    ``query`` visit's previous place to ``loc_id``, those of its own trajectory left out. The previous place
+    is taken from ``written``, the visits the query's prompts are written from (a predicted user's own
+    check-ins), or from ``history`` when None."""
+    ordered = _previous(history.select("traj_id", "user_id", "utc_time", "loc_id", "split"))
+    moves = ordered.filter((pl.col("split") == "train") & pl.col("prev").is_not_null())
+    before = ordered if written is None else _previous(written.select(*KEY, "loc_id"))
     return (
-        query.select(KEY + ["user_id"]).join(_previous(source.select(*KEY, "loc_id")).select(*KEY, "prev"), on=KEY, how="inner")
+        query.select(KEY + ["user_id"]).join(before.select(*KEY, "prev"), on=KEY, how="inner")
         .filter(pl.col("prev").is_not_null())
         .join(moves.group_by("user_id", "prev", "loc_id").agg(n=pl.len()), on=["user_id", "prev"], how="inner")
         .join(moves.group_by("traj_id", "prev", "loc_id").agg(own=pl.len()), on=["traj_id", "prev", "loc_id"], how="left")

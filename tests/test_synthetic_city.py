@@ -272,9 +272,8 @@ def test_popularity_makes_users_share_places() -> None:
 
 def test_checkin_rate_keeps_a_seeded_share_of_the_same_stops() -> None:
     """``checkin_rate`` keeps each stop with that probability from a generator of its own: the kept check-ins
-    are a subset of the full city's (the rest of the city unchanged), about that share of them, the same for
-    the same seed; 1 is the full city. Consecutive check-ins then skip stops: a place's usual successor is less
-    certain."""
+    are a subset of the full city's (the same places), about that share of them, the same for the same seed;
+    1 is the full city and leaves the data fingerprint alone."""
     kwargs = {"seed": 4, "n_users": 20, "days": 60}
     full, half = generate_city(**kwargs), generate_city(**kwargs, checkin_rate=0.5)
     assert generate_city(**kwargs, checkin_rate=1.0).equals(full)
