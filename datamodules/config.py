@@ -141,7 +141,8 @@ class CityConfig:
     ranges drawn per user: the probability to try a new place instead of a favourite, to check in at
     home before and after a working day, how many hours a day's schedule wanders (``day_shift_h``) and each stop on
     its own (``stop_jitter_h``); how much some venues draw everyone (``popularity``); and the share of the
-    stops a user checks in at (``checkin_rate``)."""
+    stops a user checks in at (``checkin_rate``); how often a try of somewhere new follows the city's usual
+    next place (``shared_routes``)."""
 
     seed: int = 42
     n_users: int = 60
@@ -154,6 +155,7 @@ class CityConfig:
     stop_jitter_h: tuple[float, float] = (0.0, 0.0)
     popularity: float = 0.0
     checkin_rate: float = 1.0
+    shared_routes: float = 0.0
 
     def __post_init__(self) -> None:
         at_least("data.city.n_users", self.n_users, 1)
@@ -169,6 +171,8 @@ class CityConfig:
             raise ConfigError(f"data.city.popularity={self.popularity!r} must be a finite number >= 0")
         if not 0 < self.checkin_rate <= 1:
             raise ConfigError(f"data.city.checkin_rate={self.checkin_rate!r} must be in (0, 1]")
+        if not 0 <= self.shared_routes <= 1:
+            raise ConfigError(f"data.city.shared_routes={self.shared_routes!r} must be in [0, 1]")
 
 
 @dataclass

@@ -162,7 +162,7 @@ def load_dataset(data: DataConfig) -> MobilityData:
                             explore=tuple(city.explore), home_am=tuple(city.home_am), home_pm=tuple(city.home_pm),
                             day_shift_h=tuple(city.day_shift_h),
                             stop_jitter_h=tuple(city.stop_jitter_h), popularity=city.popularity,
-                            checkin_rate=city.checkin_rate)
+                            checkin_rate=city.checkin_rate, shared_routes=city.shared_routes)
     elif fmt == "tsmc":
         root = _root(data)
         _ensure(data, root)

@@ -84,7 +84,7 @@ def input_manifest(cfg: RunConfig) -> dict[str, dict[str, Any]]:
 # data.city knobs added after data folders were built (session 40), with the value that generates the city as
 # before: at that value a knob stays out of the data fingerprint, so every dataset's folders keep theirs.
 NEUTRAL_CITY: dict[str, Any] = {"day_shift_h": [0.0, 0.0], "stop_jitter_h": [0.0, 0.0], "popularity": 0.0,
-                                 "checkin_rate": 1.0}
+                                 "checkin_rate": 1.0, "shared_routes": 0.0}
 
 
 def data_fingerprint(cfg: RunConfig) -> str:

@@ -178,20 +178,22 @@ def test_rejects_bad_sizes(kwargs: dict) -> None:
 
 
 def test_the_quickstart_city_is_calibrated_to_nyc(tmp_path) -> None:
-    """The default run's city has NYC's difficulty for the count baselines and for user_time (each Acc@1
-    within +-0.05 of NYC's, every test case), not the routine of the generator's defaults
+    """The default run's city has NYC's difficulty for the count baselines, for user_time and for the GRU (each
+    Acc@1 within +-0.05 of NYC's, every test case), not the routine of the generator's defaults
     (user_most_frequent ~0.75, user_time ~0.77), and its users try new places nearly as often as NYC's."""
-    from benchmarks.calibrate_city import NYC, RULE, city_stats, meets
+    from benchmarks.calibrate_city import NYC, NYC_GRU, RULE, city_stats, meets
 
-    stats = city_stats(["experiment=quickstart"], tmp_path)
+    stats = city_stats(["experiment=quickstart"], tmp_path, gru=True)
     assert stats["test cases"] > 100
-    assert len(RULE) == 4  # most_popular, markov, user_most_frequent, user_time
-    assert meets(stats), {key: stats[key] for key in RULE}
-    # 0.77 against NYC's 0.56 (the earlier city 0.85, the generator's defaults 0.97): nearer, not yet alike
-    # (benchmarks/README.md, "The synthetic city"). The margins are a few cases: the knobs were picked to the edge.
+    assert len(RULE) == 4  # most_popular, markov, user_most_frequent, user_time; the GRU joins with gru_rule
+    assert meets(stats, gru_rule=True), {key: stats[key] for key in (*RULE, *NYC_GRU)}
+    # 0.73 against NYC's 0.56 (the session-40 city 0.77, the earlier 0.85, the generator's defaults 0.97): nearer,
+    # not yet alike. Visits per trajectory: 4.7 against 5.89 (6.0 before session 43): a user checks in at 60 % of
+    # their stops (checkin_rate), which is what brought the GRU to NYC's level (benchmarks/README.md, "The
+    # synthetic city"). The margins are a few cases: the knobs were picked to the edge.
     revisit, visits = "revisit share (target in the user's train places)", "visits per trajectory"
-    assert abs(stats[revisit] - NYC[revisit]) <= 0.22, stats
-    assert abs(stats[visits] - NYC[visits]) <= 0.5, stats
+    assert abs(stats[revisit] - NYC[revisit]) <= 0.2, stats
+    assert abs(stats[visits] - NYC[visits]) <= 1.3, stats
 
 
 def _hour_spread(df: pl.DataFrame) -> float:
@@ -290,13 +292,48 @@ def test_checkin_rate_keeps_a_seeded_share_of_the_same_stops() -> None:
     with pytest.raises(ConfigError, match="checkin_rate"):
         CityConfig(checkin_rate=0.0)
     # neutral at 1: the cities (and data folders) made before the knob keep their fingerprint
-    base = data_fingerprint(compose_run(["experiment=quickstart"]))
-    assert data_fingerprint(compose_run(["experiment=quickstart", "data.city.checkin_rate=1.0"])) == base
-    assert data_fingerprint(compose_run(["experiment=quickstart", "data.city.checkin_rate=0.5"])) != base
+    base = data_fingerprint(compose_run(["experiment=smoke"]))  # a city at rate 1 (the quick start's has 0.6)
+    assert data_fingerprint(compose_run(["experiment=smoke", "data.city.checkin_rate=1.0"])) == base
+    assert data_fingerprint(compose_run(["experiment=smoke", "data.city.checkin_rate=0.5"])) != base
+
+
+def test_shared_routes_make_strangers_share_moves() -> None:
+    """``shared_routes``: a try of somewhere new often goes to the city's usual next place from where the user
+    is, so more of the moves between public places are made by several users (what a city-wide ``markov``
+    reads), with no venue drawing everyone; 0 is the city as before (no draw is made) and leaves the data
+    fingerprint alone."""
+    kwargs = {"seed": 4, "n_users": 40, "days": 40, "explore": (0.5, 0.8)}
+
+    def shared_moves(df: pl.DataFrame) -> float:
+        """Share of the consecutive same-day moves between two different public places whose (from, to) pair
+        at least two users make."""
+        day = pl.col("local_time").dt.date()
+        moves = (df.sort("user_id", "utc_time").with_columns(prev=pl.col("poi_id").shift().over("user_id", day),
+                                                               prev_cat=pl.col("parent_category").shift().over("user_id", day))
+                 .filter(pl.col("prev").is_not_null() & (pl.col("prev") != pl.col("poi_id"))
+                         & (pl.col("prev_cat") != "Residence") & (pl.col("parent_category") != "Residence")))
+        users = moves.group_by("prev", "poi_id").agg(n=pl.col("user_id").n_unique())
+        return float(moves.join(users, on=["prev", "poi_id"])["n"].ge(2).mean())
+
+    plain, routed = generate_city(**kwargs), generate_city(**kwargs, shared_routes=0.9)
+    assert generate_city(**kwargs, shared_routes=0.0).equals(plain)
+    assert generate_city(**kwargs, shared_routes=0.9).equals(routed)
+    assert shared_moves(routed) > 1.5 * shared_moves(plain), (shared_moves(plain), shared_moves(routed))
+    busiest = lambda df: float(df.group_by("poi_id").len()["len"].max() / df.height)  # noqa: E731
+    assert busiest(routed) < 2 * busiest(plain), (busiest(plain), busiest(routed))  # no venue for everyone
+    from datamodules.config import CityConfig, ConfigError
+    from pipeline.paths import data_fingerprint
+    from tests.conftest import compose_run
+
+    with pytest.raises(ConfigError, match="shared_routes"):
+        CityConfig(shared_routes=1.5)
+    base = data_fingerprint(compose_run(["experiment=smoke"]))
+    assert data_fingerprint(compose_run(["experiment=smoke", "data.city.shared_routes=0"])) == base
+    assert data_fingerprint(compose_run(["experiment=smoke", "data.city.shared_routes=0.5"])) != base
 
 
 @pytest.mark.parametrize("kwargs", [{"day_shift_h": (-1.0, 1.0)}, {"day_shift_h": (3.0, 1.0)}, {"stop_jitter_h": (-1.0, 0.0)},
-                                    {"popularity": -0.5}, {"checkin_rate": 1.5}])
+                                    {"popularity": -0.5}, {"checkin_rate": 1.5}, {"shared_routes": -0.1}])
 def test_rejects_bad_habit_knobs(kwargs: dict) -> None:
     with pytest.raises(ValueError, match=next(iter(kwargs))):
         generate_city(n_users=2, n_pois=10, days=2, **kwargs)
@@ -344,6 +381,26 @@ def test_the_gru_is_a_column_of_the_candidates_not_part_of_the_rule(monkeypatch,
     assert "| gru |" in capsys.readouterr().out
 
 
+def test_the_gru_joins_the_rule_with_gru_rule(monkeypatch, capsys) -> None:
+    """--gru-rule: a city whose four baselines are NYC's but whose GRU is 0.06 above NYC's meets the four-baseline
+    rule and fails the five-baseline one, at one seed or on the mean alone; the GRU then counts in the distance."""
+    import benchmarks.calibrate_city as cal
+
+    near, far = {**cal.NYC, "gru Acc@1": 0.181 + 0.04}, {**cal.NYC, "gru Acc@1": 0.181 + 0.06}
+    assert cal.meets(near, far) and cal.meets(near, gru_rule=True) and not cal.meets(near, far, gru_rule=True)
+    assert cal.distance(far) == 0.0 and cal.distance(far, gru_rule=True) == pytest.approx(0.06)
+    per_seed = {42: near, 1: far}
+    monkeypatch.setattr(cal, "city_stats", lambda overrides, artifacts=None, gru=False: (
+        gru or pytest.fail("gru_rule scores the GRU")) and per_seed[int(next(o[5:] for o in overrides if o.startswith("seed=")))])
+    rows = cal.score_candidates(["explore=0.4,0.7"], "quickstart", [42, 1], gru_rule=True)
+    assert not rows[0]["meets"] and rows[0]["distance"] == pytest.approx(0.05)
+    per_seed[1] = near
+    assert cal.score_candidates(["explore=0.4,0.7"], "quickstart", [42, 1], gru_rule=True)[0]["meets"]
+    cal.print_ranked(rows, [42, 1], gru_rule=True, per_seed=True)
+    table = capsys.readouterr().out
+    assert "user_time, gru within" in table and "| seed 1 | | | " in table and "| 0.241 |" in table
+
+
 def test_search_draws_reproducible_cities_within_the_ranges() -> None:
     """calibrate_city.py --search: the same seed draws the same cities, each a valid data.city setting inside
     SEARCH's ranges, with the quick start's sizes; some draws leave the stop jitter off."""
@@ -364,7 +421,9 @@ def test_search_draws_reproducible_cities_within_the_ranges() -> None:
                              for k, v in kv.items()})  # validates the ranges
         for key, how in cal.SEARCH.items():
             value = getattr(city, key)
-            if isinstance(how, (int, float)):
+            if key == "days":  # as many check-ins per user at every rate
+                assert value == cal.scaled_days(how, city.checkin_rate) and (city.checkin_rate < 1 or value == how)
+            elif isinstance(how, (int, float)):
                 assert value == how, key
             elif isinstance(how[0], (int, float)):
                 assert value in how, key
@@ -403,7 +462,8 @@ def test_search_writes_the_best_draws_as_candidates(tmp_path, monkeypatch, capsy
     assert written == sorted(draws, key=explore)[:3], "the 3 nearest NYC, best first"
     # --candidates reads the file back: the same three cities, each scored at every seed
     scored = []
-    monkeypatch.setattr(cal, "score_candidates", lambda lines, experiment, seeds, gru=False: scored.append((lines, seeds)) or [])
+    monkeypatch.setattr(cal, "score_candidates",
+                        lambda lines, experiment, seeds, gru=False, gru_rule=False: scored.append((lines, seeds)) or [])
     monkeypatch.setattr(sys, "argv", ["calibrate_city.py", "--candidates", str(out), "--seeds", "42", "1"])
     cal.main()
     assert scored == [(written, [42, 1])]

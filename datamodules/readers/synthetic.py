@@ -26,8 +26,12 @@ check-in data predictable, and nothing else:
   whole schedule may shift by hours (``day_shift_h``), each stop may deviate on its own
   (``stop_jitter_h``), and some venues may draw everyone (``popularity``), so that a habit's hour and a
   user's new places are as uncertain as in real check-ins.
+* **Sparse check-ins and shared routes** (off at the defaults, on in ``experiment=quickstart``): a user
+  checks in at a share of their stops only (``checkin_rate``), and a try of somewhere new may go to the
+  city's usual next place from where the user is (``shared_routes``), so that strangers share moves.
 
-Everything is driven by one ``numpy.random.default_rng(seed)``, so a seed fixes the city exactly.
+Everything is driven by ``seed`` (one ``numpy.random.default_rng(seed)``, and generators derived from the
+seed for the two knobs above), so a seed fixes the city exactly.
 """
 
 from __future__ import annotations
@@ -207,6 +211,7 @@ def generate_city(
     stop_jitter_h: tuple[float, float] = (0.0, 0.0),
     popularity: float = 0.0,
     checkin_rate: float = 1.0,
+    shared_routes: float = 0.0,
 ) -> pl.DataFrame:
     """Generate the check-ins of a synthetic city (see the module docstring for what is modelled).
 
@@ -238,6 +243,10 @@ def generate_city(
             from a generator of its own (seeded by ``seed``), as people on a location-based network check in
             at some of their stops only, so that consecutive check-ins skip stops and a day's order is less
             fixed than its hours (1: every stop, as the defaults do; the kept stops are the same city's).
+        shared_routes: Probability that a try of somewhere new goes where the city goes next: every
+            (place, activity) pair has one usual next place of that activity, drawn once per city by distance
+            from the place (and appeal), so that strangers share moves (what a city-wide ``markov`` reads)
+            without one venue drawing everyone (0: off, as the defaults do; no draw is made then).
 
     Returns:
         Canonical check-ins (:data:`datamodules.schema.CHECKIN_SCHEMA`), sorted by ``user_id`` and
@@ -258,6 +267,8 @@ def generate_city(
         raise ValueError(f"popularity must be >= 0, got {popularity}")
     if not 0 < checkin_rate <= 1:
         raise ValueError(f"checkin_rate must be in (0, 1], got {checkin_rate}")
+    if not 0 <= shared_routes <= 1:
+        raise ValueError(f"shared_routes must be in [0, 1], got {shared_routes}")
     rng = np.random.default_rng(seed)
 
     # ---- the city -------------------------------------------------------------------------------
@@ -335,19 +346,31 @@ def generate_city(
     out_poi: list[int] = []
     out_sec: list[int] = []
 
+    # The city's usual next place per (place, activity), drawn on first use from a generator of its own, so
+    # that the users' own draws stay those of a city without shared routes.
+    routes: dict[tuple[int, str], int] = {}
+    route_rng = random.Random(seed * 1_000_003 + 2) if shared_routes > 0 else None
+
+    def near(k: str, here: int, r: random.Random) -> int:
+        """A place of kind ``k`` near ``here`` (within a short walk, weighted by appeal), drawn with ``r``."""
+        d = np.hypot(*(xy[pool[k]] - xy[here]).T)
+        w = np.exp(-d / 1.0) + 1e-9
+        if appeal is not None:
+            w = w * appeal[pool[k]]
+        return int(pool[k][np.searchsorted(np.cumsum(w), r.random() * w.sum())])
+
     def choose(u: dict, k: str, here: int) -> int:
         """A POI for activity ``k``: usually a favourite, sometimes somewhere new."""
         if pyr.random() < u["p_explore"]:
+            if route_rng is not None and pool[k].size and pyr.random() < shared_routes:
+                if (here, k) not in routes:
+                    routes[here, k] = near(k, here, route_rng)
+                return routes[here, k]
             if pyr.random() < 0.5 or pool[k].size == 0:
                 if public_cdf is None:
                     return int(public[pyr.randrange(public.size)])
                 return int(public[min(np.searchsorted(public_cdf, pyr.random() * public_cdf[-1]), public.size - 1)])
-            # A new place of the right kind near where the user is now (within a short walk).
-            d = np.hypot(*(xy[pool[k]] - xy[here]).T)
-            w = np.exp(-d / 1.0) + 1e-9
-            if appeal is not None:
-                w = w * appeal[pool[k]]
-            return int(pool[k][np.searchsorted(np.cumsum(w), pyr.random() * w.sum())])
+            return near(k, here, pyr)  # a new place of the right kind near where the user is now
         return pyr.choices(u["fav"][k], weights=u["fav_w"][k])[0]
 
     for ui, u in enumerate(users):
