@@ -14,8 +14,8 @@ looked at.
     .venv/bin/python benchmarks/calibrate_city.py --candidates benchmarks/city_candidates.txt [--seeds 42 1 2] [--gru]
     .venv/bin/python benchmarks/calibrate_city.py --search 36 --out /tmp/drawn.txt --gru-rule   # the GRU in the rule
 
-``--search N`` draws N cities over :data:`SEARCH`'s ranges (near the quick start's city, whose own ``home_am``
-and ``day_shift_h`` widths lie outside them; ~2 s each on 2 cores, ~13 s with the GRU), scores each at the first
+``--search N`` draws N cities over :data:`SEARCH`'s ranges (near the quick start's city, whose ``day_shift_h``
+width and ``shared_routes`` lie outside them; ~2 s each on 2 cores, ~13 s with the GRU), scores each at the first
 ``--seeds`` seed and writes the best, ranked by the rule, as candidate lines to ``--out`` (each line's figures
 after a ``#``); ``--candidates`` then scores such lines at every seed and ranks them by the rule again. ``--gru`` adds
 the GRU's Acc@1 to both tables (a statistic, not part of the rule); ``--gru-rule`` makes it part of the rule and of
@@ -135,10 +135,9 @@ def meets(*stats: dict[str, float], gru_rule: bool = False) -> bool:
 def draw_city(rng) -> str:
     """One random candidate city (a line of ``key=value`` settings) from :data:`SEARCH`, :data:`CAP` and
     :data:`JITTER_OFF`, drawn with ``rng`` (a :class:`random.Random`)."""
-    parts, rate = [], None
+    parts, rate = [], rng.choice(SEARCH["checkin_rate"])  # first: the days depend on it
     for key, how in SEARCH.items():
         if key == "days":
-            rate = rng.choice(SEARCH["checkin_rate"])
             parts.append(f"days={scaled_days(how, rate)}")
         elif key == "checkin_rate":
             parts.append(f"checkin_rate={rate}")
@@ -221,6 +220,8 @@ def main() -> None:
         ap.error("--city sets one city; --search draws cities and --candidates reads them from a file")
     if args.out is not None and args.search is None:
         ap.error("--out is the file --search writes")
+    if args.per_seed and not args.candidates:
+        ap.error("--per-seed shows each seed of --candidates (--search scores one seed)")
     if args.search is not None:
         if args.search < 1 or args.keep < 1:
             ap.error("--search and --keep need at least 1")

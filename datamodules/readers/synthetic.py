@@ -346,8 +346,9 @@ def generate_city(
     out_poi: list[int] = []
     out_sec: list[int] = []
 
-    # The city's usual next place per (place, activity), drawn on first use from a generator of its own, so
-    # that the users' own draws stay those of a city without shared routes.
+    # The city's usual next place per (place, activity), drawn on first use from a generator of its own. The
+    # coin that sends a try of somewhere new down a route is the users' generator's, so with the knob on the
+    # later draws differ from the city without it; off (0), no coin is drawn and the city is the one before.
     routes: dict[tuple[int, str], int] = {}
     route_rng = random.Random(seed * 1_000_003 + 2) if shared_routes > 0 else None
 
