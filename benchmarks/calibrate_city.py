@@ -117,19 +117,27 @@ def city_overrides(settings: list[str]) -> list[str]:
     return [f"data.city.{kv.split('=', 1)[0]}=[{kv.split('=', 1)[1]}]" if "," in kv else f"data.city.{kv}" for kv in settings]
 
 
+def nyc_figures(gru: bool = False) -> dict[str, float]:
+    """NYC's statistics a city is compared with: :data:`NYC`, with ``gru`` the GRU's Acc@1 too."""
+    return {**NYC, **(NYC_GRU if gru else {})}
+
+
+def rule_keys(gru_rule: bool = False) -> tuple[str, ...]:
+    """The Acc@1 figures the calibration rule checks: :data:`RULE`, with ``gru_rule`` the GRU's too."""
+    return (*RULE, *(NYC_GRU if gru_rule else ()))
+
+
 def distance(stats: dict[str, float], gru_rule: bool = False) -> float:
     """Summed distance to NYC's seven statistics (visits per trajectory divided by 10), with ``gru_rule`` the
     GRU's Acc@1 as an eighth."""
-    target = {**NYC, **(NYC_GRU if gru_rule else {})}
-    return sum(abs(stats[k] - v) / (10 if k.startswith("visits") else 1) for k, v in target.items())
+    return sum(abs(stats[k] - v) / (10 if k.startswith("visits") else 1) for k, v in nyc_figures(gru_rule).items())
 
 
 def meets(*stats: dict[str, float], gru_rule: bool = False) -> bool:
     """Whether every baseline of :data:`RULE` (with ``gru_rule``, the GRU too) is within :data:`TOLERANCE` of
     NYC's Acc@1 in each of ``stats``."""
-    target = {**NYC, **(NYC_GRU if gru_rule else {})}
-    keys = (*RULE, *(NYC_GRU if gru_rule else ()))
-    return all(abs(s[k] - target[k]) <= TOLERANCE + 1e-9 for s in stats for k in keys)
+    target = nyc_figures(gru_rule)
+    return all(abs(s[k] - target[k]) <= TOLERANCE + 1e-9 for s in stats for k in rule_keys(gru_rule))
 
 
 def draw_city(rng) -> str:
@@ -166,7 +174,7 @@ def score_candidates(lines: list[str], experiment: str, seeds: list[int], gru: b
     for line in lines:
         per_seed = [city_stats([f"experiment={experiment}", f"seed={seed}", *city_overrides(line.split())], gru=gru)
                     for seed in seeds]
-        mean = {k: sum(s[k] for s in per_seed) / len(per_seed) for k in [*NYC, *(NYC_GRU if gru else [])]}
+        mean = {k: sum(s[k] for s in per_seed) / len(per_seed) for k in nyc_figures(gru)}
         rows.append({"city": line, "mean": mean, "distance": distance(mean, gru_rule),
                      "meets": meets(*per_seed, mean, gru_rule=gru_rule), "per_seed": dict(zip(seeds, per_seed))})
     return sorted(rows, key=lambda r: (not r["meets"], r["distance"]))
@@ -176,17 +184,16 @@ def print_ranked(rows: list[dict], seeds: list[int], gru: bool = False, gru_rule
                  per_seed: bool = False) -> None:
     """The table of :func:`score_candidates`' rows, NYC's figures first (with ``gru``, the GRU's column too;
     with ``gru_rule`` the GRU is named in the rule; with ``per_seed`` each seed's figures below the mean's)."""
-    nyc = {**NYC, **(NYC_GRU if gru or gru_rule else {})}
+    nyc = nyc_figures(gru or gru_rule)
     names = [k.replace(" (target in the user's train places)", "").replace(" Acc@1", "") for k in nyc]
-    rule = (*RULE, *(NYC_GRU if gru_rule else ()))
-    print(f"mean over seeds {seeds}; meets: {', '.join(r.replace(' Acc@1', '') for r in rule)} within +-{TOLERANCE} of "
+    print(f"mean over seeds {seeds}; meets: {', '.join(r.replace(' Acc@1', '') for r in rule_keys(gru_rule))} within +-{TOLERANCE} of "
           "NYC at every seed and on the mean\n")
     print("| city | meets | distance | " + " | ".join(names) + " |\n|---|---|---|" + "---|" * len(names))
     print("| NYC release | | | " + " | ".join(f"{v:.4g}" for v in nyc.values()) + " |")
     for r in rows:
         print(f"| {r['city']} | {'yes' if r['meets'] else 'no'} | {r['distance']:.3f} | "
               + " | ".join(f"{r['mean'][k]:.4g}" for k in nyc) + " |")
-        for seed, stats in (r.get("per_seed", {}).items() if per_seed else ()):
+        for seed, stats in (r["per_seed"].items() if per_seed else ()):
             print(f"| seed {seed} | | | " + " | ".join(f"{stats[k]:.4g}" for k in nyc) + " |")
 
 
