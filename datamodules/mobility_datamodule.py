@@ -99,8 +99,8 @@ class TaskMixtureSampler(Sampler[int]):
 
 
 class EncodedDataset(Dataset):
-    """Tokenised samples: item ``i`` is ``(ids, prompt_len, i, task, label mask or None)`` for a
-    :class:`ChatEncoder` collate (the mask only for whole-trajectory samples)."""
+    """Tokenised samples: item ``i`` is ``(ids, prompt_len, i, task, label mask or None, hint mask or None)`` for
+    a :class:`ChatEncoder` collate (the masks only for whole-trajectory samples)."""
 
     def __init__(self, encoded: Any) -> None:
         self.encoded = encoded
@@ -108,9 +108,9 @@ class EncodedDataset(Dataset):
     def __len__(self) -> int:
         return len(self.encoded)
 
-    def __getitem__(self, i: int) -> tuple[np.ndarray, int, int, str, np.ndarray | None]:
+    def __getitem__(self, i: int) -> tuple[np.ndarray, int, int, str, np.ndarray | None, np.ndarray | None]:
         ids, plen = self.encoded.sample(i)
-        return ids, plen, i, str(self.encoded.task[i]), self.encoded.label_mask(i)
+        return ids, plen, i, str(self.encoded.task[i]), self.encoded.label_mask(i), self.encoded.hint_mask(i)
 
 
 class LengthGroupedBatchSampler(Sampler[list[int]]):

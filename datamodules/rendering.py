@@ -75,7 +75,7 @@ def _visit_joiner(v: pl.DataFrame, text: pl.Series, separator: str) -> Callable[
     return window
 
 
-def _labelled_runs(trajectory: pl.DataFrame, runs: pl.DataFrame) -> pl.Series:
+def _labelled_runs(trajectory: pl.DataFrame, runs: pl.DataFrame) -> tuple[pl.Series, pl.Series]:
     """Per whole-trajectory sample, which runs of code tokens of its answer (its window) are the codes of its
     targets, 0-based: the targets are contiguous, from ``target_pos`` to the window's end (a window whose
     oldest visits were cut to fit, :mod:`datamodules.fitting`, keeps the targets it still holds), and a
@@ -84,6 +84,9 @@ def _labelled_runs(trajectory: pl.DataFrame, runs: pl.DataFrame) -> pl.Series:
     Args:
         trajectory: Samples with ``sample_id, off, start, end, target_pos``.
         runs: Per visit row: ``code_run`` and ``before`` (the code runs of its trajectory's earlier visits).
+
+    Returns:
+        The labelled runs, and beside each how many runs right before it are its visit's hinted places.
     """
     rows = trajectory.select(
         "sample_id", first=pl.col("off").cast(pl.Int64) + pl.col("start").cast(pl.Int64),
@@ -91,9 +94,10 @@ def _labelled_runs(trajectory: pl.DataFrame, runs: pl.DataFrame) -> pl.Series:
     ).explode("pos")
     before, code_run = runs["before"], runs["code_run"]
     run = before.gather(rows["pos"]) - before.gather(rows["first"]) + code_run.gather(rows["pos"])
-    rows = rows.with_columns(run=run.cast(pl.Int32))
-    labelled = rows.group_by("sample_id", maintain_order=True).agg("run")
-    return trajectory.select("sample_id").join(labelled, on="sample_id", how="left", maintain_order="left")["run"]
+    rows = rows.with_columns(run=run.cast(pl.Int32), hinted=code_run.gather(rows["pos"]).cast(pl.Int32))
+    labelled = rows.group_by("sample_id", maintain_order=True).agg("run", "hinted")
+    out = trajectory.select("sample_id").join(labelled, on="sample_id", how="left", maintain_order="left")
+    return out["run"], out["hinted"]
 
 
 def _continuation(sub: pl.DataFrame, vals: dict[str, pl.Expr], finish: Callable[..., None], sentence: str,
@@ -111,9 +115,10 @@ def _continuation(sub: pl.DataFrame, vals: dict[str, pl.Expr], finish: Callable[
         finish(per_prefix, "next", vals, pl.col("tgt_code"), pl.col("tgt_loc"),
                prefix=pl.concat_str([pl.col("window"), pl.lit(" "), target_prefix]), template=CONTINUATION_PROMPT)
     if trajectory.height:
-        trajectory = trajectory.with_columns(labelled=_labelled_runs(trajectory, runs))
+        labelled, hinted = _labelled_runs(trajectory, runs)
+        trajectory = trajectory.with_columns(labelled=labelled, hinted=hinted)
         finish(trajectory, "next", vals, pl.col("window"), pl.lit(None), prefix=pl.lit(""),
-               labelled=pl.col("labelled"), template=CONTINUATION_PROMPT)
+               labelled=pl.col("labelled"), hinted=pl.col("hinted"), template=CONTINUATION_PROMPT)
 
 
 def _without_lines(text: pl.Expr, drop: tuple[int, ...]) -> pl.Expr:
@@ -162,10 +167,11 @@ def render_samples(
 
     Returns:
         ``sample_id, task, split, traj_id, user_id, target_loc, is_last, template, prompt,
-        response_prefix, target, labelled_runs`` — one row per index row, grouped by task (in :data:`TASKS`
-        order), index order within a task; ``sample_id`` is the row number in ``index``.
+        response_prefix, target, labelled_runs, hint_runs`` — one row per index row, grouped by task (in
+        :data:`TASKS` order), index order within a task; ``sample_id`` is the row number in ``index``.
         ``target_loc`` is the location the answer names (null for free-text answers); ``labelled_runs``, of
-        a whole-trajectory sample only, the 0-based runs of code tokens of its answer that are its targets' codes.
+        a whole-trajectory sample only, the 0-based runs of code tokens of its answer that are its targets' codes,
+        and ``hint_runs`` beside each how many runs just before it are the places of its visit's hint.
 
     Raises:
         ValueError: if a visited or described location has no code, or descriptions are needed
@@ -228,27 +234,32 @@ def render_samples(
         time=at_target("time_s"), tgt_code=at_target("code"), tgt_loc=at_target("loc_id"),
     )
     keep = ["sample_id", "task", "split", "traj_id", "user_id", "target_loc", "is_last", "template", "prompt", "response_prefix",
-            "target", "labelled_runs"]
+            "target", "labelled_runs", "hint_runs"]
     parts: dict[str, pl.DataFrame] = {}
 
     def finish(df: pl.DataFrame, task: str, values: dict[str, pl.Expr], target: pl.Expr, target_loc: pl.Expr,
-               prefix: pl.Expr | None = None, labelled: pl.Expr | None = None, template: str | None = None) -> None:
+               prefix: pl.Expr | None = None, labelled: pl.Expr | None = None, hinted: pl.Expr | None = None,
+               template: str | None = None) -> None:
         """Format the prompts (``template`` or the row's template of ``task``), prefix, answer and
-        labelled code runs (whole-trajectory samples) of ``df`` into ``parts[task]``."""
+        labelled code runs (whole-trajectory samples: with each the number of its hint's runs) of ``df`` into
+        ``parts[task]``."""
         if prefix is None:
             prefix = _template_expr(RESPONSE_PREFIX[task], values) if RESPONSE_PREFIX[task] else pl.lit("")
         if labelled is None:
             labelled = pl.lit(None, pl.List(pl.Int32))
+        if hinted is None:
+            hinted = pl.lit(None, pl.List(pl.Int32))
         # Format each template only on its own rows (a when/then chain would format every
         # template for every row), then restore index order.
         pieces = [
             part.select(
-                *[c for c in keep if c not in ("prompt", "response_prefix", "target", "target_loc", "labelled_runs")],
+                *[c for c in keep if c not in ("prompt", "response_prefix", "target", "target_loc", "labelled_runs", "hint_runs")],
                 prompt=_template_expr(template or TEMPLATES[task][t], values),
                 response_prefix=prefix,
                 target=target,
                 target_loc=target_loc.cast(pl.Int64),
                 labelled_runs=labelled,
+                hint_runs=hinted,
             ).select(keep)
             for (t,), part in df.partition_by("template", as_dict=True, maintain_order=True).items()
         ]

@@ -141,6 +141,13 @@ class AlignmentModule(L.LightningModule):
             that constrained decoding with ``code_softmax=level`` scores), other tokens over the vocabulary.
         code_token_ids: ``(levels, codebook_size)`` token ids of the location codes (``-1``: none), for
             ``code_softmax=level``.
+        hint_smoothing: λ ≥ 0: in training, a trained visit's first code token also gets λ times the mean
+            cross-entropy of its visit's hinted places' first tokens (the batch's ``hint_ids``; softmax as
+            ``code_softmax``): the target is the one-hot label plus λ spread evenly over the hinted places, so
+            the hints are pushed above places outside them while their order among themselves is still the
+            labels' (a constant added to each). Validation losses and the logged means stay plain. 0: off.
+        hint_smoothing_decay: d in (0, 1]: the k-th hinted place (0-based, in the prompt's order, best first) weighs
+            d^k in that mean instead of 1 (1: even), so λ leans towards the hint's first place.
     """
 
     def __init__(
@@ -162,6 +169,8 @@ class AlignmentModule(L.LightningModule):
         first_code_ids: Sequence[int] = (),
         code_softmax: str = "vocab",
         code_token_ids: Sequence[Sequence[int]] = (),
+        hint_smoothing: float = 0.0,
+        hint_smoothing_decay: float = 1.0,
     ) -> None:
         super().__init__()
         if loss_reduction not in LOSS_REDUCTIONS:
@@ -170,6 +179,10 @@ class AlignmentModule(L.LightningModule):
             raise ValueError("align.first_code_weight needs the ids of the codes' first tokens (first_code_ids)")
         if code_softmax not in CODE_SOFTMAXES:
             raise ValueError(f"align.code_softmax={code_softmax!r}; choose from {list(CODE_SOFTMAXES)}")
+        if hint_smoothing < 0:
+            raise ValueError(f"align.hint_smoothing={hint_smoothing:g}; it must be >= 0")
+        if not 0 < hint_smoothing_decay <= 1:
+            raise ValueError(f"align.hint_smoothing_decay={hint_smoothing_decay:g}; it must be in (0, 1]")
         if code_softmax == "level" and not len(code_token_ids):
             raise ValueError("align.code_softmax=level needs the token ids of the location codes (code_token_ids)")
         # logger=False: the stage logs the run's whole configuration as the HPARAMS of its dashboard.
@@ -208,6 +221,9 @@ class AlignmentModule(L.LightningModule):
             token_loss = self.code_levels.cross_entropy(logits, labels[where])
         else:
             token_loss = F.cross_entropy(logits, labels[where], reduction="none")
+        train_loss = token_loss
+        if train and self.hparams.hint_smoothing and "hint_ids" in batch:
+            train_loss = token_loss + float(self.hparams.hint_smoothing) * self._hint_loss(logits, batch["hint_ids"][:, 1:][where])
         rows = where.nonzero()[:, 0]
         n = labels.shape[0]
         per_sample = torch.zeros(n, device=token_loss.device).index_add_(0, rows, token_loss.detach())
@@ -215,9 +231,9 @@ class AlignmentModule(L.LightningModule):
         if self.hparams.loss_reduction == "token":
             mean = token_loss.detach().mean()
             if train and self.hparams.first_code_weight != 1.0:
-                loss = (token_loss * self._first_code_weighted(torch.ones_like(token_loss), labels[where])).mean()
+                loss = (train_loss * self._first_code_weighted(torch.ones_like(token_loss), labels[where])).mean()
             else:
-                loss = token_loss.mean()
+                loss = train_loss.mean()
         else:
             # Each answer's token mean, summed with gradients, over the nominal batch size or the answers
             # present if more. A sample is one answer; a whole-trajectory sample is one per trained visit
@@ -232,8 +248,27 @@ class AlignmentModule(L.LightningModule):
             mean = (token_loss.detach() * weight).sum() / (answers or divisor)
             if train and self.hparams.first_code_weight != 1.0:
                 weight = self._first_code_weighted(weight, labels[where])
-            loss = (token_loss * weight).sum() / divisor
+            loss = (train_loss * weight).sum() / divisor
         return {"loss": loss, "mean_loss": mean, "sample_loss": per_sample, "sample_tokens": counts}
+
+    def _hint_loss(self, logits: Tensor, hints: Tensor) -> Tensor:
+        """Per labelled token: the mean cross-entropy of its hinted places' first tokens ``hints`` ``(N, H)``
+        (``-1``: none; 0 where a token has none), the k-th weighing ``hint_smoothing_decay``^k, over the first code
+        level (``code_softmax=level``) or the vocabulary, as its own label's."""
+        valid = hints >= 0
+        out = torch.zeros(logits.shape[0], device=logits.device, dtype=logits.dtype)
+        has = valid.any(1)
+        if not bool(has.any()):
+            return out
+        z, h, v = logits[has], hints[has], valid[has]
+        if self.hparams.code_softmax == "level":
+            ids = self.code_levels.ids[0].to(z.device)
+            z = z.gather(1, ids.clamp(min=0).expand(z.shape[0], -1)).masked_fill(ids < 0, float("-inf"))
+            _, h = self.code_levels.of(h.clamp(min=0))
+        logp = z.log_softmax(-1).gather(1, h.clamp(min=0))
+        w = v * float(self.hparams.hint_smoothing_decay) ** torch.arange(v.shape[1], device=v.device, dtype=logp.dtype)
+        out[has] = -(logp * w).sum(1) / w.sum(1)
+        return out
 
     def _first_code_weighted(self, weight: Tensor, targets: Tensor) -> Tensor:
         """``weight`` times ``first_code_weight`` where ``targets`` is a code's first token, rescaled to the same sum."""

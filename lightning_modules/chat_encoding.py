@@ -90,6 +90,7 @@ class EncodedSamples:
     truncated: int = 0
     truncated_by_task: dict[str, int] | None = None
     label_masks: dict[int, np.ndarray] | None = None
+    hint_masks: dict[int, np.ndarray] | None = None
 
     def __len__(self) -> int:
         return len(self.prompt_len)
@@ -106,6 +107,11 @@ class EncodedSamples:
     def label_mask(self, i: int) -> np.ndarray | None:
         """The labelled tokens of sample ``i`` if it is a whole-trajectory sample, else None."""
         return None if not self.label_masks else self.label_masks.get(i)
+
+    def hint_mask(self, i: int) -> np.ndarray | None:
+        """The first tokens of the hinted places of sample ``i``'s trained visits (True; each comes after the
+        previous trained visit's code and before its own), if it is a whole-trajectory sample, else None."""
+        return None if not self.hint_masks else self.hint_masks.get(i)
 
 
 def true_runs(flags: np.ndarray) -> list[tuple[int, int]]:
@@ -177,8 +183,9 @@ class ChatEncoder:
             out.append(np.array([len(p) + len(a) for p, a in zip(prompts, answers)], dtype=np.int64))
         return np.concatenate(out) if out else np.zeros(0, dtype=np.int64)
 
-    def _whole(self, samples: pl.DataFrame, prompts: list[list[int]]) -> dict[int, tuple[list[int], np.ndarray]]:
-        """Ids and label mask of each whole-trajectory sample (row number -> (ids, mask))."""
+    def _whole(self, samples: pl.DataFrame, prompts: list[list[int]]) -> dict[int, tuple[list[int], np.ndarray, np.ndarray]]:
+        """Ids, label mask and hint mask (:meth:`EncodedSamples.hint_mask`) of each whole-trajectory sample
+        (row number -> (ids, mask, hints))."""
         if "labelled_runs" not in samples.columns or samples["labelled_runs"].null_count() == samples.height:
             return {}
         if not self.code_token_ids.size:
@@ -186,8 +193,9 @@ class ChatEncoder:
         rows = samples.with_row_index("_row").filter(pl.col("labelled_runs").is_not_null())
         texts = self.prompt_texts(rows)
         full = self._ids([t + a + self.end for t, a in zip(texts, rows["target"].to_list())])
+        hinted_runs = rows["hint_runs"].to_list() if "hint_runs" in rows.columns else [None] * rows.height
         out = {}
-        for row, ids, labelled in zip(rows["_row"].to_list(), full, rows["labelled_runs"].to_list()):
+        for row, ids, labelled, hinted in zip(rows["_row"].to_list(), full, rows["labelled_runs"].to_list(), hinted_runs):
             # The answer's code runs are those after the prompt's (user memory may hold codes); a visit hint's
             # places are runs too, which ``labelled`` (the rendering's run numbers) skips.
             runs = code_runs(ids, self.code_token_ids)[len(code_runs(prompts[row], self.code_token_ids)):]
@@ -197,9 +205,12 @@ class ChatEncoder:
                                  f"with {len(runs)} runs of lengths {sorted(lengths)}: the rendering's "
                                  "layout and the tokenizer's code tokens disagree (two codes written without a separator?)")
             mask = np.zeros(len(ids), dtype=bool)
-            for k in labelled:
+            hints = np.zeros(len(ids), dtype=bool)
+            for j, k in enumerate(labelled):
                 mask[runs[k][0]:runs[k][1]] = True
-            out[row] = (ids, mask)
+                for h in range(max(k - (hinted[j] if hinted is not None else 0), 0), k):
+                    hints[runs[h][0]] = True
+            out[row] = (ids, mask, hints)
         return out
 
     def encode(self, samples: pl.DataFrame) -> EncodedSamples:
@@ -214,9 +225,10 @@ class ChatEncoder:
         lengths = np.concatenate([np.diff(p.offsets) for p in parts])
         offsets = np.zeros(len(lengths) + 1, dtype=np.int64)
         np.cumsum(lengths, out=offsets[1:])
-        masks, by_task, first = {}, {}, 0
+        masks, hint_masks, by_task, first = {}, {}, {}, 0
         for p in parts:
             masks.update({first + i: m for i, m in (p.label_masks or {}).items()})
+            hint_masks.update({first + i: m for i, m in (p.hint_masks or {}).items()})
             for task, n in (p.truncated_by_task or {}).items():
                 by_task[task] = by_task.get(task, 0) + n
             first += len(p)
@@ -225,7 +237,7 @@ class ChatEncoder:
             log.warning("%d of %d samples still had more than max_length=%d tokens after history cuts and were "
                         "shortened by tokens (prompt middle cut): %s", truncated, samples.height, self.max_length, by_task)
         return EncodedSamples(np.concatenate([p.ids for p in parts]), offsets, np.concatenate([p.prompt_len for p in parts]),
-                              samples["task"].to_numpy(), truncated, by_task, masks or None)
+                              samples["task"].to_numpy(), truncated, by_task, masks or None, hint_masks or None)
 
     def _encode_rows(self, samples: pl.DataFrame) -> EncodedSamples:
         prompts = self._ids(self.prompt_texts(samples))
@@ -239,14 +251,15 @@ class ChatEncoder:
         tasks = samples["task"].to_list()
         by_task: dict[str, int] = {}
         masks: dict[int, np.ndarray] = {}
+        hint_masks: dict[int, np.ndarray] = {}
         for i, (p, a) in enumerate(zip(prompts, answers)):
             if i in whole:
-                ids, mask = whole[i]
+                ids, mask, hints = whole[i]
                 if len(ids) > self.max_length:  # the newest visits go; a code cut in half loses its label
                     truncated += 1
                     by_task[tasks[i]] = by_task.get(tasks[i], 0) + 1
                     cut_run = mask[self.max_length]  # the cut falls inside a code
-                    ids, mask = ids[: self.max_length], mask[: self.max_length].copy()
+                    ids, mask, hints = ids[: self.max_length], mask[: self.max_length].copy(), hints[: self.max_length]
                     j = len(mask) - 1
                     while cut_run and j >= 0 and mask[j]:
                         mask[j] = False
@@ -255,6 +268,7 @@ class ChatEncoder:
                 chunks.append([])
                 prompt_len[i] = int(np.argmax(mask)) if mask.any() else len(ids)
                 masks[i] = mask
+                hint_masks[i] = hints
                 continue
             if len(p) + len(a) > self.max_length:
                 truncated += 1
@@ -269,7 +283,8 @@ class ChatEncoder:
         offsets = np.zeros(len(prompts) + 1, dtype=np.int64)
         np.cumsum(lengths, out=offsets[1:])
         ids = np.fromiter((t for c in chunks for t in c), dtype=np.int32, count=int(offsets[-1]))
-        return EncodedSamples(ids, offsets, prompt_len, samples["task"].to_numpy(), truncated, by_task, masks or None)
+        return EncodedSamples(ids, offsets, prompt_len, samples["task"].to_numpy(), truncated, by_task, masks or None,
+                              hint_masks or None)
 
     def collate(self, items: Sequence[tuple[Any, ...]]) -> dict[str, Any]:
         """Right-padded ``input_ids``, ``attention_mask``, ``labels`` (−100 on prompt and padding), and
@@ -277,9 +292,14 @@ class ChatEncoder:
         whole-trajectory sample 1 / tokens of its visit's code) and ``units`` (answers per row: 1, or
         the trained visits of a whole-trajectory sample).
 
+        Where a whole-trajectory sample's visits have hints (a sixth element, :meth:`EncodedSamples.hint_mask`),
+        also ``hint_ids`` ``(n, width, H)``: at the first token of each trained code, the first tokens of its
+        visit's hinted places (``-1``: none), for ``align.hint_smoothing``.
+
         Args:
             items: ``(ids, prompt_len, sample index, task)`` per sample, optionally with a fifth
-                element, the label mask of a whole-trajectory sample (:meth:`EncodedSamples.label_mask`).
+                element, the label mask of a whole-trajectory sample (:meth:`EncodedSamples.label_mask`),
+                and a sixth, its hint mask.
         """
         width = max(len(item[0]) for item in items)
         n = len(items)
@@ -288,6 +308,7 @@ class ChatEncoder:
         labels = torch.full((n, width), -100, dtype=torch.long)
         weight = torch.zeros((n, width), dtype=torch.float32)
         units = torch.zeros(n, dtype=torch.long)
+        hinted: list[tuple[int, int, np.ndarray]] = []
         for row, (ids, plen, *rest) in enumerate(items):
             t = torch.from_numpy(ids.astype(np.int64))
             input_ids[row, : len(t)] = t
@@ -300,9 +321,21 @@ class ChatEncoder:
                 continue
             m = torch.from_numpy(mask)
             labels[row, : len(t)][m] = t[m]
+            hint_mask = rest[3] if len(rest) > 3 else None
+            previous = 0
             for start, end in true_runs(mask):
                 weight[row, start:end] = 1.0 / (end - start)
                 units[row] += 1
+                if hint_mask is not None and (at := np.flatnonzero(hint_mask[previous:start])).size:
+                    hinted.append((row, start, ids[previous + at]))
+                previous = end
+        extra = {}
+        if hinted:
+            width_h = max(len(h) for _, _, h in hinted)
+            hint_ids = torch.full((n, width, width_h), -1, dtype=torch.long)
+            for row, start, h in hinted:
+                hint_ids[row, start, : len(h)] = torch.from_numpy(h.astype(np.int64))
+            extra["hint_ids"] = hint_ids
         return {
             "input_ids": input_ids,
             "attention_mask": attention,
@@ -311,6 +344,7 @@ class ChatEncoder:
             "units": units,
             "index": torch.tensor([item[2] for item in items], dtype=torch.long),
             "task": [item[3] for item in items],
+            **extra,
         }
 
     def prompt_ids(self, texts: Sequence[str]) -> list[list[int]]:

@@ -110,6 +110,11 @@ class AlignConfig:
     # vocabulary) or level (that level's code tokens only, the choice constrained decoding makes; the test's
     # beam scores are then normalised over each level too). A departure.
     code_softmax: str = "vocab"
+    # λ ≥ 0: a trained visit's first code token is also trained towards its visit's hinted places, λ spread evenly
+    # over them beside the one-hot label (whole-trajectory samples with visit hints; a departure; 0 = off).
+    hint_smoothing: float = 0.0
+    # d in (0, 1]: the k-th hinted place (best first) weighs d^k in that spread instead of 1 (1 = even).
+    hint_smoothing_decay: float = 1.0
     # Tokens per sample (the official cutoff_len); a longer prompt loses its oldest visits first.
     max_length: int = 4096
     group_batches: int = 64
@@ -131,6 +136,8 @@ class AlignConfig:
         for key in ("lr", "lora_plus_ratio", "first_code_weight", "batch_size", "max_length", "group_batches"):
             at_least(f"align.{key}", getattr(self, key), 0, strict=True)
         for key in ("weight_decay", "warmup_ratio", "min_lr_ratio", "checkpoint_every_n_steps", "num_generations", "num_workers",
-                    "lora_layers"):
+                    "lora_layers", "hint_smoothing"):
             at_least(f"align.{key}", getattr(self, key), 0)
         at_least("align.train_samples", self.train_samples, 0, strict=True)
+        if not 0 < self.hint_smoothing_decay <= 1:
+            raise ConfigError(f"align.hint_smoothing_decay={self.hint_smoothing_decay}: must be in (0, 1]")

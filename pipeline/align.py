@@ -161,7 +161,8 @@ def build_alignment(cfg: RunConfig | Any, table: CodeTable | None = None) -> dic
         loss_reduction=a.loss_reduction, batch_size=a.batch_size, evaluate_every=cfg.eval.val_every,
         first_code_weight=float(a.first_code_weight),
         first_code_ids=tokenizer.convert_tokens_to_ids([level_token(0, c) for c in range(table.codebook_size)]),
-        code_softmax=a.code_softmax,
+        code_softmax=a.code_softmax, hint_smoothing=float(a.hint_smoothing),
+        hint_smoothing_decay=float(a.hint_smoothing_decay),
         code_token_ids=[tokenizer.convert_tokens_to_ids([level_token(lv, c) for c in range(table.codebook_size)])
                         for lv in range(table.num_levels)],
     )
@@ -293,6 +294,7 @@ def run_align_stage(cfg: RunConfig, force: bool | None = None) -> dict[str, Any]
                          "lora_targets": list(a.lora.target_modules), "lora_layers": int(a.lora_layers),
                          "max_length": int(a.max_length),
                          "first_code_weight": float(a.first_code_weight), "code_softmax": str(a.code_softmax),
+                         "hint_smoothing": float(a.hint_smoothing), "hint_smoothing_decay": float(a.hint_smoothing_decay),
                          "precision": run_precision(cfg),
                          # Which answer tokens whole-trajectory samples with hints labelled (null where the question
                          # did not arise); recorded since session 38, so stage=predict can tell a model of the fixed

@@ -221,6 +221,11 @@ class RunConfig:
             raise ConfigError(f"data.samples.visit_hint_moves_weight={self.data.samples.visit_hint_moves_weight:g} with "
                               f"recovery tasks {recovery} (objectives.tasks / eval.tasks): a masked visit's place would show in "
                               "its successor's hint; use objectives=next_only eval.tasks=[next] or a weight of 0")
+        s = self.data.samples
+        if self.align.hint_smoothing and not (s.visit_hints and s.next_format == "trajectory"):
+            raise ConfigError(f"align.hint_smoothing={self.align.hint_smoothing:g} needs hints before each trained code: "
+                              f"data.samples.visit_hints > 0 (is {s.visit_hints}) and next_format=trajectory (is {s.next_format}); "
+                              "or set it to 0")
 
 
 def register() -> None:

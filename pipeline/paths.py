@@ -104,7 +104,8 @@ def data_fingerprint(cfg: RunConfig) -> str:
 # (and their tests).
 NEUTRAL_SWITCHES: dict[str, Any] = {"lora_plus_ratio": 1.0, "first_code_weight": 1.0, "visit_hint_counts": False,
                                      "visit_hint_count_first": False, "visit_hint_user_weight": 0.0, "visit_hint_day_weight": 1.0,
-                                     "visit_hint_moves_weight": 0.0, "code_softmax": "vocab", "lora_layers": 0}
+                                     "visit_hint_moves_weight": 0.0, "code_softmax": "vocab", "lora_layers": 0,
+                                     "hint_smoothing": 0.0, "hint_smoothing_decay": 1.0}
 
 
 def without_neutral(settings: dict[str, Any]) -> dict[str, Any]:

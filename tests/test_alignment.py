@@ -649,6 +649,113 @@ def test_first_code_weight_weighs_the_codes_first_tokens_in_training_only(smoke_
         smoke_cfg(smoke_art, model_cache, "align.first_code_weight=0")
 
 
+@pytest.mark.parametrize("code_softmax,decay", [("vocab", 1.0), ("level", 1.0), ("level", 0.5)])
+def test_hint_smoothing_trains_each_visits_first_code_towards_its_own_hints(smoke_art, model_cache, parts, code_softmax,
+                                                                             decay) -> None:
+    """align.hint_smoothing=λ: at the first token of each trained visit's code the batch carries the first tokens of
+    that visit's hinted places (read here from the text: the places between its "(usually" and its code), and the
+    training loss adds λ times their mean cross-entropy (over the vocabulary or the first level, as the label's; the
+    k-th place weighing hint_smoothing_decay^k); validation losses and the logged means stay plain; 0 keeps the
+    fingerprint; it is refused without hints."""
+    import re
+
+    import torch.nn.functional as F
+
+    from datamodules.config import SampleConfig
+    from datamodules.rendering import sample_renderer
+    from datamodules.samples import build_sample_index
+    from lightning_modules.alignment_module import AlignmentModule
+    from datamodules.config import ConfigError
+    from location_tokenizers.codes import level_token
+    from pipeline.paths import align_fingerprint
+
+    dm, enc, model, tok, table = parts["datamodule"], parts["encoder"], parts["model"], parts["tokenizer"], parts["table"]
+    dm.setup()
+    lengths = dm.checkins.filter(pl.col("split") == "train").group_by("traj_id").len()
+    trajs = lengths.filter(pl.col("len") >= 6).sort("traj_id")["traj_id"].head(3)
+    visits = dm.checkins.filter(pl.col("traj_id").is_in(trajs.implode()))
+    cfg = SampleConfig(next_format="trajectory", visit_text="compact", add_profile=False, max_history=4, visit_hints=3,
+                       visit_hint_counts=True, user_places=2)
+    index = build_sample_index(visits, None, cfg, tasks=("next",)).filter(pl.col("split") == "train")
+    samples = sample_renderer(dm.checkins, table.strings(), None, None, cfg)(index)
+    encoded = enc.encode(samples)
+    items = [(*encoded.sample(i), i, "next", encoded.label_mask(i), encoded.hint_mask(i)) for i in range(len(encoded))]
+    batch = enc.collate(items)
+    hint_ids = batch["hint_ids"]
+    checked = 0
+    for row, (ids, *_rest) in enumerate(items):
+        mask = items[row][4]
+        starts = [s for s in range(len(ids)) if mask[s] and (s == 0 or not mask[s - 1])]
+        for start in starts:
+            text = tok.decode(ids[:start].tolist())
+            assert text.rstrip().endswith(")"), "hints come right before a trained code"
+            written = re.findall(r"<a_\d+>", text[text.rindex("(usually"):])
+            got = hint_ids[row, start][hint_ids[row, start] >= 0].tolist()
+            assert tok.convert_ids_to_tokens(got) == written and 1 <= len(written) <= 3
+            checked += 1
+        others = torch.ones(hint_ids.shape[1], dtype=torch.bool)
+        others[starts] = False
+        assert (hint_ids[row, others] == -1).all(), "hints sit at trained codes' first tokens only"
+    assert checked == int(batch["units"].sum()) > len(items), "several trained visits per trajectory, each with its hints"
+
+    levels = [tok.convert_tokens_to_ids([level_token(lv, c) for c in range(table.codebook_size)]) for lv in range(table.num_levels)]
+    plain = AlignmentModule(model, tasks=["next"], batch_size=2, code_softmax=code_softmax, code_token_ids=levels)
+    smooth = AlignmentModule(model, tasks=["next"], batch_size=2, code_softmax=code_softmax, code_token_ids=levels,
+                             hint_smoothing=0.5, hint_smoothing_decay=decay)
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            p_train, s_train, s_val = plain.model_step(batch, train=True), smooth.model_step(batch, train=True), smooth.model_step(batch)
+            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1].float()
+    finally:
+        model.train(was_training)
+    labels = batch["labels"][:, 1:]
+    where = labels != -100
+    z, y, h = logits[where], labels[where], hint_ids[:, 1:][where]
+
+    def logp_over(level: int, rows: torch.Tensor) -> tuple[torch.Tensor, dict[int, int]]:
+        if code_softmax == "vocab":
+            return rows.log_softmax(-1), {t: t for t in range(rows.shape[1])}
+        ids = torch.tensor(levels[level])
+        return rows[:, ids].log_softmax(-1), {int(t): k for k, t in enumerate(ids)}
+
+    level_of = {int(t): lv for lv, row in enumerate(levels) for t in row}
+    ce = torch.stack([-logp_over(level_of[int(t)], z[i:i + 1])[0][0, logp_over(level_of[int(t)], z[i:i + 1])[1][int(t)]]
+                      for i, t in enumerate(y)])
+    soft = torch.zeros_like(ce)
+    for i in (h >= 0).any(1).nonzero()[:, 0].tolist():
+        lp, at = logp_over(0, z[i:i + 1])
+        w = torch.tensor([decay ** k for k, t in enumerate(h[i]) if t >= 0])
+        soft[i] = -(torch.stack([lp[0, at[int(t)]] for t in h[i] if t >= 0]) * w).sum() / w.sum()
+    assert int((soft > 0).sum()) == checked
+    weight = batch["label_weight"][:, 1:][where]
+    divisor = max(2, int(batch["units"].sum()))
+    assert float(p_train["loss"]) == pytest.approx(float((ce * weight).sum()) / divisor, rel=1e-4)
+    assert float(s_train["loss"]) == pytest.approx(float(((ce + 0.5 * soft) * weight).sum()) / divisor, rel=1e-4)
+    assert float(s_val["loss"]) == pytest.approx(float(p_train["loss"]), rel=1e-6)
+    torch.testing.assert_close(s_train["mean_loss"], p_train["mean_loss"])
+    torch.testing.assert_close(s_train["sample_loss"], p_train["sample_loss"])
+    with pytest.raises(ValueError, match="hint_smoothing"):
+        AlignmentModule(model, tasks=["next"], hint_smoothing=-1.0)
+    with pytest.raises(ValueError, match="hint_smoothing_decay"):
+        AlignmentModule(model, tasks=["next"], hint_smoothing=1.0, hint_smoothing_decay=0.0)
+    if code_softmax == "vocab":
+        on = ("data.samples.next_format=trajectory", "data.samples.visit_hints=3")
+        base = smoke_cfg(smoke_art, model_cache, *on)
+        assert align_fingerprint(smoke_cfg(smoke_art, model_cache, *on, "align.hint_smoothing=0")) == align_fingerprint(base)
+        smooth_cfg = smoke_cfg(smoke_art, model_cache, *on, "align.hint_smoothing=0.5")
+        assert align_fingerprint(smooth_cfg) != align_fingerprint(base)
+        assert align_fingerprint(smoke_cfg(smoke_art, model_cache, *on, "align.hint_smoothing=0.5",
+                                           "align.hint_smoothing_decay=1")) == align_fingerprint(smooth_cfg)
+        assert align_fingerprint(smoke_cfg(smoke_art, model_cache, *on, "align.hint_smoothing=0.5",
+                                           "align.hint_smoothing_decay=0.5")) != align_fingerprint(smooth_cfg)
+        with pytest.raises(ConfigError, match="hint_smoothing_decay"):
+            smoke_cfg(smoke_art, model_cache, *on, "align.hint_smoothing_decay=1.5")
+        with pytest.raises(ConfigError, match="hint_smoothing=0.5 needs hints.*visit_hints > 0 \\(is 0\\)"):
+            smoke_cfg(smoke_art, model_cache, "data.samples.next_format=trajectory", "align.hint_smoothing=0.5")
+
+
 def test_a_whole_trajectory_cut_by_tokens_never_trains_half_a_code(parts) -> None:
     from datamodules.config import SampleConfig
     from datamodules.prompts import SYSTEM_PROMPT

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-POINTS = ["none", "float32", "bf16", "compact", "trajectory", "user_places", "visit_hints", "visit_hint_counts", "visit_hint_count_first", "visit_hint_weights", "visit_hint_moves", "first_code_weight", "level_softmax", "nf4", "lora", "all"]
+POINTS = ["none", "float32", "bf16", "compact", "trajectory", "user_places", "visit_hints", "visit_hint_counts", "visit_hint_count_first", "visit_hint_weights", "visit_hint_moves", "first_code_weight", "hint_smoothing", "level_softmax", "nf4", "lora", "all"]
 
 
 @pytest.mark.slow
@@ -67,3 +67,7 @@ def test_the_cpu_recipe_grid_runs_on_the_smoke_experiment(tmp_path) -> None:
     # code tokens scored over their level only: recorded for the test's decoding; the samples are the same
     assert meta["level_softmax"]["training"]["code_softmax"] == "level" and meta["none"]["training"]["code_softmax"] == "vocab"
     assert runs["level_softmax"]["train_tokens"] == runs["none"]["train_tokens"]
+    # the first code tokens trained towards the visits' hints too: recorded, on whole trajectories with hints
+    assert meta["hint_smoothing"]["training"]["hint_smoothing"] == 1.0 and meta["none"]["training"]["hint_smoothing"] == 0.0
+    assert meta["hint_smoothing"]["training"]["hint_smoothing_decay"] == 0.5
+    assert meta["hint_smoothing"]["next_format"] == "trajectory" and meta["hint_smoothing"]["visit_hints"] == 3
