@@ -86,7 +86,8 @@ def _labelled_runs(trajectory: pl.DataFrame, runs: pl.DataFrame) -> tuple[pl.Ser
         runs: Per visit row: ``code_run`` and ``before`` (the code runs of its trajectory's earlier visits).
 
     Returns:
-        The labelled runs, and beside each how many runs right before it are its visit's hinted places.
+        The labelled runs, and beside each how many runs right before it are its visit's hinted places (0 in a
+        layout whose code came before the time, where a hint follows its code; no ``VISIT_TEXT`` has one).
     """
     rows = trajectory.select(
         "sample_id", first=pl.col("off").cast(pl.Int64) + pl.col("start").cast(pl.Int64),

@@ -143,9 +143,10 @@ class AlignmentModule(L.LightningModule):
             ``code_softmax=level``.
         hint_smoothing: λ ≥ 0: in training, a trained visit's first code token also gets λ times the mean
             cross-entropy of its visit's hinted places' first tokens (the batch's ``hint_ids``; softmax as
-            ``code_softmax``): the target is the one-hot label plus λ spread evenly over the hinted places, so
-            the hints are pushed above places outside them while their order among themselves is still the
-            labels' (a constant added to each). Validation losses and the logged means stay plain. 0: off.
+            ``code_softmax``): the target is the one-hot label plus λ spread over the hinted places (evenly at
+            ``hint_smoothing_decay`` 1, where their order among themselves stays the labels': a constant added to
+            each), so the first tokens of the hints are pushed above the others. Validation losses and the logged
+            means stay plain. 0: off.
         hint_smoothing_decay: d in (0, 1]: the k-th hinted place (0-based, in the prompt's order, best first) weighs
             d^k in that mean instead of 1 (1: even), so λ leans towards the hint's first place.
     """
@@ -210,8 +211,8 @@ class AlignmentModule(L.LightningModule):
 
     def model_step(self, batch: dict[str, Any], train: bool = False) -> dict[str, Tensor]:
         """Loss of a batch (``loss``: what is differentiated; ``mean_loss``: its per-batch mean for logging),
-        plus per-sample sums and counts. ``train``: weigh the codes' first tokens by ``first_code_weight``
-        in ``loss`` (``mean_loss`` and the per-sample sums stay unweighted)."""
+        plus per-sample sums and counts. ``train``: weigh the codes' first tokens by ``first_code_weight`` and
+        add ``hint_smoothing``'s term in ``loss`` (``mean_loss`` and the per-sample sums stay plain)."""
         decoder, head = self._decoder_and_head()
         hidden = decoder(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
         labels = batch["labels"][:, 1:]
@@ -265,7 +266,7 @@ class AlignmentModule(L.LightningModule):
             ids = self.code_levels.ids[0].to(z.device)
             z = z.gather(1, ids.clamp(min=0).expand(z.shape[0], -1)).masked_fill(ids < 0, float("-inf"))
             _, h = self.code_levels.of(h.clamp(min=0))
-        logp = z.log_softmax(-1).gather(1, h.clamp(min=0))
+        logp = torch.where(v, z.log_softmax(-1).gather(1, h.clamp(min=0)), 0.0)  # a padded slot is 0, never -inf × 0
         w = v * float(self.hparams.hint_smoothing_decay) ** torch.arange(v.shape[1], device=v.device, dtype=logp.dtype)
         out[has] = -(logp * w).sum(1) / w.sum(1)
         return out

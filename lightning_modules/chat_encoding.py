@@ -81,6 +81,8 @@ class EncodedSamples:
         truncated_by_task: The same per task.
         label_masks: Per whole-trajectory sample, which of its tokens are labelled (the others
             label everything from ``prompt_len`` on).
+        hint_masks: Per whole-trajectory sample, the first tokens of its trained visits' hinted places
+            (:meth:`hint_mask`; ``align.hint_smoothing``).
     """
 
     ids: np.ndarray

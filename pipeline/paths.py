@@ -212,6 +212,8 @@ def align_fingerprint(cfg: RunConfig) -> str:
     trainer = {k: cfg.trainer[k] for k in SCHEDULE_KEYS if k in cfg.trainer and k not in ("val_check_interval", "log_every_n_steps")}
     trainer["precision"] = run_precision(cfg)  # resolved: `auto` means another thing on another machine
     align = without_neutral({k: v for k, v in as_dict(cfg.align).items() if k not in ("num_workers", "num_generations")})
+    if "hint_smoothing" not in align:  # off: its decay changes nothing
+        align.pop("hint_smoothing_decay", None)
     return fingerprint({
         "data": data_fingerprint(cfg), "render": render_settings(cfg), "tokenizer": tokenizer_fingerprint(cfg), "llm": as_dict(cfg.llm),
         "align": {**align, "compute_dtype": align_compute_dtype(cfg.align), "quantization": align_quantization(cfg.align)},

@@ -682,6 +682,10 @@ def test_hint_smoothing_trains_each_visits_first_code_towards_its_own_hints(smok
     items = [(*encoded.sample(i), i, "next", encoded.label_mask(i), encoded.hint_mask(i)) for i in range(len(encoded))]
     batch = enc.collate(items)
     hint_ids = batch["hint_ids"]
+    # beside a sample without hints (a per-prefix one), the same hints and none for it
+    mixed = enc.collate([*items, (items[0][0], 5, 99, "next")])
+    assert (mixed["hint_ids"][-1] == -1).all()
+    torch.testing.assert_close(mixed["hint_ids"][:-1, : hint_ids.shape[1]], hint_ids)
     checked = 0
     for row, (ids, *_rest) in enumerate(items):
         mask = items[row][4]
@@ -744,6 +748,8 @@ def test_hint_smoothing_trains_each_visits_first_code_towards_its_own_hints(smok
         on = ("data.samples.next_format=trajectory", "data.samples.visit_hints=3")
         base = smoke_cfg(smoke_art, model_cache, *on)
         assert align_fingerprint(smoke_cfg(smoke_art, model_cache, *on, "align.hint_smoothing=0")) == align_fingerprint(base)
+        # the decay alone (λ 0) trains as the base run does: the same fingerprint
+        assert align_fingerprint(smoke_cfg(smoke_art, model_cache, *on, "align.hint_smoothing_decay=0.5")) == align_fingerprint(base)
         smooth_cfg = smoke_cfg(smoke_art, model_cache, *on, "align.hint_smoothing=0.5")
         assert align_fingerprint(smooth_cfg) != align_fingerprint(base)
         assert align_fingerprint(smoke_cfg(smoke_art, model_cache, *on, "align.hint_smoothing=0.5",
